@@ -1,0 +1,70 @@
+"""cascade: route each input to the cheapest network that is good enough.
+
+The public API; everything else is private. Importing this package has no side effects
+beyond defining classes (concrete tasks and baselines are plugins, loaded on demand).
+"""
+
+from cascade.config import ExperimentConfig, load_config
+from cascade.cost import NetworkCost, measure_cost
+from cascade.errors import CascadeError, ConfigError, DataError
+from cascade.losses import CrossEntropyTaskLoss, MaskedL2TaskLoss
+from cascade.networks import AppealNetScore, FeatureNet, PredictorHead, TwoHeadNetwork, mlp
+from cascade.objectives import AppealNetObjective, Objective, SupervisedObjective
+from cascade.registry import METHODS, NETWORKS, TASKS, Registry
+from cascade.roles import (
+    BlackBoxOracle,
+    Oracle,
+    Predictor,
+    Splits,
+    StageOutput,
+    Task,
+    TaskLoss,
+    TaskOptions,
+    WhiteBoxOracle,
+)
+from cascade.thresholds import OperatingPoint, Sweep, apply_threshold, select_threshold, sweep
+from cascade.trainer import CheckpointHook, HistoryHook, HookBase, LambdaControllerHook, ProgressHook, Trainer
+
+__all__ = [
+    "AppealNetObjective",
+    "AppealNetScore",
+    "BlackBoxOracle",
+    "CascadeError",
+    "CheckpointHook",
+    "ConfigError",
+    "CrossEntropyTaskLoss",
+    "DataError",
+    "ExperimentConfig",
+    "FeatureNet",
+    "HistoryHook",
+    "HookBase",
+    "LambdaControllerHook",
+    "MaskedL2TaskLoss",
+    "METHODS",
+    "NETWORKS",
+    "NetworkCost",
+    "Objective",
+    "OperatingPoint",
+    "Oracle",
+    "Predictor",
+    "PredictorHead",
+    "ProgressHook",
+    "Registry",
+    "Splits",
+    "StageOutput",
+    "SupervisedObjective",
+    "Sweep",
+    "TASKS",
+    "Task",
+    "TaskLoss",
+    "TaskOptions",
+    "Trainer",
+    "TwoHeadNetwork",
+    "WhiteBoxOracle",
+    "apply_threshold",
+    "load_config",
+    "measure_cost",
+    "mlp",
+    "select_threshold",
+    "sweep",
+]

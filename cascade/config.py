@@ -1,0 +1,284 @@
+"""Experiment configs: YAML data validated against a schema before any work.
+
+``load_config`` reads a YAML file, applies ``--set key=value`` overrides (and the
+config's own ``quick:`` overrides with ``--quick``), validates the whole thing and
+raises :class:`ConfigError` listing every problem with its key path.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import inspect
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cascade.errors import CascadeError, ConfigError
+from cascade.registry import METHODS, NETWORKS, TASKS
+
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class TaskSpec(BaseModel):
+    """``task:`` the registry name (or dotted path) plus the task's own options."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class NetworkSpec(BaseModel):
+    """A network: registry name (or dotted path) plus its builder's keyword arguments."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class OptimConfig(_Strict):
+    """One training phase."""
+
+    epochs: Annotated[int, Field(ge=0)] = 10
+    batch_size: Annotated[int, Field(gt=0)] = 128
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    momentum: Fraction = 0.9
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    milestones: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list)
+    gamma: Annotated[float, Field(gt=0, le=1)] = 0.2
+
+
+class PredictorConfig(_Strict):
+    """The AppealNet predictor head. The paper's is ``inputs: [features], hidden: []``."""
+
+    inputs: list[Literal["features", "sorted_probs", "confidence", "output"]] = Field(
+        default_factory=lambda: ["sorted_probs", "confidence"], min_length=1
+    )
+    hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [16])
+    detach: bool = True
+
+
+class LambdaConfig(_Strict):
+    """The Lagrange multiplier and its dynamic controller (App. B.2)."""
+
+    init: Annotated[float, Field(gt=0)] = 0.1
+    dynamic: bool = True
+    budget: Annotated[float, Field(gt=0)] = 0.5
+    up: Annotated[float, Field(gt=0, lt=1)] = 0.99
+    down: Annotated[float, Field(gt=1)] = 1.01
+
+
+class AppealNetConfig(_Strict):
+    """AppealNet's joint fine-tuning (after the little network's pre-training)."""
+
+    predictor: PredictorConfig = Field(default_factory=PredictorConfig)
+    lambda_: LambdaConfig = Field(default_factory=LambdaConfig, alias="lambda")
+    approximator_loss: Literal["weighted", "full"] = "weighted"
+    predictor_target: Literal["loss", "error"] = "loss"
+    finetune: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=6))
+    finetune_data: Literal["train", "holdout"] = "train"
+    holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.3
+
+
+class EvaluationConfig(_Strict):
+    white_box_targets: list[Fraction] = Field(default_factory=lambda: [0.0, 0.001, 0.005, 0.01], min_length=1)
+    black_box_targets: list[Fraction] = Field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05], min_length=1)
+    methods: list[str] = Field(default_factory=lambda: ["msp", "gap", "entropy"])
+    batch_size: Annotated[int, Field(gt=0)] = 1024
+
+
+class ExperimentConfig(_Strict):
+    """The whole experiment; see ``configs/digits.yaml`` for every key in use."""
+
+    name: str | None = None
+    task: TaskSpec
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    modes: list[Literal["white_box", "black_box"]] = Field(
+        default_factory=lambda: ["white_box", "black_box"], min_length=1
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    little: NetworkSpec | None = None
+    big: NetworkSpec | None = None
+    pretrain: OptimConfig = Field(default_factory=OptimConfig)
+    big_train: OptimConfig = Field(default_factory=OptimConfig)
+    appealnet: AppealNetConfig = Field(default_factory=AppealNetConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    quick: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("seeds must be distinct")
+        return v
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML mapping; errors name the file (and the line, for malformed YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CascadeError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise CascadeError(f"{path}: {where}malformed YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise CascadeError(f"{path}: a config must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], assignment: str, source: str = "--set") -> None:
+    """Apply ``a.b.c=value`` to nested ``data`` in place; ``value`` is parsed as YAML."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise CascadeError(f"{source} {assignment!r}: expected key=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise CascadeError(f"{source} {assignment!r}: value is not valid YAML") from None
+    set_path(data, key, value, source)
+
+
+def set_path(data: dict[str, Any], key: str, value: Any, source: str = "--set") -> None:
+    """``data[a][b][c] = value`` for ``key = "a.b.c"``, creating mappings on the way."""
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise CascadeError(f"{source} {key}: {part!r} is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def _pydantic_errors(exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> list[str]:
+    out = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+        key = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(loc))
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key{_suggest(model, loc)}"
+        else:
+            msg = err["msg"]
+        out.append(f"{key or '<root>'}: {msg}")
+    return out
+
+
+def _suggest(model: type[BaseModel] | None, loc: tuple) -> str:
+    """' (did you mean 'x'?)' for an unknown key, from the fields of the enclosing model."""
+    if model is None:
+        return ""
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            field = next((f for f in model.model_fields.values() if f.alias == part), None)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return ""
+        model = ann
+    names = [f.alias or n for n, f in model.model_fields.items()]
+    near = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def _check_kwargs(builder: Any, kwargs: dict[str, Any], key: str, fixed: tuple[str, ...]) -> list[str]:
+    """Unknown keyword arguments of a network builder, as config errors."""
+    params = inspect.signature(builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    allowed = [n for n in params if n not in fixed]
+    errors = []
+    for k in kwargs:
+        if k not in allowed:
+            near = difflib.get_close_matches(k, allowed, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            errors.append(f"{key}.{k}: unknown key{hint}; known: {', '.join(allowed)}")
+    return errors
+
+
+def validate(data: dict[str, Any], path: str = "<config>") -> ExperimentConfig:
+    """Validate ``data`` completely.
+
+    Raises:
+        ConfigError: every problem at once, each with its key path.
+    """
+    errors: list[str] = []
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        errors += _pydantic_errors(exc, model=ExperimentConfig)
+        raise ConfigError(str(path), errors) from None
+
+    task_cls = None
+    try:
+        task_cls = TASKS.get(cfg.task.name)
+    except CascadeError as exc:
+        errors.append(f"task.name: {exc}")
+    if task_cls is not None:
+        try:
+            task_cls.Options.model_validate(cfg.task.model_extra or {})
+        except ValidationError as exc:
+            errors += _pydantic_errors(exc, prefix="task", model=task_cls.Options)
+    for role in ("little", "big"):
+        spec: NetworkSpec | None = getattr(cfg, role)
+        if spec is None:
+            continue
+        try:
+            builder = NETWORKS.get(spec.name)
+        except CascadeError as exc:
+            errors.append(f"{role}.name: {exc}")
+            continue
+        errors += _check_kwargs(builder, spec.kwargs(), role, ("input_shape", "num_outputs"))
+    for i, method in enumerate(cfg.evaluation.methods):
+        if method not in METHODS:
+            errors.append(f"evaluation.methods.{i}: {METHODS.unknown_message(method)}")
+    if "white_box" in cfg.modes and task_cls is not None and cfg.big is None and task_cls.default_big is None:
+        errors.append("modes: white_box needs a big network; the task has none (set big: or use modes: [black_box])")
+    if errors:
+        raise ConfigError(str(path), errors)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] = (), quick: bool = False) -> ExperimentConfig:
+    """Read, override and validate a config file.
+
+    Args:
+        path: the YAML file.
+        overrides: ``key=value`` strings, applied in order after the file.
+        quick: also apply the config's ``quick:`` overrides (a few steps, for tests).
+
+    Raises:
+        CascadeError: unreadable or malformed file, bad override.
+        ConfigError: the config (with overrides) fails validation.
+    """
+    data = read_yaml(path)
+    if quick:
+        q = data.get("quick") or {}
+        if not isinstance(q, dict):
+            raise ConfigError(str(path), ["quick: must be a mapping of key: value overrides"])
+        for key, value in q.items():
+            set_path(data, str(key), copy.deepcopy(value), f"{path}: quick")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return validate(data, str(path))
+
+
+def resolved_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config as plain data, every default filled in (what ``config.yaml`` holds)."""
+    return copy.deepcopy(cfg.model_dump(mode="json", by_alias=True))

@@ -1,0 +1,290 @@
+"""An AppealNet experiment end to end: train, evaluate every method, write the results.
+
+Per seed: train the big network (white-box); pre-train the little network; give the
+plain little network as many more epochs as AppealNet's fine-tuning (fairness: the
+baselines' network is trained exactly as long); fine-tune a two-head AppealNet copy per
+oracle mode; run every network once over the calibration and test splits into the
+per-sample table; compute every operating point from that table.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset, TensorDataset
+
+from cascade.config import ExperimentConfig, NetworkSpec, OptimConfig, resolved_dict
+from cascade.cost import measure_cost
+from cascade.errors import CascadeError
+from cascade.evaluator import Route, aggregate, collect_outputs, operating_points
+from cascade.networks import FeatureNet, PredictorHead, TwoHeadNetwork
+from cascade.objectives import AppealNetObjective, Objective, SupervisedObjective
+from cascade.registry import METHODS, NETWORKS, TASKS
+from cascade.roles import BlackBoxOracle, Oracle, Splits, Task, WhiteBoxOracle
+from cascade.trainer import HistoryHook, HookBase, LambdaControllerHook, ProgressHook, Trainer, atomic_save
+
+log = logging.getLogger("cascade")
+
+#: a predictor whose scores on the test split all lie within this range has collapsed
+COLLAPSE_RANGE = 1e-3
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build_task(cfg: ExperimentConfig) -> Task:
+    task_cls = TASKS.get(cfg.task.name)
+    return task_cls(task_cls.Options.model_validate(cfg.task.model_extra or {}))
+
+
+def build_network(spec: NetworkSpec | dict[str, Any], task: Task) -> FeatureNet:
+    spec = spec if isinstance(spec, NetworkSpec) else NetworkSpec.model_validate(spec)
+    return NETWORKS.get(spec.name)(task.input_shape, task.num_outputs, **spec.kwargs())
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    """Batches of ``(x, y)``; in-memory tensor data is indexed a batch at a time."""
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(dataset, TensorDataset) or (isinstance(dataset, Subset) and isinstance(dataset.dataset, TensorDataset)):
+        base = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        return DataLoader(dataset, sampler=BatchSampler(base, batch_size, drop_last=False), batch_size=None)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def build_optimizer(params, oc: OptimConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    params = [p for p in params if p.requires_grad]
+    if oc.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=oc.lr, weight_decay=oc.weight_decay)
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=oc.milestones, gamma=oc.gamma)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CascadeError("device: cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+class Experiment:
+    """Runs one config over all its seeds and writes the output folder.
+
+    Args:
+        cfg: a validated config.
+        out_dir: where results go (created).
+        quiet: no progress bars.
+        source: the config file's path, for messages and ``metrics.json``.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path, quiet: bool = False, source: str = ""):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.quiet = quiet
+        self.source = source
+        self.device = resolve_device(cfg.device)
+        self.task = build_task(cfg)
+        self.little_spec = cfg.little or NetworkSpec.model_validate(self.task.default_little)
+        big_spec = cfg.big or self.task.default_big
+        self.big_spec = NetworkSpec.model_validate(big_spec) if big_spec and "white_box" in cfg.modes else None
+        # one AppealNet per oracle mode, trained with that mode's objective
+        self.appealnet_keys = {m: ("appealnet" if i == 0 else f"appealnet_{m}") for i, m in enumerate(cfg.modes)}
+        self.histories: dict[str, list[dict[str, float]]] = {}
+
+    # -- training ---------------------------------------------------------------------
+
+    def _fit(self, model: nn.Module, objective: Objective, data: Dataset, oc: OptimConfig, seed: int, desc: str,
+             extra_hooks: tuple[HookBase, ...] = ()) -> None:
+        opt, sched = build_optimizer(model.parameters(), oc)
+        history = HistoryHook()
+        hooks = [*extra_hooks, history, ProgressHook(desc, disable=self.quiet)]
+        loader = make_loader(data, oc.batch_size, shuffle=True, seed=seed)
+        Trainer(model, objective, opt, loader, oc.epochs, hooks, sched, self.device, name=desc).train()
+        self.histories[desc] = history.history
+
+    def _train_seed(self, seed: int, splits: Splits) -> dict[str, nn.Module]:
+        cfg, task = self.cfg, self.task
+        crit = task.criterion
+        torch.manual_seed(seed)
+        nets: dict[str, nn.Module] = {}
+        if self.big_spec is not None:
+            big = build_network(self.big_spec, task).to(self.device)
+            self._fit(big, SupervisedObjective(crit), splits.train, cfg.big_train, seed * 100 + 1, f"seed {seed} big")
+            nets["big"] = big
+
+        finetune = cfg.appealnet.finetune
+        pre_data, tune_data = splits.train, splits.train
+        if cfg.appealnet.finetune_data == "holdout":
+            n = len(splits.train)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+            n_hold = max(1, int(round(cfg.appealnet.holdout_fraction * n)))
+            pre_data, tune_data = Subset(splits.train, sorted(perm[n_hold:])), Subset(splits.train, sorted(perm[:n_hold]))
+
+        little = build_network(self.little_spec, task).to(self.device)
+        self._fit(little, SupervisedObjective(crit), pre_data, cfg.pretrain, seed * 100 + 2, f"seed {seed} pretrain")
+        pretrained = copy.deepcopy(little)
+        # fairness: the baselines' network trains as long, on the same data, as AppealNet
+        self._fit(little, SupervisedObjective(crit), tune_data, finetune, seed * 100 + 3, f"seed {seed} little")
+        nets["little"] = little
+
+        pc = cfg.appealnet.predictor
+        for i, (mode, key) in enumerate(self.appealnet_keys.items()):
+            oracle: Oracle = WhiteBoxOracle(nets["big"]) if mode == "white_box" else BlackBoxOracle()
+            head = PredictorHead(
+                pretrained.feature_dim, task.num_outputs, pc.inputs, pc.hidden, pc.detach,
+                classification=crit.kind == "classification",
+            )
+            net = TwoHeadNetwork(copy.deepcopy(pretrained), head).to(self.device)
+            lc = cfg.appealnet.lambda_
+            objective = AppealNetObjective(
+                crit, oracle, lc.init, cfg.appealnet.approximator_loss, cfg.appealnet.predictor_target
+            )
+            hooks = (LambdaControllerHook(objective, lc.budget, lc.up, lc.down),) if lc.dynamic else ()
+            self._fit(net, objective, tune_data, finetune, seed * 100 + 10 + i, f"seed {seed} {key}", hooks)
+            nets[key] = net
+        return nets
+
+    # -- evaluation -------------------------------------------------------------------
+
+    def _samples(self, seed: int, split: str, dataset: Dataset, nets: dict[str, nn.Module]) -> pd.DataFrame:
+        crit = self.task.criterion
+        bs = self.cfg.evaluation.batch_size
+        cols: dict[str, Any] = {}
+        targets = None
+        for key, net in nets.items():
+            out, y = collect_outputs(net, dataset, bs, self.device)
+            targets = y
+            if crit.kind == "classification":
+                cols[f"{key}_pred"] = crit.prediction(out.output).numpy()
+            cols[f"{key}_correct"] = crit.correct(out.output, y).numpy()
+            for name, err in crit.errors(out.output, y).items():
+                cols[f"{key}_{name}"] = err.numpy()
+            if key == "little":
+                for method in self.cfg.evaluation.methods:
+                    cols[f"score_{method}"] = METHODS.get(method)().score(out).numpy()
+            elif key.startswith("appealnet"):
+                cols[f"score_{key}"] = out.q.numpy()
+        n = len(targets)
+        head = {"seed": np.full(n, seed), "split": np.full(n, split), "index": np.arange(n)}
+        head["target"] = targets.numpy() if targets.dim() == 1 else np.full(n, np.nan)
+        return pd.DataFrame({**head, **cols})
+
+    def routes(self, costs: dict[str, dict[str, float]]) -> dict[tuple[str, str], Route]:
+        """``(mode, method) -> Route`` for every method evaluated in every mode."""
+        big_cost = costs["big"]["mflops"] if "big" in costs else self.task.oracle_mflops
+        out = {}
+        for mode, key in self.appealnet_keys.items():
+            big_col = "big_correct" if mode == "white_box" else None
+            for method in self.cfg.evaluation.methods:
+                out[(mode, method)] = Route(f"score_{method}", "little_correct", big_col, costs["little"]["mflops"], big_cost)
+            out[(mode, "appealnet")] = Route(f"score_{key}", f"{key}_correct", big_col, costs["appealnet"]["mflops"], big_cost)
+        return out
+
+    # -- the whole run ----------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "checkpoints").mkdir(exist_ok=True)
+        import yaml
+
+        (self.out / "config.yaml").write_text(yaml.safe_dump(resolved_dict(cfg), sort_keys=False))
+
+        frames, costs = [], {}
+        for seed in cfg.seeds:
+            splits = self.task.build_splits(seed)
+            nets = self._train_seed(seed, splits)
+            if not costs:
+                costs = {k: measure_cost(n, self.task.input_shape).as_dict() for k, n in nets.items()}
+                costs["appealnet"] = costs[self.appealnet_keys[cfg.modes[0]]]
+            for key, net in nets.items():
+                atomic_save(net.state_dict(), self.out / "checkpoints" / f"seed{seed}_{key}.pt")
+            for split, ds in (("cal", splits.cal), ("test", splits.test)):
+                frames.append(self._samples(seed, split, ds, nets))
+        samples = pd.concat(frames, ignore_index=True)
+        samples.to_csv(self.out / "samples.csv", index=False)
+
+        routes = self.routes(costs)
+        targets = {"white_box": cfg.evaluation.white_box_targets, "black_box": cfg.evaluation.black_box_targets}
+        per_seed = operating_points(samples, routes, targets)
+        metrics = self._metrics(samples, costs, routes, per_seed)
+        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+        from cascade import report
+
+        report.write_tables(metrics, self.out)
+        report.write_figures(samples, routes, metrics, self.out)
+        return metrics
+
+    def _metrics(self, samples: pd.DataFrame, costs: dict, routes: dict, per_seed: pd.DataFrame) -> dict[str, Any]:
+        test = samples[samples["split"] == "test"]
+        acc_cols = [c for c in samples.columns if c.endswith("_correct")]
+        by_seed = test.groupby("seed")[acc_cols].mean()
+        accuracy = {c[: -len("_correct")]: float(by_seed[c].mean()) for c in acc_cols}
+        accuracy_std = {c[: -len("_correct")]: float(by_seed[c].std(ddof=1)) for c in acc_cols} if len(by_seed) > 1 else {}
+        little = costs["little"]
+        head_mflops = costs["appealnet"]["mflops"] - little["mflops"]
+        collapsed = {}
+        for key in self.appealnet_keys.values():
+            spread = test.groupby("seed")[f"score_{key}"].agg(lambda s: float(s.max() - s.min()))
+            collapsed[key] = [int(s) for s, v in spread.items() if v < COLLAPSE_RANGE]
+        metrics = {
+            "task": self.cfg.task.name,
+            "config": self.source,
+            "seeds": list(self.cfg.seeds),
+            "modes": list(self.cfg.modes),
+            "flops_unit": "MFLOPs = millions of multiply-accumulates (the AppealNet paper's FLOPs)",
+            "networks": costs,
+            "predictor_head": {
+                "mflops": head_mflops,
+                "params": costs["appealnet"]["params"] - little["params"],
+                "relative_mflops": head_mflops / little["mflops"],
+            },
+            "accuracy": accuracy,
+            "accuracy_std": accuracy_std,
+            "score_columns": {
+                mode: {method: {"score": r.score, "little_correct": r.little_correct, "big_correct": r.big_correct}
+                       for (m, method), r in routes.items() if m == mode}
+                for mode in self.cfg.modes
+            },
+            "operating_points": aggregate(per_seed),
+            "predictor_collapsed": collapsed,
+            "training": self.histories,
+        }
+        metrics["savings"] = savings(metrics["operating_points"], self.cfg.evaluation.methods)
+        return metrics
+
+
+def savings(points: list[dict], baselines: list[str]) -> list[dict]:
+    """AppealNet's relative saving over each baseline at each operating point.
+
+    White-box: ``cost(baseline) / cost(appealnet)`` (Table 1's "x"); black-box:
+    ``AR(baseline) / AR(appealnet)`` (Table 2). > 1 means AppealNet is cheaper.
+    """
+    index = {(p["mode"], p["method"], p["threshold_source"], p["target_ad"]): p for p in points}
+    out = []
+    for (mode, method, source, target), p in index.items():
+        if method != "appealnet":
+            continue
+        field = "cost_mflops" if mode == "white_box" else "appeal_rate"
+        for base in baselines:
+            b = index.get((mode, base, source, target))
+            if b is None or p[field] is None or b[field] is None:
+                continue
+            ratio = b[field] / p[field] if p[field] > 0 else (1.0 if b[field] == 0 else float("inf"))
+            out.append({"mode": mode, "threshold_source": source, "target_ad": target, "baseline": base,
+                        "field": field, "ratio": ratio if np.isfinite(ratio) else None})
+    return out

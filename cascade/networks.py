@@ -1,0 +1,136 @@
+"""Network wrappers: a plain approximator and the two-head AppealNet network.
+
+Every network registered in the ``networks`` registry is a :class:`FeatureNet`: a
+``features`` module (input -> ``[B, F]``) and an approximator ``head`` (``[B, F]`` ->
+task output). :class:`TwoHeadNetwork` adds a predictor head to any of them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from cascade.confidence import confidence_stats
+from cascade.registry import METHODS
+from cascade.roles import Predictor, StageOutput
+
+#: what a predictor head may read; see :class:`PredictorHead`
+HEAD_INPUTS = ("features", "sorted_probs", "confidence", "output")
+
+
+def mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.ReLU, dropout: float = 0.0) -> nn.Sequential:
+    """Fully-connected layers ``sizes[0] -> ... -> sizes[-1]`` with activations between."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(activation())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class FeatureNet(nn.Module):
+    """An approximator split into shared features and a task head.
+
+    Args:
+        features: input -> ``[B, F]``.
+        head: ``[B, F]`` -> ``[B, K]`` logits or ``[B, D]`` coordinates.
+        feature_dim: ``F``.
+    """
+
+    def __init__(self, features: nn.Module, head: nn.Module, feature_dim: int):
+        super().__init__()
+        self.features = features
+        self.head = head
+        self.feature_dim = feature_dim
+
+    def forward(self, x: Tensor) -> StageOutput:
+        h = self.features(x)  # [B, F]
+        return StageOutput(output=self.head(h), features=h)
+
+
+class PredictorHead(nn.Module):
+    """AppealNet's predictor: reads the stage's features and/or outputs, ends in a sigmoid.
+
+    Args:
+        feature_dim: ``F`` of the shared features.
+        num_outputs: ``K`` (classes) or ``D`` (coordinates) of the approximator.
+        inputs: any of ``features`` (shared features, the paper's choice),
+            ``sorted_probs`` (the approximator's softmax sorted descending),
+            ``confidence`` (its MSP, top-2 gap and normalized negative entropy),
+            ``output`` (the raw output; for regression).
+        hidden: hidden layer widths; ``[]`` is the paper's single fully-connected layer.
+        detach: stop the predictor's gradient at its inputs, so that ``-log q`` does not
+            reshape the shared features or the approximator's output.
+        classification: whether the approximator's outputs are logits.
+    """
+
+    def __init__(
+        self,
+        feature_dim: int,
+        num_outputs: int,
+        inputs: Sequence[str] = ("features",),
+        hidden: Sequence[int] = (),
+        detach: bool = False,
+        classification: bool = True,
+    ):
+        super().__init__()
+        unknown = [i for i in inputs if i not in HEAD_INPUTS]
+        if unknown or not inputs:
+            raise ValueError(f"predictor inputs must be a non-empty subset of {HEAD_INPUTS}, got {list(inputs)}")
+        if not classification and ({"sorted_probs", "confidence"} & set(inputs)):
+            raise ValueError("sorted_probs and confidence need a classification approximator")
+        self.inputs = tuple(inputs)
+        self.detach = detach
+        width = {"features": feature_dim, "sorted_probs": num_outputs, "confidence": 3, "output": num_outputs}
+        in_dim = sum(width[i] for i in self.inputs)
+        self.net = mlp([in_dim, *hidden, 1])
+
+    def forward(self, features: Tensor, output: Tensor) -> Tensor:
+        if self.detach:
+            features, output = features.detach(), output.detach()
+        parts = []
+        probs = output.softmax(dim=-1) if {"sorted_probs", "confidence"} & set(self.inputs) else None
+        for name in self.inputs:
+            if name == "features":
+                parts.append(features)
+            elif name == "sorted_probs":
+                parts.append(probs.sort(dim=-1, descending=True).values)
+            elif name == "confidence":
+                parts.append(confidence_stats(probs))
+            else:
+                parts.append(output)
+        return torch.sigmoid(self.net(torch.cat(parts, dim=-1))).squeeze(-1)  # [B]
+
+
+class TwoHeadNetwork(nn.Module):
+    """Shared features, the approximator head and a predictor head (AppealNet, Fig. 3).
+
+    Args:
+        base: the (usually pre-trained) approximator.
+        predictor: its predictor head.
+    """
+
+    def __init__(self, base: FeatureNet, predictor: PredictorHead):
+        super().__init__()
+        self.base = base
+        self.predictor = predictor
+
+    def forward(self, x: Tensor) -> StageOutput:
+        out = self.base(x)
+        return StageOutput(output=out.output, features=out.features, q=self.predictor(out.features, out.output))
+
+
+@METHODS.register("appealnet")
+class AppealNetScore(Predictor):
+    """The predictor head's own output ``q(x)`` (read from a :class:`TwoHeadNetwork`)."""
+
+    name = "appealnet"
+
+    def score(self, stage: StageOutput) -> Tensor:
+        if stage.q is None:
+            raise ValueError("appealnet scores need a TwoHeadNetwork's output (stage.q is None)")
+        return stage.q
