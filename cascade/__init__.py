@@ -13,6 +13,7 @@ from cascade.objectives import AppealNetObjective, Objective, SupervisedObjectiv
 from cascade.registry import METHODS, NETWORKS, TASKS, Registry
 from cascade.roles import (
     BlackBoxOracle,
+    MethodContext,
     Oracle,
     Predictor,
     Splits,
@@ -41,6 +42,7 @@ __all__ = [
     "LambdaControllerHook",
     "MaskedL2TaskLoss",
     "METHODS",
+    "MethodContext",
     "NETWORKS",
     "NetworkCost",
     "Objective",

@@ -29,7 +29,7 @@ from cascade.evaluator import Route, aggregate, collect_outputs, operating_point
 from cascade.networks import FeatureNet, PredictorHead, TwoHeadNetwork
 from cascade.objectives import AppealNetObjective, Objective, SupervisedObjective
 from cascade.registry import METHODS, NETWORKS, TASKS
-from cascade.roles import BlackBoxOracle, Oracle, Splits, Task, WhiteBoxOracle
+from cascade.roles import BlackBoxOracle, MethodContext, Oracle, Predictor, Splits, Task, WhiteBoxOracle
 from cascade.trainer import HistoryHook, HookBase, LambdaControllerHook, ProgressHook, Trainer, atomic_save
 
 log = logging.getLogger("cascade")
@@ -159,7 +159,9 @@ class Experiment:
 
     # -- evaluation -------------------------------------------------------------------
 
-    def _samples(self, seed: int, split: str, dataset: Dataset, nets: dict[str, nn.Module]) -> pd.DataFrame:
+    def _samples(
+        self, seed: int, split: str, dataset: Dataset, nets: dict[str, nn.Module], methods: dict[str, Predictor]
+    ) -> pd.DataFrame:
         crit = self.task.criterion
         bs = self.cfg.evaluation.batch_size
         cols: dict[str, Any] = {}
@@ -173,14 +175,28 @@ class Experiment:
             for name, err in crit.errors(out.output, y).items():
                 cols[f"{key}_{name}"] = err.numpy()
             if key == "little":
-                for method in self.cfg.evaluation.methods:
-                    cols[f"score_{method}"] = METHODS.get(method)().score(out).numpy()
+                for name, method in methods.items():
+                    cols[f"score_{name}"] = _score_dataset(method, net, dataset, bs, self.device)
             elif key.startswith("appealnet"):
                 cols[f"score_{key}"] = out.q.numpy()
         n = len(targets)
         head = {"seed": np.full(n, seed), "split": np.full(n, split), "index": np.arange(n)}
         head["target"] = targets.numpy() if targets.dim() == 1 else np.full(n, np.nan)
         return pd.DataFrame({**head, **cols})
+
+    def _prepare_methods(self, seed: int, splits: Splits, little: nn.Module) -> dict[str, Predictor]:
+        """Instantiate each baseline method and let it fit itself on the plain little network."""
+
+        def fit(model, objective, data, oc, desc):
+            self._fit(model, objective, data, oc, seed * 100 + 50, f"seed {seed} {desc}")
+
+        ctx = MethodContext(task=self.task, train=splits.train, seed=seed, device=self.device, fit=fit)
+        methods = {}
+        for name in self.cfg.evaluation.methods:
+            method = METHODS.get(name)()
+            method.prepare(little, ctx)
+            methods[name] = method
+        return methods
 
     def routes(self, costs: dict[str, dict[str, float]]) -> dict[tuple[str, str], Route]:
         """``(mode, method) -> Route`` for every method evaluated in every mode."""
@@ -212,8 +228,9 @@ class Experiment:
                 costs["appealnet"] = costs[self.appealnet_keys[cfg.modes[0]]]
             for key, net in nets.items():
                 atomic_save(net.state_dict(), self.out / "checkpoints" / f"seed{seed}_{key}.pt")
+            methods = self._prepare_methods(seed, splits, nets["little"])
             for split, ds in (("cal", splits.cal), ("test", splits.test)):
-                frames.append(self._samples(seed, split, ds, nets))
+                frames.append(self._samples(seed, split, ds, nets, methods))
         samples = pd.concat(frames, ignore_index=True)
         samples.to_csv(self.out / "samples.csv", index=False)
 
@@ -266,6 +283,13 @@ class Experiment:
         }
         metrics["savings"] = savings(metrics["operating_points"], self.cfg.evaluation.methods)
         return metrics
+
+
+@torch.no_grad()
+def _score_dataset(method: Predictor, network: nn.Module, dataset: Dataset, batch_size: int, device: torch.device) -> np.ndarray:
+    network.eval()
+    scores = [method.score_batch(network, x.to(device)).float().cpu() for x, _ in make_loader(dataset, batch_size, False, 0)]
+    return torch.cat(scores).numpy()
 
 
 def savings(points: list[dict], baselines: list[str]) -> list[dict]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -73,6 +73,20 @@ class Predictor(ABC):
     def score(self, stage: StageOutput) -> Tensor:
         """Score of each input, ``[B]`` in [0, 1]."""
 
+    def prepare(self, network: nn.Module, context: "MethodContext") -> None:
+        """Fit whatever the method needs once the plain little network is trained.
+
+        The default does nothing; e.g. a post-hoc error predictor trains itself here.
+        """
+
+    def score_batch(self, network: nn.Module, x: Tensor) -> Tensor:
+        """Score ``[B]`` of a batch of inputs; the default runs ``network`` once in eval mode.
+
+        Methods that need more than one pass (MC dropout) override this.
+        """
+        out = network(x)
+        return self.score(out if isinstance(out, StageOutput) else StageOutput(output=out))
+
     def route(self, stage: StageOutput, threshold: float) -> Tensor:
         """Bool ``[B]``: True where the input stays on this stage (``score >= threshold``)."""
         return self.score(stage) >= threshold
@@ -131,6 +145,26 @@ class BlackBoxOracle(Oracle):
 
     def correct(self, x: Tensor, y: Tensor, criterion: TaskLoss) -> Tensor:
         return torch.ones(len(y), dtype=torch.bool, device=y.device)
+
+
+@dataclass
+class MethodContext:
+    """What :meth:`Predictor.prepare` may use.
+
+    Attributes:
+        task: the task (its ``criterion``, shapes).
+        train: the training split the little network was trained on.
+        seed: the current seed.
+        device: where the networks live.
+        fit: ``fit(model, objective, dataset, optim_config, desc)`` runs the shared
+            trainer with the experiment's progress and logging hooks.
+    """
+
+    task: "Task"
+    train: Dataset
+    seed: int
+    device: torch.device
+    fit: Callable[..., None]
 
 
 @dataclass
