@@ -8,6 +8,12 @@ from cascade import METHODS, Predictor, StageOutput
 from cascade.confidence import max_softmax, normalized_neg_entropy, top2_gap
 
 
+def _probs(stage: StageOutput) -> Tensor:
+    # float64: an overconfident network's float32 softmax saturates at 1.0 and ties
+    # inputs that its logits still tell apart, which would handicap the baselines
+    return stage.output.double().softmax(dim=-1)
+
+
 @METHODS.register("msp")
 class MaxSoftmaxScore(Predictor):
     """Maximum softmax probability ``max_k p_k``."""
@@ -15,7 +21,7 @@ class MaxSoftmaxScore(Predictor):
     name = "msp"
 
     def score(self, stage: StageOutput) -> Tensor:
-        return max_softmax(stage.output.softmax(dim=-1))
+        return max_softmax(_probs(stage))
 
 
 @METHODS.register("gap")
@@ -25,7 +31,7 @@ class GapScore(Predictor):
     name = "gap"
 
     def score(self, stage: StageOutput) -> Tensor:
-        return top2_gap(stage.output.softmax(dim=-1))
+        return top2_gap(_probs(stage))
 
 
 @METHODS.register("entropy")
@@ -35,4 +41,4 @@ class EntropyScore(Predictor):
     name = "entropy"
 
     def score(self, stage: StageOutput) -> Tensor:
-        return normalized_neg_entropy(stage.output.softmax(dim=-1))
+        return normalized_neg_entropy(_probs(stage))

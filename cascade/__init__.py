@@ -8,6 +8,7 @@ from cascade.config import ExperimentConfig, load_config
 from cascade.cost import NetworkCost, measure_cost
 from cascade.errors import CascadeError, ConfigError, DataError
 from cascade.losses import CrossEntropyTaskLoss, MaskedL2TaskLoss
+from cascade.multistage import MultiStageCascade, ReinforceObjective, ReinforceStopScore, StoppingPolicy
 from cascade.networks import AppealNetScore, FeatureNet, PredictorHead, TwoHeadNetwork, mlp
 from cascade.objectives import AppealNetObjective, Objective, SupervisedObjective
 from cascade.registry import METHODS, NETWORKS, TASKS, Registry
@@ -43,6 +44,7 @@ __all__ = [
     "MaskedL2TaskLoss",
     "METHODS",
     "MethodContext",
+    "MultiStageCascade",
     "NETWORKS",
     "NetworkCost",
     "Objective",
@@ -52,8 +54,11 @@ __all__ = [
     "PredictorHead",
     "ProgressHook",
     "Registry",
+    "ReinforceObjective",
+    "ReinforceStopScore",
     "Splits",
     "StageOutput",
+    "StoppingPolicy",
     "SupervisedObjective",
     "Sweep",
     "TASKS",

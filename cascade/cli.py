@@ -7,6 +7,7 @@ and exit with code 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -48,6 +49,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"seeds=[{', '.join(map(str, args.seed))}]")
     cfg = load_config(args.config, overrides, quick=args.quick)
     out = Path(args.out) if args.out else Path("runs") / (cfg.name or Path(args.config).stem)
+    if cfg.cascade is not None:  # a K-stage cascade with a REINFORCE stopping policy
+        from cascade.multistage_experiment import run_multistage
+
+        print(run_multistage(cfg, out, quiet=args.quiet or not sys.stderr.isatty(), source=args.config))
+        print(f"\nresults in {out}/ (metrics.json, table.md, table.csv, samples.csv, figures/, checkpoints/)")
+        return 0
     metrics = Experiment(cfg, out, quiet=args.quiet or not sys.stderr.isatty(), source=args.config).run()
     print(render_markdown(metrics))
     print(f"\nresults in {out}/ (metrics.json, table.md, table.csv, samples.csv, figures/, checkpoints/)")
@@ -71,6 +78,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # like `python -m`, let a config name a user's own module (task: {name: my_tasks.MyTask})
+    # that sits in the current folder
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     args = _parser().parse_args(argv)
     handler = {"run": _cmd_run, "validate": _cmd_validate, "list": _cmd_list}[args.command]
     try:

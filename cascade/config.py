@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cascade.errors import CascadeError, ConfigError
 from cascade.registry import METHODS, NETWORKS, TASKS
@@ -64,6 +64,8 @@ class PredictorConfig(_Strict):
     )
     hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [16])
     detach: bool = True
+    normalize: bool = False
+    lr_scale: Annotated[float, Field(gt=0)] = 1.0
 
 
 class LambdaConfig(_Strict):
@@ -95,6 +97,65 @@ class EvaluationConfig(_Strict):
     batch_size: Annotated[int, Field(gt=0)] = 1024
 
 
+class StoppingPolicyConfig(_Strict):
+    """The REINFORCE stopping policy of a multi-stage cascade (``cascade.policy``).
+
+    ``inputs`` are what each policy head reads from its stage (as for the AppealNet
+    predictor head; regression needs ``[output]`` or ``[features, output]``); ``shared``:
+    one head for every stage with the stage index as an extra input, instead of one
+    head per stage; ``detach``: the policy's gradient stops at its inputs.
+    """
+
+    inputs: list[Literal["features", "sorted_probs", "confidence", "output"]] = Field(
+        default_factory=lambda: ["sorted_probs", "confidence"], min_length=1
+    )
+    hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [16])
+    shared: bool = False
+    detach: bool = True
+
+
+class ReinforceConfig(_Strict):
+    """Joint REINFORCE training of the stages and the stopping policy (``cascade.reinforce``).
+
+    One cascade is trained per ``alphas`` value (the cost weight of the reward
+    ``-L - alpha * cumulative_cost / c_K``); see :mod:`cascade.multistage` for the rest.
+    """
+
+    alphas: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [0.1], min_length=1)
+    threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    reward: Literal["loss", "error"] = "loss"
+    baseline: Literal["batch_mean", "moving_average"] = "batch_mean"
+    momentum: Fraction = 0.9
+    aux_weight: Annotated[float, Field(ge=0)] = 1.0
+    entropy_weight: Annotated[float, Field(ge=0)] = 0.0
+    finetune: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=6))
+
+
+class CascadeConfig(_Strict):
+    """A K-stage cascade (``cascade:``); when present, ``cascade run`` runs the
+    multi-stage experiment (:mod:`cascade.multistage_experiment`) instead of AppealNet's.
+
+    ``stages`` are the networks, cheapest first, each pre-trained with ``pretrain``;
+    ``oracle: black_box`` appends a black-box last stage (always right, cost
+    ``oracle_mflops`` or the task's); ``budgets`` are mean costs, as fractions of the last
+    stage's, at which every method's accuracy is reported.
+    """
+
+    stages: list[NetworkSpec] = Field(min_length=1)
+    oracle: Literal["none", "black_box"] = "none"
+    oracle_mflops: Annotated[float, Field(gt=0)] | None = None
+    policy: StoppingPolicyConfig = Field(default_factory=StoppingPolicyConfig)
+    reinforce: ReinforceConfig = Field(default_factory=ReinforceConfig)
+    appealnet_cascade: bool = True
+    budgets: list[Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=lambda: [0.1, 0.2, 0.5])
+
+    @model_validator(mode="after")
+    def _at_least_two_stages(self) -> "CascadeConfig":
+        if len(self.stages) + (self.oracle == "black_box") < 2:
+            raise ValueError("a cascade needs at least 2 stages (networks, plus the oracle when oracle: black_box)")
+        return self
+
+
 class ExperimentConfig(_Strict):
     """The whole experiment; see ``configs/digits.yaml`` for every key in use."""
 
@@ -111,6 +172,7 @@ class ExperimentConfig(_Strict):
     big_train: OptimConfig = Field(default_factory=OptimConfig)
     appealnet: AppealNetConfig = Field(default_factory=AppealNetConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    cascade: CascadeConfig | None = None
     quick: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("seeds")
@@ -212,6 +274,29 @@ def _check_kwargs(builder: Any, kwargs: dict[str, Any], key: str, fixed: tuple[s
     return errors
 
 
+def _cascade_errors(cfg: ExperimentConfig, task_cls: Any) -> list[str]:
+    """Problems of the ``cascade:`` section that need the registries (stage networks)."""
+    if cfg.cascade is None:
+        return []
+    errors = [f"{role}: not used with cascade: (list the networks under cascade.stages)"
+              for role in ("little", "big") if getattr(cfg, role) is not None]
+    for i, spec in enumerate(cfg.cascade.stages):
+        try:
+            builder = NETWORKS.get(spec.name)
+        except CascadeError as exc:
+            errors.append(f"cascade.stages.{i}.name: {exc}")
+            continue
+        errors += _check_kwargs(builder, spec.kwargs(), f"cascade.stages.{i}", ("input_shape", "num_outputs"))
+    for i, method in enumerate(cfg.evaluation.methods):
+        if method in ("appealnet", "reinforce"):
+            errors.append(f"evaluation.methods.{i}: {method!r} is built into the cascade experiment "
+                          "(list per-stage scores such as msp, gap, entropy here)")
+    if (cfg.cascade.oracle == "black_box" and cfg.cascade.oracle_mflops is None and task_cls is not None
+            and task_cls.oracle_mflops is None):
+        errors.append("cascade.oracle_mflops: the black-box oracle's cost is unknown; set it (MFLOPs per input)")
+    return errors
+
+
 def validate(data: dict[str, Any], path: str = "<config>") -> ExperimentConfig:
     """Validate ``data`` completely.
 
@@ -248,7 +333,9 @@ def validate(data: dict[str, Any], path: str = "<config>") -> ExperimentConfig:
     for i, method in enumerate(cfg.evaluation.methods):
         if method not in METHODS:
             errors.append(f"evaluation.methods.{i}: {METHODS.unknown_message(method)}")
-    if "white_box" in cfg.modes and task_cls is not None and cfg.big is None and task_cls.default_big is None:
+    errors += _cascade_errors(cfg, task_cls)
+    big_missing = task_cls is not None and cfg.big is None and task_cls.default_big is None
+    if cfg.cascade is None and "white_box" in cfg.modes and big_missing:
         errors.append("modes: white_box needs a big network; the task has none (set big: or use modes: [black_box])")
     if errors:
         raise ConfigError(str(path), errors)

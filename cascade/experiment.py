@@ -61,7 +61,10 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int) -> 
 
 
 def build_optimizer(params, oc: OptimConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    params = [p for p in params if p.requires_grad]
+    """SGD or Adam over ``params`` (tensors, or param-group dicts that may set their own lr)."""
+    params = list(params)
+    if params and not isinstance(params[0], dict):
+        params = [p for p in params if p.requires_grad]
     if oc.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay)
     else:
@@ -90,8 +93,14 @@ class Experiment:
         source: the config file's path, for messages and ``metrics.json``.
     """
 
-    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path, quiet: bool = False, source: str = ""):
+    def __init__(
+        self, cfg: ExperimentConfig, out_dir: str | Path, quiet: bool = False, source: str = "",
+        cache: dict[str, dict] | None = None,
+    ):
         self.cfg = cfg
+        # trained weights shared between runs of one process that differ only downstream
+        # (the ablation reuses the big and the pre-trained little network across variants)
+        self.cache = cache
         self.out = Path(out_dir)
         self.quiet = quiet
         self.source = source
@@ -103,12 +112,14 @@ class Experiment:
         # one AppealNet per oracle mode, trained with that mode's objective
         self.appealnet_keys = {m: ("appealnet" if i == 0 else f"appealnet_{m}") for i, m in enumerate(cfg.modes)}
         self.histories: dict[str, list[dict[str, float]]] = {}
+        #: names of the criterion's extra per-sample errors (``rmse``...), columns ``<net>_<name>``
+        self.error_names: list[str] = []
 
     # -- training ---------------------------------------------------------------------
 
     def _fit(self, model: nn.Module, objective: Objective, data: Dataset, oc: OptimConfig, seed: int, desc: str,
-             extra_hooks: tuple[HookBase, ...] = ()) -> None:
-        opt, sched = build_optimizer(model.parameters(), oc)
+             extra_hooks: tuple[HookBase, ...] = (), params=None) -> None:
+        opt, sched = build_optimizer(model.parameters() if params is None else params, oc)
         history = HistoryHook()
         hooks = [*extra_hooks, history, ProgressHook(desc, disable=self.quiet)]
         loader = make_loader(data, oc.batch_size, shuffle=True, seed=seed)
@@ -122,7 +133,9 @@ class Experiment:
         nets: dict[str, nn.Module] = {}
         if self.big_spec is not None:
             big = build_network(self.big_spec, task).to(self.device)
-            self._fit(big, SupervisedObjective(crit), splits.train, cfg.big_train, seed * 100 + 1, f"seed {seed} big")
+            key = self._cache_key("big", seed, self.big_spec, cfg.big_train)
+            self._cached_fit(key, big, lambda: self._fit(
+                big, SupervisedObjective(crit), splits.train, cfg.big_train, seed * 100 + 1, f"seed {seed} big"))
             nets["big"] = big
 
         finetune = cfg.appealnet.finetune
@@ -134,7 +147,10 @@ class Experiment:
             pre_data, tune_data = Subset(splits.train, sorted(perm[n_hold:])), Subset(splits.train, sorted(perm[:n_hold]))
 
         little = build_network(self.little_spec, task).to(self.device)
-        self._fit(little, SupervisedObjective(crit), pre_data, cfg.pretrain, seed * 100 + 2, f"seed {seed} pretrain")
+        key = self._cache_key("pretrain", seed, self.little_spec, cfg.pretrain, cfg.appealnet.finetune_data,
+                              cfg.appealnet.holdout_fraction)
+        self._cached_fit(key, little, lambda: self._fit(
+            little, SupervisedObjective(crit), pre_data, cfg.pretrain, seed * 100 + 2, f"seed {seed} pretrain"))
         pretrained = copy.deepcopy(little)
         # fairness: the baselines' network trains as long, on the same data, as AppealNet
         self._fit(little, SupervisedObjective(crit), tune_data, finetune, seed * 100 + 3, f"seed {seed} little")
@@ -145,7 +161,7 @@ class Experiment:
             oracle: Oracle = WhiteBoxOracle(nets["big"]) if mode == "white_box" else BlackBoxOracle()
             head = PredictorHead(
                 pretrained.feature_dim, task.num_outputs, pc.inputs, pc.hidden, pc.detach,
-                classification=crit.kind == "classification",
+                classification=crit.kind == "classification", normalize=pc.normalize,
             )
             net = TwoHeadNetwork(copy.deepcopy(pretrained), head).to(self.device)
             lc = cfg.appealnet.lambda_
@@ -153,9 +169,23 @@ class Experiment:
                 crit, oracle, lc.init, cfg.appealnet.approximator_loss, cfg.appealnet.predictor_target
             )
             hooks = (LambdaControllerHook(objective, lc.budget, lc.up, lc.down),) if lc.dynamic else ()
-            self._fit(net, objective, tune_data, finetune, seed * 100 + 10 + i, f"seed {seed} {key}", hooks)
+            groups = [{"params": list(net.base.parameters())},
+                      {"params": list(net.predictor.parameters()), "lr": finetune.lr * pc.lr_scale}]
+            self._fit(net, objective, tune_data, finetune, seed * 100 + 10 + i, f"seed {seed} {key}", hooks, groups)
             nets[key] = net
         return nets
+
+    def _cache_key(self, *parts: Any) -> str:
+        dump = [p.model_dump(mode="json") if hasattr(p, "model_dump") else p for p in parts]
+        return json.dumps([self.cfg.task.model_dump(mode="json"), *dump], sort_keys=True)
+
+    def _cached_fit(self, key: str, model: nn.Module, fit) -> None:
+        if self.cache is not None and key in self.cache:
+            model.load_state_dict(self.cache[key])
+            return
+        fit()
+        if self.cache is not None:
+            self.cache[key] = copy.deepcopy(model.state_dict())
 
     # -- evaluation -------------------------------------------------------------------
 
@@ -174,6 +204,8 @@ class Experiment:
             cols[f"{key}_correct"] = crit.correct(out.output, y).numpy()
             for name, err in crit.errors(out.output, y).items():
                 cols[f"{key}_{name}"] = err.numpy()
+                if name not in self.error_names:
+                    self.error_names.append(name)
             if key == "little":
                 for name, method in methods.items():
                     cols[f"score_{name}"] = _score_dataset(method, net, dataset, bs, self.device)
@@ -219,10 +251,12 @@ class Experiment:
 
         (self.out / "config.yaml").write_text(yaml.safe_dump(resolved_dict(cfg), sort_keys=False))
 
-        frames, costs = [], {}
+        frames, costs, first = [], {}, None
         for seed in cfg.seeds:
             splits = self.task.build_splits(seed)
             nets = self._train_seed(seed, splits)
+            if first is None:
+                first = (nets, splits.test)  # for the task's own figure, if it draws one
             if not costs:
                 costs = {k: measure_cost(n, self.task.input_shape).as_dict() for k, n in nets.items()}
                 costs["appealnet"] = costs[self.appealnet_keys[cfg.modes[0]]]
@@ -244,7 +278,28 @@ class Experiment:
 
         report.write_tables(metrics, self.out)
         report.write_figures(samples, routes, metrics, self.out)
+        self._task_figure(samples, per_seed, *first)
         return metrics
+
+    def _task_figure(self, samples: pd.DataFrame, per_seed: pd.DataFrame, nets: dict[str, nn.Module],
+                     test: Dataset) -> None:
+        """Let the task draw routed test inputs, if it defines the optional hook
+        ``write_routing_figure(path, network, dataset, kept, caption)`` (e.g. faces with
+        their keypoints). Routing: the first seed's AppealNet of the first mode, at the
+        val-tuned threshold for the smallest target AD."""
+        draw = getattr(self.task, "write_routing_figure", None)
+        if draw is None:
+            return
+        seed, mode = self.cfg.seeds[0], self.cfg.modes[0]
+        key = self.appealnet_keys[mode]
+        points = per_seed[(per_seed["seed"] == seed) & (per_seed["mode"] == mode)
+                          & (per_seed["method"] == "appealnet") & (per_seed["threshold_source"] == "val")]
+        point = points.sort_values("target_ad").iloc[0]
+        score = samples[(samples["seed"] == seed) & (samples["split"] == "test")][f"score_{key}"].to_numpy()
+        caption = (f"{key} ({mode.replace('_', '-')}), seed {seed}, test: kept vs appealed at the val-tuned "
+                   f"threshold for AD {point['target_ad'] * 100:g} % (SR {point['skipping_rate'] * 100:.1f} %); "
+                   "green = truth, red = prediction")
+        draw(self.out / "figures" / f"routed_samples_{mode}.png", nets[key], test, score >= point["threshold"], caption)
 
     def _metrics(self, samples: pd.DataFrame, costs: dict, routes: dict, per_seed: pd.DataFrame) -> dict[str, Any]:
         test = samples[samples["split"] == "test"]
@@ -272,6 +327,7 @@ class Experiment:
             },
             "accuracy": accuracy,
             "accuracy_std": accuracy_std,
+            **self._error_means(test, [c[: -len("_correct")] for c in acc_cols]),
             "score_columns": {
                 mode: {method: {"score": r.score, "little_correct": r.little_correct, "big_correct": r.big_correct}
                        for (m, method), r in routes.items() if m == mode}
@@ -283,6 +339,22 @@ class Experiment:
         }
         metrics["savings"] = savings(metrics["operating_points"], self.cfg.evaluation.methods)
         return metrics
+
+    def _error_means(self, test: pd.DataFrame, networks: list[str]) -> dict[str, dict]:
+        """``errors[network][name]``: mean over seeds of each network's mean per-sample error
+        on the test split (e.g. RMSE for regression), and ``errors_std`` across seeds."""
+        errors: dict[str, dict[str, float]] = {}
+        errors_std: dict[str, dict[str, float]] = {}
+        for net in networks:
+            for name in self.error_names:
+                col = f"{net}_{name}"
+                if col not in test.columns:
+                    continue
+                by_seed = test.groupby("seed")[col].mean()
+                errors.setdefault(net, {})[name] = float(by_seed.mean())
+                if len(by_seed) > 1:
+                    errors_std.setdefault(net, {})[name] = float(by_seed.std(ddof=1))
+        return {"errors": errors, "errors_std": errors_std}
 
 
 @torch.no_grad()

@@ -66,6 +66,8 @@ class PredictorHead(nn.Module):
         detach: stop the predictor's gradient at its inputs, so that ``-log q`` does not
             reshape the shared features or the approximator's output.
         classification: whether the approximator's outputs are logits.
+        normalize: standardize the head's inputs (batch norm), which matters when it
+            reads unbounded features next to probabilities.
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class PredictorHead(nn.Module):
         hidden: Sequence[int] = (),
         detach: bool = False,
         classification: bool = True,
+        normalize: bool = False,
     ):
         super().__init__()
         unknown = [i for i in inputs if i not in HEAD_INPUTS]
@@ -87,6 +90,7 @@ class PredictorHead(nn.Module):
         self.detach = detach
         width = {"features": feature_dim, "sorted_probs": num_outputs, "confidence": 3, "output": num_outputs}
         in_dim = sum(width[i] for i in self.inputs)
+        self.norm = nn.BatchNorm1d(in_dim) if normalize else nn.Identity()
         self.net = mlp([in_dim, *hidden, 1])
 
     def forward(self, features: Tensor, output: Tensor) -> Tensor:
@@ -103,7 +107,7 @@ class PredictorHead(nn.Module):
                 parts.append(confidence_stats(probs))
             else:
                 parts.append(output)
-        return torch.sigmoid(self.net(torch.cat(parts, dim=-1))).squeeze(-1)  # [B]
+        return torch.sigmoid(self.net(self.norm(torch.cat(parts, dim=-1)))).squeeze(-1)  # [B]
 
 
 class TwoHeadNetwork(nn.Module):

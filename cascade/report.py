@@ -50,11 +50,17 @@ def table_rows(metrics: dict[str, Any]) -> pd.DataFrame:
 def render_markdown(metrics: dict[str, Any]) -> str:
     """Networks, then one table per (mode, threshold source)."""
     acc, acc_std = metrics["accuracy"], metrics.get("accuracy_std", {})
+    # the criterion's extra per-sample errors (e.g. regression's RMSE), as mean columns
+    errors, errors_std = metrics.get("errors", {}), metrics.get("errors_std", {})
+    error_names = list(dict.fromkeys(name for per_net in errors.values() for name in per_net))
     lines = [f"# {metrics['task']}: seeds {metrics['seeds']}", "", "## Networks (test split)", "",
-             "| network | MFLOPs (MACs) | params | accuracy |", "|---|---:|---:|---:|"]
+             "| network | MFLOPs (MACs) | params | accuracy |" + "".join(f" mean {e} |" for e in error_names),
+             "|---|---:|---:|---:|" + "---:|" * len(error_names)]
     for name, c in metrics["networks"].items():
         a = acc.get(name)
-        lines.append(f"| {name} | {c['mflops']:.4f} | {c['params']:,} | {_fmt(a, acc_std.get(name), True)} |")
+        cells = [_fmt(errors.get(name, {}).get(e), errors_std.get(name, {}).get(e), False) for e in error_names]
+        lines.append(f"| {name} | {c['mflops']:.4f} | {c['params']:,} | {_fmt(a, acc_std.get(name), True)} |"
+                     + "".join(f" {cell} |" for cell in cells))
     head = metrics["predictor_head"]
     lines += ["", f"Predictor head: {head['mflops'] * 1e6:.0f} MACs, {head['params']} params "
                   f"({head['relative_mflops'] * 100:.2f} % of the little network's MACs).", ""]

@@ -1,0 +1,389 @@
+"""K-stage cascades with a stopping policy trained by REINFORCE (Guan et al., IJCAI 2018).
+
+METHOD.md section 2. An input enters stage 0; after stage ``k`` a stopping policy
+``pi(stop | s_k)`` decides whether the cascade answers with stage ``k`` or pays for stage
+``k + 1``; the last stage always answers. Stopping at ``tau`` costs
+``c_0 + ... + c_tau``. The reward of one input is
+
+    R = -L(f_tau(x), y) - alpha * (c_0 + ... + c_tau) / c_{K-1}
+
+and the policy is trained by REINFORCE, ``grad = E[(R - b) * sum_{k <= tau} grad log
+pi(a_k | s_k)]``, jointly with the stage networks (:class:`ReinforceObjective`, run by the
+shared :class:`~cascade.trainer.Trainer` like every other objective). With K = 2 this is
+AppealNet's setting with a policy in place of the predictor head: one code path serves
+both.
+
+The choices METHOD.md leaves *open*, and what this module does:
+
+- **Policy shape**: one small head per stage (default) or one head shared by all stages
+  that also reads a one-hot stage index (``shared=True``). Per stage is the default
+  because the same softmax confidence means different things at a weak and a strong
+  stage; the heads cost a few hundred MACs, nothing next to a stage. Each head is an
+  AppealNet :class:`~cascade.networks.PredictorHead` (MLP, sigmoid output) reading the
+  stage's sorted label probabilities and its confidence statistics (MSP, top-2 gap,
+  normalized negative entropy) by default; for regression, its output (and optionally
+  its features), since there are no label probabilities.
+- **State gradient**: the policy's inputs are detached (``detach=True``) so the policy
+  cannot reshape the stage networks' outputs to make routing easier at the expense of
+  their answers; the full score-function gradient through the state is available with
+  ``detach=False``.
+- **Baseline** ``b``: ``batch_mean`` (default) is the leave-one-out mean of the other
+  inputs' rewards in the batch, ``b_i = (sum_j R_j - R_i) / (B - 1)``: unbiased (it
+  does not depend on the input's own action) and it adapts at once when the policy or
+  the networks change; ``moving_average`` is an exponential average of past batch means.
+- **Reward loss**: the task loss (cross-entropy / squared L2), as METHOD.md writes it,
+  or the 0-1 error (``reward="error"``), the quantity accuracy is judged on.
+- **Keeping every stage trained**: each network stage gets the gradient of its loss on
+  the inputs that stopped there (the method) plus ``aux_weight`` times its plain mean
+  loss on every input, so a stage that the policy rarely reaches does not starve and
+  its answers stay good when a different threshold sends more inputs to it.
+- **Cost in the reward**: the measured MACs of each stage plus its policy head, and the
+  black-box oracle's declared cost when the last stage is an oracle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cascade.cost import measure_cost
+from cascade.errors import CascadeError
+from cascade.networks import PredictorHead
+from cascade.objectives import Batch, Objective
+from cascade.registry import METHODS
+from cascade.roles import BlackBoxOracle, Predictor, StageOutput, TaskLoss
+
+
+@dataclass
+class CascadeOutput:
+    """Every network stage's output for a batch, and the policy's stop probabilities.
+
+    Attributes:
+        stages: one :class:`StageOutput` per network stage, cheapest first; ``q`` holds
+            ``P(stop)`` at the stages followed by a decision (None at the last one).
+        p_stop: ``[B, K - 1]``, ``P(stop | s_k)`` after each stage but the last (K counts
+            the black-box oracle when there is one); None without a policy.
+    """
+
+    stages: list[StageOutput]
+    p_stop: Tensor | None
+
+
+class StoppingPolicy(nn.Module):
+    """``pi(stop | s_k)`` for each decision point ``k = 0 .. K-2``, in (0, 1).
+
+    Higher means stop (answer with this stage), the Predictor convention. See the module
+    docstring for the open choices (shared or per-stage heads, inputs, detaching).
+
+    Args:
+        feature_dims: the shared-feature width ``F_k`` of each stage followed by a decision.
+        num_outputs: classes ``C`` or coordinates ``D`` of every stage's output.
+        inputs: what each head reads (see :class:`~cascade.networks.PredictorHead`).
+        hidden: hidden layer widths of each head.
+        shared: one head for every stage, reading a one-hot stage index as well.
+        detach: stop the policy's gradient at its inputs.
+        classification: whether the stages' outputs are logits.
+
+    Raises:
+        CascadeError: ``shared`` with ``features`` among the inputs, or inputs that do not
+            fit the task (label probabilities for a regression task).
+    """
+
+    def __init__(
+        self,
+        feature_dims: Sequence[int],
+        num_outputs: int,
+        inputs: Sequence[str] = ("sorted_probs", "confidence"),
+        hidden: Sequence[int] = (16,),
+        shared: bool = False,
+        detach: bool = True,
+        classification: bool = True,
+    ):
+        super().__init__()
+        self.num_decisions = len(feature_dims)
+        self.shared = shared
+        try:
+            if shared:
+                if "features" in inputs:
+                    raise ValueError("a shared policy cannot read features (their width differs between stages)")
+                # the head's "features" slot carries the one-hot stage index
+                heads = [PredictorHead(self.num_decisions, num_outputs, ("features", *inputs), hidden, detach,
+                                       classification)]
+            else:
+                heads = [PredictorHead(f, num_outputs, inputs, hidden, detach, classification) for f in feature_dims]
+        except ValueError as exc:
+            raise CascadeError(f"cascade.policy: {exc}") from None
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, k: int, stage: StageOutput) -> Tensor:
+        """``P(stop)`` after stage ``k``, ``[B]``."""
+        if self.shared:
+            index = torch.full((len(stage.output),), k, dtype=torch.long, device=stage.output.device)
+            return self.heads[0](F.one_hot(index, self.num_decisions).float(), stage.output)
+        return self.heads[k](stage.features, stage.output)
+
+
+class MultiStageCascade(nn.Module):
+    """Network stages of rising cost, a stopping policy, optionally a black-box oracle last.
+
+    ``forward`` runs every network stage on the whole batch (training, and evaluation
+    that records every stage); :meth:`route` is deployment: each stage only sees the
+    inputs that reached it.
+
+    Args:
+        stages: the network stages, cheapest first (``FeatureNet``-like: their forward
+            returns a :class:`StageOutput` with ``features``).
+        policy: the stopping policy (None: a plain list of stages, e.g. for baselines).
+        oracle: a black-box oracle as the last stage, or None (the last network is last).
+
+    Raises:
+        CascadeError: fewer than 2 stages, or a policy with the wrong number of decisions.
+    """
+
+    def __init__(self, stages: Sequence[nn.Module], policy: StoppingPolicy | None = None,
+                 oracle: BlackBoxOracle | None = None):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.policy = policy
+        self.oracle = oracle
+        if self.num_stages < 2:
+            raise CascadeError("a cascade needs at least 2 stages (networks, plus the oracle if any)")
+        if policy is not None and policy.num_decisions != self.num_stages - 1:
+            raise CascadeError(f"the policy decides after {policy.num_decisions} stages, the cascade needs "
+                               f"{self.num_stages - 1}")
+
+    @property
+    def num_stages(self) -> int:
+        """K: the network stages, plus one for the black-box oracle."""
+        return len(self.stages) + (self.oracle is not None)
+
+    def forward(self, x: Tensor) -> CascadeOutput:
+        outs: list[StageOutput] = []
+        p_stop = []
+        for k, stage in enumerate(self.stages):
+            out = stage(x)
+            out = out if isinstance(out, StageOutput) else StageOutput(output=out)
+            if self.policy is not None and k < self.num_stages - 1:
+                out.q = self.policy(k, out)  # [B]
+                p_stop.append(out.q)
+            outs.append(out)
+        return CascadeOutput(stages=outs, p_stop=torch.stack(p_stop, dim=1) if p_stop else None)
+
+    @torch.no_grad()
+    def route(self, x: Tensor, threshold: float = 0.5) -> tuple[Tensor, Tensor]:
+        """Routed inference: stage ``k`` runs only on the inputs that did not stop before it.
+
+        Args:
+            x: a batch of inputs ``[B, ...]``.
+            threshold: stop where ``P(stop) >= threshold`` (0.5: the greedy policy).
+
+        Returns:
+            ``(output, exit)``: the answering stage's output ``[B, C]`` (NaN rows for the
+            inputs that reach a black-box oracle: its answer is not ours to compute) and
+            the exit stage of each input, ``[B]`` long in ``0 .. K-1``.
+
+        Raises:
+            CascadeError: the cascade has no policy.
+        """
+        if self.policy is None:
+            raise CascadeError("route needs a stopping policy")
+        self.eval()
+        n = len(x)
+        exit_stage = torch.full((n,), self.num_stages - 1, dtype=torch.long, device=x.device)
+        active = torch.arange(n, device=x.device)  # rows still travelling down the cascade
+        output: Tensor | None = None
+        for k, stage in enumerate(self.stages):
+            out = stage(x[active])
+            out = out if isinstance(out, StageOutput) else StageOutput(output=out)
+            if output is None:
+                output = torch.full((n, *out.output.shape[1:]), float("nan"), device=x.device)
+            last = k == self.num_stages - 1
+            stop = torch.ones(len(active), dtype=torch.bool, device=x.device) if last else (
+                self.policy(k, out) >= threshold)
+            output[active[stop]] = out.output[stop].to(output.dtype)
+            exit_stage[active[stop]] = k
+            active = active[~stop]
+            if len(active) == 0:
+                break
+        return output, exit_stage
+
+
+class _StageWithPolicy(nn.Module):
+    """A stage followed by its policy head, so that ``measure_cost`` counts both."""
+
+    def __init__(self, stage: nn.Module, policy: StoppingPolicy, k: int):
+        super().__init__()
+        self.stage, self.policy, self.k = stage, policy, k
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.stage(x)
+        return self.policy(self.k, out)
+
+
+def stage_costs(model: MultiStageCascade, input_shape: tuple[int, ...]) -> list[float]:
+    """MFLOPs (MACs) of each stage, first to last, including its policy head when one follows.
+
+    Args:
+        model: the cascade.
+        input_shape: one input's shape, no batch dimension.
+
+    Returns:
+        ``K`` costs; the black-box oracle's is its declared ``cost_mflops``.
+
+    Raises:
+        CascadeError: the oracle's cost is unknown.
+    """
+    costs = []
+    for k, stage in enumerate(model.stages):
+        decides = model.policy is not None and k < model.num_stages - 1
+        module = _StageWithPolicy(stage, model.policy, k) if decides else stage
+        costs.append(measure_cost(module, input_shape).mflops)
+    if model.oracle is not None:
+        if model.oracle.cost_mflops is None:
+            raise CascadeError("the black-box oracle's cost is unknown; set cascade.oracle_mflops")
+        costs.append(float(model.oracle.cost_mflops))
+    return costs
+
+
+@METHODS.register("reinforce")
+class ReinforceStopScore(Predictor):
+    """The stopping policy's ``P(stop | s_k)``, read from a :class:`MultiStageCascade`'s stage."""
+
+    name = "reinforce"
+
+    def score(self, stage: StageOutput) -> Tensor:
+        if stage.q is None:
+            raise CascadeError("reinforce scores come from a cascade's stopping policy: use a config with cascade:")
+        return stage.q
+
+
+def trajectory(p_stop: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
+    """Exit stage and log-probability of sampled stop/continue actions.
+
+    The input stops at the first decision ``k`` with ``a_k = 1``, or at the last stage
+    ``K - 1`` when every action is "continue". Only the decisions taken count:
+    ``log pi = sum_{k < tau} log(1 - p_k) + [tau < K-1] log p_tau``.
+
+    Args:
+        p_stop: ``[B, K-1]`` stop probabilities (already clamped away from 0 and 1).
+        actions: ``[B, K-1]`` sampled actions, 1 = stop.
+
+    Returns:
+        ``(tau, log_prob)``: ``[B]`` long exit stages and ``[B]`` log-probabilities.
+    """
+    b, d = p_stop.shape
+    idx = torch.arange(d, device=p_stop.device)  # [K-1]
+    stop = actions > 0.5
+    tau = torch.where(stop, idx, torch.full_like(idx, d)).min(dim=1).values  # [B]
+    taken = idx[None, :] <= tau[:, None]  # [B, K-1] decisions made on the way to tau
+    log_pa = torch.where(stop, p_stop.log(), (1 - p_stop).log())  # [B, K-1]
+    return tau, (log_pa * taken).sum(dim=1)
+
+
+class ReinforceObjective(Objective):
+    """Joint training of a :class:`MultiStageCascade`'s stages and stopping policy.
+
+    Per batch (means over the batch): sample ``a_k ~ Bernoulli(p_k)``; ``tau`` = first
+    stop; ``R = -L(f_tau, y) - alpha * C_tau / c_{K-1}`` with ``C_tau`` the cumulative
+    cost; ``loss = -(R - b) * log pi + L(f_tau, y) + aux_weight * sum_k L(f_k, y)
+    - entropy_weight * H(pi)``. The first term is the REINFORCE surrogate (its gradient
+    is the policy gradient), the second trains each stage where inputs stopped, the third
+    keeps every stage trained (module docstring: the open choices).
+
+    Args:
+        criterion: the task loss.
+        stage_mflops: the cost ``c_k`` of each of the K stages, first to last.
+        alpha: the cost weight of the reward.
+        reward: ``"loss"`` (the task loss) or ``"error"`` (0-1 error) in the reward.
+        baseline: ``"batch_mean"`` (leave-one-out) or ``"moving_average"``.
+        momentum: of the moving-average baseline.
+        aux_weight: weight of every stage's plain loss on every input.
+        entropy_weight: bonus on the policy's entropy over the decisions taken (0: none).
+        eps: stop probabilities are clamped to ``[eps, 1 - eps]``.
+    """
+
+    def __init__(
+        self,
+        criterion: TaskLoss,
+        stage_mflops: Sequence[float],
+        alpha: float,
+        reward: Literal["loss", "error"] = "loss",
+        baseline: Literal["batch_mean", "moving_average"] = "batch_mean",
+        momentum: float = 0.9,
+        aux_weight: float = 1.0,
+        entropy_weight: float = 0.0,
+        eps: float = 1e-6,
+    ):
+        if len(stage_mflops) < 2 or min(stage_mflops) < 0 or stage_mflops[-1] <= 0:
+            raise CascadeError(f"stage costs must be >= 0 with a positive last one, got {list(stage_mflops)}")
+        self.criterion = criterion
+        costs = torch.tensor([float(c) for c in stage_mflops], dtype=torch.float64)
+        # C_tau / c_{K-1}: what stopping at each stage costs, relative to the last stage
+        self.relative_paid = (costs.cumsum(0) / costs[-1]).float()  # [K]
+        self.alpha = alpha
+        self.reward = reward
+        self.baseline = baseline
+        self.momentum = momentum
+        self.aux_weight = aux_weight
+        self.entropy_weight = entropy_weight
+        self.eps = eps
+        self.running_baseline: float | None = None
+
+    def _baseline(self, r: Tensor) -> Tensor:
+        if self.baseline == "batch_mean":
+            if len(r) == 1:
+                return torch.zeros_like(r)
+            return (r.sum() - r) / (len(r) - 1)  # leave-one-out: independent of the input's own action
+        mean = float(r.mean())
+        b = mean if self.running_baseline is None else self.running_baseline
+        self.running_baseline = self.momentum * b + (1 - self.momentum) * mean
+        return torch.full_like(r, b)
+
+    def __call__(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        x, y = batch
+        out: CascadeOutput = model(x)
+        if out.p_stop is None:
+            raise CascadeError("ReinforceObjective needs a cascade with a stopping policy")
+        crit = self.criterion
+        losses = [crit.per_sample(s.output, y) for s in out.stages]
+        wrong = [~crit.correct(s.output, y) for s in out.stages]
+        n_net = len(losses)
+        if model.oracle is not None:
+            losses.append(model.oracle.per_sample_loss(x, y, crit))
+            wrong.append(~model.oracle.correct(x, y, crit))
+        loss = torch.stack(losses, dim=1)  # [B, K]
+        if loss.shape[1] != len(self.relative_paid):
+            raise CascadeError(f"the objective has {len(self.relative_paid)} stage costs, the cascade "
+                               f"{loss.shape[1]} stages")
+        p = out.p_stop.clamp(self.eps, 1 - self.eps)  # [B, K-1]
+        with torch.no_grad():
+            actions = torch.bernoulli(p)
+        tau, log_prob = trajectory(p, actions)  # [B], [B]
+
+        with torch.no_grad():
+            task_term = loss if self.reward == "loss" else torch.stack(wrong, dim=1).float()
+            paid = self.relative_paid.to(x.device)[tau]  # [B]
+            r = -task_term.gather(1, tau[:, None]).squeeze(1) - self.alpha * paid  # [B]
+            advantage = r - self._baseline(r)
+        policy_loss = -(advantage * log_prob).mean()
+        stop_loss = loss.gather(1, tau[:, None]).squeeze(1).mean()  # each stage, where inputs stopped
+        aux_loss = loss[:, :n_net].mean(dim=0).sum()  # every network stage on every input
+        taken = (torch.arange(p.shape[1], device=p.device)[None, :] <= tau[:, None]).float()
+        entropy = (-(p * p.log() + (1 - p) * (1 - p).log()) * taken).sum(dim=1).mean()
+        total = policy_loss + stop_loss + self.aux_weight * aux_loss - self.entropy_weight * entropy
+        logged = {
+            "loss": total,
+            "reward": r.mean(),
+            "policy_loss": policy_loss.detach(),
+            "stop_loss": stop_loss.detach(),
+            "aux_loss": aux_loss.detach(),
+            "p_stop": out.p_stop.detach().mean(),
+        }
+        exits = torch.bincount(tau, minlength=loss.shape[1]).float() / len(tau)
+        for k, frac in enumerate(exits):
+            logged[f"exit_{k}"] = frac
+        return logged
