@@ -21,7 +21,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest benchmarks --benchmark-enable -p no:randomly
+	$(BIN)/python -m pytest benchmarks --benchmark-enable
+	$(BIN)/python benchmarks/router_speedup.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -12,6 +12,7 @@ from cascade.multistage import MultiStageCascade, ReinforceObjective, ReinforceS
 from cascade.networks import AppealNetScore, FeatureNet, PredictorHead, TwoHeadNetwork, mlp
 from cascade.objectives import AppealNetObjective, Objective, SupervisedObjective
 from cascade.registry import METHODS, NETWORKS, TASKS, Registry
+from cascade.router import RoutedOutput, Router
 from cascade.roles import (
     BlackBoxOracle,
     MethodContext,
@@ -54,6 +55,8 @@ __all__ = [
     "PredictorHead",
     "ProgressHook",
     "Registry",
+    "RoutedOutput",
+    "Router",
     "ReinforceObjective",
     "ReinforceStopScore",
     "Splits",

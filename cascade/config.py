@@ -106,8 +106,8 @@ class StoppingPolicyConfig(_Strict):
     head per stage; ``detach``: the policy's gradient stops at its inputs.
     """
 
-    inputs: list[Literal["features", "sorted_probs", "confidence", "output"]] = Field(
-        default_factory=lambda: ["sorted_probs", "confidence"], min_length=1
+    inputs: list[Literal["features", "sorted_probs", "sorted_log_probs", "confidence", "output"]] = Field(
+        default_factory=lambda: ["sorted_log_probs", "confidence"], min_length=1
     )
     hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [16])
     shared: bool = False
@@ -118,14 +118,16 @@ class ReinforceConfig(_Strict):
     """Joint REINFORCE training of the stages and the stopping policy (``cascade.reinforce``).
 
     One cascade is trained per ``alphas`` value (the cost weight of the reward
-    ``-L - alpha * cumulative_cost / c_K``); see :mod:`cascade.multistage` for the rest.
+    ``-L - alpha * cumulative_cost / c_K``); ``policy_lr`` is the policy's learning rate
+    (default: ``finetune.lr``, the stages'); see :mod:`cascade.multistage` for the rest.
     """
 
     alphas: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [0.1], min_length=1)
     threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
     reward: Literal["loss", "error"] = "loss"
-    baseline: Literal["batch_mean", "moving_average"] = "batch_mean"
+    baseline: Literal["batch_mean", "moving_average", "self_critical"] = "batch_mean"
     momentum: Fraction = 0.9
+    policy_lr: Annotated[float, Field(gt=0)] | None = None
     aux_weight: Annotated[float, Field(ge=0)] = 1.0
     entropy_weight: Annotated[float, Field(ge=0)] = 0.0
     finetune: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=6))

@@ -27,10 +27,15 @@ The choices METHOD.md leaves *open*, and what this module does:
   cannot reshape the stage networks' outputs to make routing easier at the expense of
   their answers; the full score-function gradient through the state is available with
   ``detach=False``.
-- **Baseline** ``b``: ``batch_mean`` (default) is the leave-one-out mean of the other
-  inputs' rewards in the batch, ``b_i = (sum_j R_j - R_i) / (B - 1)``: unbiased (it
-  does not depend on the input's own action) and it adapts at once when the policy or
-  the networks change; ``moving_average`` is an exponential average of past batch means.
+- **Baseline** ``b``: ``batch_mean`` is the leave-one-out mean of the other inputs'
+  rewards in the batch, ``b_i = (sum_j R_j - R_i) / (B - 1)``: unbiased (it does not
+  depend on the input's own action) and it adapts at once when the policy or the networks
+  change; ``moving_average`` is an exponential average of past batch means;
+  ``self_critical`` (Rennie et al. 2017) is the reward the *greedy* policy
+  (``P(stop) >= 0.5``) would get on the same input. Every stage runs on every training
+  input anyway, so it costs nothing; it depends on the input but not on the sampled
+  actions (unbiased), removes the input-to-input spread of the loss from the advantage,
+  and pushes exactly the greedy decisions used at test time.
 - **Reward loss**: the task loss (cross-entropy / squared L2), as METHOD.md writes it,
   or the 0-1 error (``reward="error"``), the quantity accuracy is judged on.
 - **Keeping every stage trained**: each network stage gets the gradient of its loss on
@@ -50,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cascade.confidence import confidence_stats
 from cascade.cost import measure_cost
 from cascade.errors import CascadeError
 from cascade.networks import PredictorHead
@@ -73,58 +79,105 @@ class CascadeOutput:
     p_stop: Tensor | None
 
 
+#: what a stopping policy may read from its stage; see :class:`StoppingPolicy`
+POLICY_INPUTS = ("features", "sorted_probs", "sorted_log_probs", "confidence", "output")
+
+#: sorted log-probabilities are clipped here so a saturated softmax stays a finite input
+_LOG_PROB_FLOOR = -20.0
+
+
 class StoppingPolicy(nn.Module):
     """``pi(stop | s_k)`` for each decision point ``k = 0 .. K-2``, in (0, 1).
 
-    Higher means stop (answer with this stage), the Predictor convention. See the module
-    docstring for the open choices (shared or per-stage heads, inputs, detaching).
+    Higher means stop (answer with this stage), the Predictor convention. The state
+    ``s_k`` is built from the stage's output (and features) by :meth:`state`; each head
+    is an AppealNet :class:`~cascade.networks.PredictorHead` (an MLP ending in a sigmoid)
+    over that vector. See the module docstring for the open choices.
 
     Args:
         feature_dims: the shared-feature width ``F_k`` of each stage followed by a decision.
         num_outputs: classes ``C`` or coordinates ``D`` of every stage's output.
-        inputs: what each head reads (see :class:`~cascade.networks.PredictorHead`).
+        inputs: any of ``features`` (the stage's shared features), ``sorted_probs`` (its
+            softmax, sorted descending), ``sorted_log_probs`` (the same in log space,
+            floored at -20: it separates 0.99 from 0.999, where the loss differs tenfold),
+            ``confidence`` (MSP, top-2 gap, normalized negative entropy), ``output`` (the
+            raw output; for regression).
         hidden: hidden layer widths of each head.
         shared: one head for every stage, reading a one-hot stage index as well.
         detach: stop the policy's gradient at its inputs.
         classification: whether the stages' outputs are logits.
 
     Raises:
-        CascadeError: ``shared`` with ``features`` among the inputs, or inputs that do not
-            fit the task (label probabilities for a regression task).
+        CascadeError: an unknown input, ``shared`` with ``features``, or label
+            probabilities asked of a regression task.
     """
 
     def __init__(
         self,
         feature_dims: Sequence[int],
         num_outputs: int,
-        inputs: Sequence[str] = ("sorted_probs", "confidence"),
+        inputs: Sequence[str] = ("sorted_log_probs", "confidence"),
         hidden: Sequence[int] = (16,),
         shared: bool = False,
         detach: bool = True,
         classification: bool = True,
     ):
         super().__init__()
+        unknown = [i for i in inputs if i not in POLICY_INPUTS]
+        if unknown or not inputs:
+            raise CascadeError(f"cascade.policy.inputs must be a non-empty subset of {POLICY_INPUTS}, got {list(inputs)}")
+        if not classification and set(inputs) - {"features", "output"}:
+            raise CascadeError("cascade.policy.inputs: a regression stage has no label probabilities; "
+                               "use [output] or [features, output]")
+        if shared and "features" in inputs:
+            raise CascadeError("cascade.policy: a shared policy cannot read features (their width differs by stage)")
         self.num_decisions = len(feature_dims)
+        self.inputs = tuple(inputs)
         self.shared = shared
-        try:
-            if shared:
-                if "features" in inputs:
-                    raise ValueError("a shared policy cannot read features (their width differs between stages)")
-                # the head's "features" slot carries the one-hot stage index
-                heads = [PredictorHead(self.num_decisions, num_outputs, ("features", *inputs), hidden, detach,
-                                       classification)]
+        self.detach = detach
+        width = {"sorted_probs": num_outputs, "sorted_log_probs": num_outputs, "confidence": 3, "output": num_outputs}
+
+        def in_dim(feature_dim: int) -> int:
+            return sum(feature_dim if i == "features" else width[i] for i in self.inputs)
+
+        if shared:
+            dims = [in_dim(0) + self.num_decisions]  # + the one-hot stage index
+        else:
+            dims = [in_dim(f) for f in feature_dims]
+        # the head's "features" slot carries the state vector this class builds
+        self.heads = nn.ModuleList([PredictorHead(d, num_outputs, ("features",), hidden, detach=False) for d in dims])
+
+    def state(self, k: int, stage: StageOutput) -> Tensor:
+        """The policy's input after stage ``k``, ``[B, S]``."""
+        output, features = stage.output, stage.features
+        if self.detach:
+            output = output.detach()
+            features = features.detach() if features is not None else None
+        parts = []
+        for name in self.inputs:
+            if name == "features":
+                if features is None:
+                    raise CascadeError("the stopping policy reads features, but the stage does not expose them")
+                parts.append(features)
+            elif name == "sorted_probs":
+                parts.append(output.softmax(dim=-1).sort(dim=-1, descending=True).values)
+            elif name == "sorted_log_probs":
+                logp = output.log_softmax(dim=-1).clamp_min(_LOG_PROB_FLOOR)
+                parts.append(logp.sort(dim=-1, descending=True).values)
+            elif name == "confidence":
+                parts.append(confidence_stats(output.softmax(dim=-1)))
             else:
-                heads = [PredictorHead(f, num_outputs, inputs, hidden, detach, classification) for f in feature_dims]
-        except ValueError as exc:
-            raise CascadeError(f"cascade.policy: {exc}") from None
-        self.heads = nn.ModuleList(heads)
+                parts.append(output)
+        if self.shared:
+            index = torch.full((len(output),), k, dtype=torch.long, device=output.device)
+            parts.append(F.one_hot(index, self.num_decisions).to(output.dtype))
+        return torch.cat(parts, dim=-1)
 
     def forward(self, k: int, stage: StageOutput) -> Tensor:
         """``P(stop)`` after stage ``k``, ``[B]``."""
-        if self.shared:
-            index = torch.full((len(stage.output),), k, dtype=torch.long, device=stage.output.device)
-            return self.heads[0](F.one_hot(index, self.num_decisions).float(), stage.output)
-        return self.heads[k](stage.features, stage.output)
+        s = self.state(k, stage)
+        head = self.heads[0] if self.shared else self.heads[k]
+        return head(s, s)  # PredictorHead(features, output); it reads only "features"
 
 
 class MultiStageCascade(nn.Module):
@@ -299,7 +352,7 @@ class ReinforceObjective(Objective):
         stage_mflops: the cost ``c_k`` of each of the K stages, first to last.
         alpha: the cost weight of the reward.
         reward: ``"loss"`` (the task loss) or ``"error"`` (0-1 error) in the reward.
-        baseline: ``"batch_mean"`` (leave-one-out) or ``"moving_average"``.
+        baseline: ``"batch_mean"`` (leave-one-out), ``"moving_average"`` or ``"self_critical"``.
         momentum: of the moving-average baseline.
         aux_weight: weight of every stage's plain loss on every input.
         entropy_weight: bonus on the policy's entropy over the decisions taken (0: none).
@@ -312,7 +365,7 @@ class ReinforceObjective(Objective):
         stage_mflops: Sequence[float],
         alpha: float,
         reward: Literal["loss", "error"] = "loss",
-        baseline: Literal["batch_mean", "moving_average"] = "batch_mean",
+        baseline: Literal["batch_mean", "moving_average", "self_critical"] = "batch_mean",
         momentum: float = 0.9,
         aux_weight: float = 1.0,
         entropy_weight: float = 0.0,
@@ -333,7 +386,15 @@ class ReinforceObjective(Objective):
         self.eps = eps
         self.running_baseline: float | None = None
 
-    def _baseline(self, r: Tensor) -> Tensor:
+    def _reward(self, task_term: Tensor, tau: Tensor) -> Tensor:
+        """``R = -L(f_tau) - alpha * C_tau / c_{K-1}``, ``[B]``, from the per-stage ``task_term [B, K]``."""
+        paid = self.relative_paid.to(task_term.device)[tau]  # [B]
+        return -task_term.gather(1, tau[:, None]).squeeze(1) - self.alpha * paid
+
+    def _baseline(self, r: Tensor, p: Tensor, task_term: Tensor) -> Tensor:
+        if self.baseline == "self_critical":
+            greedy_tau, _ = trajectory(p, (p >= 0.5).float())
+            return self._reward(task_term, greedy_tau)
         if self.baseline == "batch_mean":
             if len(r) == 1:
                 return torch.zeros_like(r)
@@ -365,10 +426,9 @@ class ReinforceObjective(Objective):
         tau, log_prob = trajectory(p, actions)  # [B], [B]
 
         with torch.no_grad():
-            task_term = loss if self.reward == "loss" else torch.stack(wrong, dim=1).float()
-            paid = self.relative_paid.to(x.device)[tau]  # [B]
-            r = -task_term.gather(1, tau[:, None]).squeeze(1) - self.alpha * paid  # [B]
-            advantage = r - self._baseline(r)
+            task_term = loss if self.reward == "loss" else torch.stack(wrong, dim=1).float()  # [B, K]
+            r = self._reward(task_term, tau)  # [B]
+            advantage = r - self._baseline(r, p, task_term)
         policy_loss = -(advantage * log_prob).mean()
         stop_loss = loss.gather(1, tau[:, None]).squeeze(1).mean()  # each stage, where inputs stopped
         aux_loss = loss[:, :n_net].mean(dim=0).sum()  # every network stage on every input

@@ -118,8 +118,14 @@ class MultiStageExperiment:
     # -- training ---------------------------------------------------------------------
 
     def _fit(self, model: nn.Module, objective: Objective, data: Dataset, oc: OptimConfig, seed: int, desc: str,
-             extra_hooks: tuple[HookBase, ...] = ()) -> None:
-        opt, sched = build_optimizer(model.parameters(), oc)
+             extra_hooks: tuple[HookBase, ...] = (), policy_lr: float | None = None) -> None:
+        if policy_lr is None:
+            opt, sched = build_optimizer(model.parameters(), oc)
+        else:  # the policy learns from scratch at its own rate; the stages are fine-tuned
+            policy = {id(p) for p in model.policy.parameters()}
+            opt, _ = build_optimizer([p for p in model.parameters() if id(p) not in policy], oc)
+            opt.add_param_group({"params": [p for p in model.policy.parameters() if p.requires_grad], "lr": policy_lr})
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=oc.milestones, gamma=oc.gamma)
         history = HistoryHook()
         hooks = [*extra_hooks, history, ProgressHook(desc, disable=self.quiet)]
         loader = make_loader(data, oc.batch_size, shuffle=True, seed=seed)
@@ -181,7 +187,7 @@ class MultiStageExperiment:
             objective = ReinforceObjective(crit, stage_costs(model, task.input_shape), alpha, rc.reward, rc.baseline,
                                            rc.momentum, rc.aux_weight, rc.entropy_weight)
             self._fit(model, objective, splits.train, rc.finetune, seed * 100 + 60 + i,
-                      f"seed {seed} {alpha_key(alpha)}")
+                      f"seed {seed} {alpha_key(alpha)}", policy_lr=rc.policy_lr)
             systems[alpha_key(alpha)] = [model]
         return systems
 

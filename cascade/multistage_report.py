@@ -154,9 +154,9 @@ def write_figures(samples: pd.DataFrame, variants: dict, metrics: dict[str, Any]
         for j, v in enumerate(vs):
             sc, co = variant_arrays(test, v, k)
             sw = cascade_sweep(sc, co, v.stage_mflops)
-            label = method if j == 0 else None
+            label = None if j > 0 else (method + " (threshold swept, per alpha)" if method == "reinforce" else method)
             ax.plot(sw.cost_mflops, sw.system_accuracy, color=color, lw=1.0 if method == "reinforce" else 1.5,
-                    alpha=0.6 if method == "reinforce" else 1.0, label=label + (" (sweep per alpha)" if method == "reinforce" else ""))
+                    alpha=0.6 if method == "reinforce" else 1.0, label=label)
             if method == "reinforce":
                 p = cascade_point(metrics["greedy_threshold"], sc, co, v.stage_mflops)
                 ax.plot(p.cost_mflops, p.system_accuracy, "o", color=color, ms=7,

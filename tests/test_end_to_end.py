@@ -122,3 +122,20 @@ def test_mnist_missing_data_root_is_one_line_error(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert str(tmp_path / "nowhere") in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_router_from_run_reproduces_the_operating_point(digits_run):
+    from cascade import Router
+    from tasks.digits import DigitsTask
+
+    out = digits_run[0]
+    router = Router.from_run(out, mode="white_box", target_ad=0.01, threshold_source="val", seed=0)
+    test = DigitsTask().build_splits(0).test
+    x, y = test.tensors
+    routed = router(x)
+    s = pd.read_csv(out / "samples.csv")
+    s = s[(s["seed"] == 0) & (s["split"] == "test")]
+    keep = s["score_appealnet"].to_numpy() >= router.threshold
+    assert routed.kept.numpy().tolist() == keep.tolist()
+    system_correct = np.where(keep, s["appealnet_correct"], s["big_correct"]).astype(bool)
+    assert (routed.output.argmax(-1) == y).numpy().tolist() == system_correct.tolist()
