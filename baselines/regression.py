@@ -41,7 +41,7 @@ class McDropoutScore(Predictor):
     """
 
     name = "mc_dropout"
-    passes: ClassVar[int] = 20
+    passes: ClassVar[int] = 10
 
     def __init__(self) -> None:
         self.scale = 1.0

@@ -30,6 +30,8 @@ HOLDOUT = ["appealnet.finetune_data=holdout"]
 ERROR = ["appealnet.predictor_target=error"]
 FULL = ["appealnet.approximator_loss=full"]
 
+LOGITS = ["appealnet.predictor.inputs=[sorted_probs, confidence, logit_stats]", "appealnet.predictor.hidden=[16]",
+          "appealnet.predictor.detach=true", "appealnet.predictor.normalize=true"]
 NORM = ["appealnet.predictor.normalize=true", "appealnet.predictor.lr_scale=10"]
 
 VARIANTS: dict[str, list[str]] = {
@@ -48,6 +50,11 @@ VARIANTS: dict[str, list[str]] = {
     "all_inputs_norm_holdout_error": ALL_IN + NORM + HOLDOUT + ERROR,
     "probs_mlp_norm_holdout": PROBS + NORM + HOLDOUT,
     "paper_norm": PAPER + NORM,
+    "logits": LOGITS,
+    "logits_holdout": LOGITS + HOLDOUT,
+    "logits_error": LOGITS + ERROR,
+    "logits_lr10": LOGITS + ["appealnet.predictor.lr_scale=10"],
+    "logits_features": LOGITS[1:] + ["appealnet.predictor.inputs=[features, sorted_probs, confidence, logit_stats]"],
     "probs_mlp_budget_0.2": PROBS + ["appealnet.lambda.budget=0.2"],
     "probs_mlp_budget_1.0": PROBS + ["appealnet.lambda.budget=1.0"],
 }

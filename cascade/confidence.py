@@ -35,3 +35,16 @@ def normalized_neg_entropy(probs: Tensor) -> Tensor:
 def confidence_stats(probs: Tensor) -> Tensor:
     """``[B, K]`` -> ``[B, 3]``: MSP, top-2 gap and normalized negative entropy."""
     return torch.stack([max_softmax(probs), top2_gap(probs), normalized_neg_entropy(probs)], dim=-1)
+
+
+def logit_stats(logits: Tensor) -> Tensor:
+    """``[B, K]`` logits -> ``[B, 2]``: the top-2 logit margin and the log-odds of the MSP.
+
+    Unlike probabilities these do not saturate: a float32 softmax rounds every confident
+    input's MSP to 1.0, while ``log(p1 / (1 - p1)) = -logsumexp_{k != 1}(z_k - z_1)`` keeps
+    ranking them.
+    """
+    top = logits.sort(dim=-1, descending=True).values  # [B, K]
+    margin = top[:, 0] - top[:, 1]
+    log_odds = -torch.logsumexp(top[:, 1:] - top[:, :1], dim=-1)
+    return torch.stack([margin, log_odds], dim=-1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -59,7 +60,7 @@ class OptimConfig(_Strict):
 class PredictorConfig(_Strict):
     """The AppealNet predictor head. The paper's is ``inputs: [features], hidden: []``."""
 
-    inputs: list[Literal["features", "sorted_probs", "confidence", "output"]] = Field(
+    inputs: list[Literal["features", "sorted_probs", "confidence", "logit_stats", "output"]] = Field(
         default_factory=lambda: ["sorted_probs", "confidence"], min_length=1
     )
     hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [16])
@@ -119,7 +120,9 @@ class ReinforceConfig(_Strict):
 
     One cascade is trained per ``alphas`` value (the cost weight of the reward
     ``-L - alpha * cumulative_cost / c_K``); ``policy_lr`` is the policy's learning rate
-    (default: ``finetune.lr``, the stages'); see :mod:`cascade.multistage` for the rest.
+    (default: ``finetune.lr``, the stages'); ``finetune_data: holdout`` pre-trains the
+    stages on all but ``holdout_fraction`` of the training split and runs every method's
+    fine-tuning on that held-out part; see :mod:`cascade.multistage` for the rest.
     """
 
     alphas: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [0.1], min_length=1)
@@ -131,6 +134,8 @@ class ReinforceConfig(_Strict):
     aux_weight: Annotated[float, Field(ge=0)] = 1.0
     entropy_weight: Annotated[float, Field(ge=0)] = 0.0
     finetune: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=6))
+    finetune_data: Literal["train", "holdout"] = "train"
+    holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.3
 
 
 class CascadeConfig(_Strict):
@@ -253,6 +258,8 @@ def _suggest(model: type[BaseModel] | None, loc: tuple) -> str:
         if field is None:
             field = next((f for f in model.model_fields.values() if f.alias == part), None)
         ann = getattr(field, "annotation", None)
+        inner = [a for a in typing.get_args(ann) if a is not type(None)]  # `Model | None` -> Model
+        ann = inner[0] if len(inner) == 1 else ann
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return ""
         model = ann

@@ -52,12 +52,17 @@ def build_network(spec: NetworkSpec | dict[str, Any], task: Task) -> FeatureNet:
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    """Batches of ``(x, y)``; in-memory tensor data is indexed a batch at a time."""
+    """Batches of ``(x, y)``; in-memory tensor data is indexed a batch at a time.
+
+    Training loaders (``shuffle``) drop a ragged last batch; evaluation loaders keep it.
+    """
     generator = torch.Generator().manual_seed(seed)
+    # training drops a ragged last batch (a batch of 1 breaks batch norm); evaluation keeps all
+    drop_last = shuffle and len(dataset) > batch_size
     if isinstance(dataset, TensorDataset) or (isinstance(dataset, Subset) and isinstance(dataset.dataset, TensorDataset)):
         base = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-        return DataLoader(dataset, sampler=BatchSampler(base, batch_size, drop_last=False), batch_size=None)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+        return DataLoader(dataset, sampler=BatchSampler(base, batch_size, drop_last=drop_last), batch_size=None)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last)
 
 
 def build_optimizer(params, oc: OptimConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -169,9 +174,12 @@ class Experiment:
                 crit, oracle, lc.init, cfg.appealnet.approximator_loss, cfg.appealnet.predictor_target
             )
             hooks = (LambdaControllerHook(objective, lc.budget, lc.up, lc.down),) if lc.dynamic else ()
+            data = tune_data
+            if mode == "white_box":
+                data = _with_outputs(tune_data, oracle, self.cfg.evaluation.batch_size, self.device)
             groups = [{"params": list(net.base.parameters())},
                       {"params": list(net.predictor.parameters()), "lr": finetune.lr * pc.lr_scale}]
-            self._fit(net, objective, tune_data, finetune, seed * 100 + 10 + i, f"seed {seed} {key}", hooks, groups)
+            self._fit(net, objective, data, finetune, seed * 100 + 10 + i, f"seed {seed} {key}", hooks, groups)
             nets[key] = net
         return nets
 
@@ -355,6 +363,28 @@ class Experiment:
                 if len(by_seed) > 1:
                     errors_std.setdefault(net, {})[name] = float(by_seed.std(ddof=1))
         return {"errors": errors, "errors_std": errors_std}
+
+
+def _tensors(dataset: Dataset) -> tuple[torch.Tensor, ...] | None:
+    """The tensors of an in-memory dataset (a TensorDataset or a Subset of one), else None."""
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors
+    if isinstance(dataset, Subset) and isinstance(dataset.dataset, TensorDataset):
+        idx = torch.as_tensor(dataset.indices)
+        return tuple(t[idx] for t in dataset.dataset.tensors)
+    return None
+
+
+def _with_outputs(dataset: Dataset, oracle: WhiteBoxOracle, batch_size: int, device: torch.device) -> Dataset:
+    """``(x, y, big_output)``: the frozen big network's outputs, computed once.
+
+    Falls back to ``dataset`` (outputs computed at every step) for data not held in memory.
+    """
+    tensors = _tensors(dataset)
+    if tensors is None:
+        return dataset
+    outs = [oracle.output(x.to(device)).cpu() for x, _ in make_loader(TensorDataset(*tensors[:2]), batch_size, False, 0)]
+    return TensorDataset(tensors[0], tensors[1], torch.cat(outs))
 
 
 @torch.no_grad()

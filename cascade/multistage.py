@@ -20,9 +20,10 @@ The choices METHOD.md leaves *open*, and what this module does:
   because the same softmax confidence means different things at a weak and a strong
   stage; the heads cost a few hundred MACs, nothing next to a stage. Each head is an
   AppealNet :class:`~cascade.networks.PredictorHead` (MLP, sigmoid output) reading the
-  stage's sorted label probabilities and its confidence statistics (MSP, top-2 gap,
-  normalized negative entropy) by default; for regression, its output (and optionally
-  its features), since there are no label probabilities.
+  stage's sorted log-probabilities and its confidence statistics (MSP, top-2 gap,
+  normalized negative entropy) by default: whether stopping pays hinges on 0.99 against
+  0.999, which log space separates and linear probabilities hardly do. For regression,
+  its output (and optionally its features), since there are no label probabilities.
 - **State gradient**: the policy's inputs are detached (``detach=True``) so the policy
   cannot reshape the stage networks' outputs to make routing easier at the expense of
   their answers; the full score-function gradient through the state is available with
@@ -36,8 +37,12 @@ The choices METHOD.md leaves *open*, and what this module does:
   input anyway, so it costs nothing; it depends on the input but not on the sampled
   actions (unbiased), removes the input-to-input spread of the loss from the advantage,
   and pushes exactly the greedy decisions used at test time.
-- **Reward loss**: the task loss (cross-entropy / squared L2), as METHOD.md writes it,
-  or the 0-1 error (``reward="error"``), the quantity accuracy is judged on.
+- **Reward loss**: the task loss (cross-entropy / squared L2), as METHOD.md writes it
+  (the default), or the 0-1 error (``reward="error"``), the quantity accuracy is judged
+  on. Our configs use the error: with cross-entropy, on digits, a few inputs with large
+  losses dominate the cost term and the policy's shared bias drove ``P(stop)`` at stage
+  0 to zero for every input, confident or not (measured with the stages frozen); the
+  bounded 0-1 reward does not do that.
 - **Keeping every stage trained**: each network stage gets the gradient of its loss on
   the inputs that stopped there (the method) plus ``aux_weight`` times its plain mean
   loss on every input, so a stage that the policy rarely reaches does not starve and

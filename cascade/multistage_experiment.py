@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from cascade.config import ExperimentConfig, OptimConfig, resolved_dict
 from cascade.cost import measure_cost
@@ -118,13 +118,16 @@ class MultiStageExperiment:
     # -- training ---------------------------------------------------------------------
 
     def _fit(self, model: nn.Module, objective: Objective, data: Dataset, oc: OptimConfig, seed: int, desc: str,
-             extra_hooks: tuple[HookBase, ...] = (), policy_lr: float | None = None) -> None:
-        if policy_lr is None:
+             extra_hooks: tuple[HookBase, ...] = (), head: nn.Module | None = None,
+             head_lr: float | None = None) -> None:
+        """Train ``model`` with the shared trainer; ``head`` (a policy or predictor head
+        that starts from scratch) may learn at its own rate ``head_lr``."""
+        if head is None or head_lr is None or head_lr == oc.lr:
             opt, sched = build_optimizer(model.parameters(), oc)
-        else:  # the policy learns from scratch at its own rate; the stages are fine-tuned
-            policy = {id(p) for p in model.policy.parameters()}
-            opt, _ = build_optimizer([p for p in model.parameters() if id(p) not in policy], oc)
-            opt.add_param_group({"params": [p for p in model.policy.parameters() if p.requires_grad], "lr": policy_lr})
+        else:
+            in_head = {id(p) for p in head.parameters()}
+            opt, _ = build_optimizer([p for p in model.parameters() if id(p) not in in_head], oc)
+            opt.add_param_group({"params": [p for p in head.parameters() if p.requires_grad], "lr": head_lr})
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=oc.milestones, gamma=oc.gamma)
         history = HistoryHook()
         hooks = [*extra_hooks, history, ProgressHook(desc, disable=self.quiet)]
@@ -151,16 +154,17 @@ class MultiStageExperiment:
         cfg, cc, task = self.cfg, self.cc, self.task
         crit = task.criterion
         torch.manual_seed(seed)
+        pre_data, tune_data = self._fit_data(seed, splits)
         pre = []
         for k, spec in enumerate(cc.stages):
             net = build_network(spec, task).to(self.device)
-            self._fit(net, SupervisedObjective(crit), splits.train, cfg.pretrain, seed * 100 + k,
+            self._fit(net, SupervisedObjective(crit), pre_data, cfg.pretrain, seed * 100 + k,
                       f"seed {seed} stage {k} pretrain")
             pre.append(net)
         finetune = cc.reinforce.finetune
         plain = [copy.deepcopy(n) for n in pre]
-        for k, net in enumerate(plain):  # fairness: as long as the REINFORCE fine-tuning
-            self._fit(net, SupervisedObjective(crit), splits.train, finetune, seed * 100 + 20 + k,
+        for k, net in enumerate(plain):  # fairness: as long as, and on the data of, the REINFORCE fine-tuning
+            self._fit(net, SupervisedObjective(crit), tune_data, finetune, seed * 100 + 20 + k,
                       f"seed {seed} stage {k}")
         systems: dict[str, list[nn.Module]] = {"plain": plain}
 
@@ -171,13 +175,14 @@ class MultiStageExperiment:
             for k in range(deciding):
                 oracle: Oracle = WhiteBoxOracle(plain[k + 1]) if k + 1 < len(pre) else self._oracle()
                 head = PredictorHead(pre[k].feature_dim, task.num_outputs, pc.inputs, pc.hidden, pc.detach,
-                                     classification=crit.kind == "classification")
+                                     classification=crit.kind == "classification", normalize=pc.normalize)
                 net = TwoHeadNetwork(copy.deepcopy(pre[k]), head).to(self.device)
                 objective = AppealNetObjective(crit, oracle, ac.lambda_.init, ac.approximator_loss, ac.predictor_target)
                 lc = ac.lambda_
                 hooks = (LambdaControllerHook(objective, lc.budget, lc.up, lc.down),) if lc.dynamic else ()
-                self._fit(net, objective, splits.train, ac.finetune, seed * 100 + 40 + k,
-                          f"seed {seed} appealnet stage {k}", hooks)
+                self._fit(net, objective, tune_data, ac.finetune, seed * 100 + 40 + k,
+                          f"seed {seed} appealnet stage {k}", hooks, head=net.predictor,
+                          head_lr=ac.finetune.lr * pc.lr_scale)
                 heads.append(net)
             systems["appealnet"] = heads + plain[deciding:]
 
@@ -186,10 +191,28 @@ class MultiStageExperiment:
             model = self.build_cascade(pre)
             objective = ReinforceObjective(crit, stage_costs(model, task.input_shape), alpha, rc.reward, rc.baseline,
                                            rc.momentum, rc.aux_weight, rc.entropy_weight)
-            self._fit(model, objective, splits.train, rc.finetune, seed * 100 + 60 + i,
-                      f"seed {seed} {alpha_key(alpha)}", policy_lr=rc.policy_lr)
+            self._fit(model, objective, tune_data, rc.finetune, seed * 100 + 60 + i,
+                      f"seed {seed} {alpha_key(alpha)}", head=model.policy, head_lr=rc.policy_lr)
             systems[alpha_key(alpha)] = [model]
         return systems
+
+    def _fit_data(self, seed: int, splits: Splits) -> tuple[Dataset, Dataset]:
+        """``(pre-training data, fine-tuning data)``: the training split twice, or split in two.
+
+        With ``finetune_data: holdout`` the policy learns on inputs the stages were not
+        pre-trained on, where their confidence and their mistakes look as they will on
+        new data (on their own training inputs the stages are nearly always right, and a
+        policy trained there learns that stopping early never costs accuracy).
+        """
+        rc = self.cc.reinforce
+        if rc.finetune_data == "train":
+            return splits.train, splits.train
+        n = len(splits.train)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        n_hold = max(1, int(round(rc.holdout_fraction * n)))
+        if n_hold >= n:
+            raise CascadeError(f"cascade.reinforce.holdout_fraction leaves no training data ({n} inputs)")
+        return Subset(splits.train, sorted(perm[n_hold:])), Subset(splits.train, sorted(perm[:n_hold]))
 
     def _costs(self, systems: dict[str, list[nn.Module]]) -> dict[str, list[float]]:
         """Per-stage MFLOPs of every system, first to last (oracle included)."""

@@ -12,12 +12,12 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from cascade.confidence import confidence_stats
+from cascade.confidence import confidence_stats, logit_stats
 from cascade.registry import METHODS
 from cascade.roles import Predictor, StageOutput
 
 #: what a predictor head may read; see :class:`PredictorHead`
-HEAD_INPUTS = ("features", "sorted_probs", "confidence", "output")
+HEAD_INPUTS = ("features", "sorted_probs", "confidence", "logit_stats", "output")
 
 
 def mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.ReLU, dropout: float = 0.0) -> nn.Sequential:
@@ -61,6 +61,8 @@ class PredictorHead(nn.Module):
         inputs: any of ``features`` (shared features, the paper's choice),
             ``sorted_probs`` (the approximator's softmax sorted descending),
             ``confidence`` (its MSP, top-2 gap and normalized negative entropy),
+            ``logit_stats`` (top-2 logit margin and MSP log-odds: confidence that does not
+            saturate in float32; unbounded, so use with ``normalize``),
             ``output`` (the raw output; for regression).
         hidden: hidden layer widths; ``[]`` is the paper's single fully-connected layer.
         detach: stop the predictor's gradient at its inputs, so that ``-log q`` does not
@@ -84,11 +86,12 @@ class PredictorHead(nn.Module):
         unknown = [i for i in inputs if i not in HEAD_INPUTS]
         if unknown or not inputs:
             raise ValueError(f"predictor inputs must be a non-empty subset of {HEAD_INPUTS}, got {list(inputs)}")
-        if not classification and ({"sorted_probs", "confidence"} & set(inputs)):
-            raise ValueError("sorted_probs and confidence need a classification approximator")
+        if not classification and ({"sorted_probs", "confidence", "logit_stats"} & set(inputs)):
+            raise ValueError("sorted_probs, confidence and logit_stats need a classification approximator")
         self.inputs = tuple(inputs)
         self.detach = detach
-        width = {"features": feature_dim, "sorted_probs": num_outputs, "confidence": 3, "output": num_outputs}
+        width = {"features": feature_dim, "sorted_probs": num_outputs, "confidence": 3, "logit_stats": 2,
+                 "output": num_outputs}
         in_dim = sum(width[i] for i in self.inputs)
         self.norm = nn.BatchNorm1d(in_dim) if normalize else nn.Identity()
         self.net = mlp([in_dim, *hidden, 1])
@@ -105,6 +108,8 @@ class PredictorHead(nn.Module):
                 parts.append(probs.sort(dim=-1, descending=True).values)
             elif name == "confidence":
                 parts.append(confidence_stats(probs))
+            elif name == "logit_stats":
+                parts.append(logit_stats(output))
             else:
                 parts.append(output)
         return torch.sigmoid(self.net(self.norm(torch.cat(parts, dim=-1)))).squeeze(-1)  # [B]

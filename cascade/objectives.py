@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from cascade.roles import Oracle, StageOutput, TaskLoss
 
-Batch = tuple[Tensor, Tensor]
+Batch = tuple[Tensor, ...]  # (x, y) or (x, y, extra)
 
 
 class Objective(ABC):
@@ -31,7 +31,7 @@ class SupervisedObjective(Objective):
         self.criterion = criterion
 
     def __call__(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
-        x, y = batch
+        x, y = batch[0], batch[1]
         out = model(x)
         output = out.output if isinstance(out, StageOutput) else out
         return {"loss": self.criterion.per_sample(output, y).mean()}
@@ -74,16 +74,21 @@ class AppealNetObjective(Objective):
         self.eps = eps
 
     def __call__(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
-        x, y = batch
+        # a third element, when present, is the white-box oracle's output for the batch,
+        # computed once before training instead of at every step
+        x, y = batch[0], batch[1]
+        oracle_out = batch[2] if len(batch) > 2 else None
         out: StageOutput = model(x)
         q = out.q.clamp(self.eps, 1 - self.eps)  # [B]
         loss0 = self.criterion.per_sample(out.output, y)  # [B]
         if self.predictor_target == "error":
             l0 = (~self.criterion.correct(out.output, y)).float()
-            l1 = (~self.oracle.correct(x, y, self.criterion)).float()
+            c1 = self.criterion.correct(oracle_out, y) if oracle_out is not None else self.oracle.correct(x, y, self.criterion)
+            l1 = (~c1).float()
         else:
             l0 = loss0
-            l1 = self.oracle.per_sample_loss(x, y, self.criterion).detach()
+            l1 = (self.criterion.per_sample(oracle_out, y) if oracle_out is not None
+                  else self.oracle.per_sample_loss(x, y, self.criterion)).detach()
         if self.approximator_loss == "full" or self.predictor_target == "error":
             l0 = l0.detach()
         system_risk = (q * l0 + (1 - q) * l1).mean()

@@ -274,7 +274,7 @@ class KeypointTask(Task):
             raise DataError(f"keypoints: {n} rows are too few for the requested splits")
         perm = np.random.default_rng(seed).permutation(n)
         parts = (perm[n_test + n_cal:], perm[n_test:n_test + n_cal], perm[:n_test])
-        x = torch.from_numpy(data.images).unsqueeze(1).div_(255.0)  # [N, 1, 96, 96]
+        x = torch.from_numpy(data.images).unsqueeze(1) / 255.0  # [N, 1, 96, 96]; a copy: the cache stays in grey levels
         y = torch.from_numpy((data.keypoints - _HALF) / _HALF)  # [N, 30], NaN kept (masked)
         return Splits(*(TensorDataset(x[np.sort(p)], y[np.sort(p)]) for p in parts))
 
@@ -305,6 +305,8 @@ class KeypointTask(Task):
             pick = np.sort(rng.choice(idx, min(per_group, len(idx)), replace=False)) if len(idx) else []
             for ax in row:
                 ax.axis("off")
+            if not len(pick):
+                row[0].text(0, 0.5, f"no input {label}", fontsize=8)
             for ax, i in zip(row, pick):
                 x, y = dataset[int(i)]
                 out = network(x.unsqueeze(0).to(device))

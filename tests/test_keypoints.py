@@ -187,9 +187,12 @@ def test_task_splits_normalize_and_keep_missing_targets(tmp_path):
          "cal_fraction": 0.2, "test_fraction": 0.2}
     )
     task = KeypointTask(opts)
-    s0, again = task.build_splits(0), KeypointTask(opts).build_splits(0)
+    s0, again, other = task.build_splits(0), KeypointTask(opts).build_splits(0), task.build_splits(1)
     assert [len(s0.train), len(s0.cal), len(s0.test)] == [90, 30, 30]
+    # fixed by the seed, and the same from a second call on the same task (its cached data unchanged)
     assert torch.equal(s0.test.tensors[0], again.test.tensors[0])
+    assert torch.equal(task.build_splits(0).test.tensors[0], s0.test.tensors[0])
+    assert not torch.equal(other.test.tensors[0], s0.test.tensors[0])
     x, y = s0.train.tensors
     assert x.shape == (90, 1, 96, 96) and 0 <= x.min() and x.max() <= 1
     assert y.shape == (90, 30) and torch.isnan(y).any()

@@ -81,6 +81,10 @@ def test_appealnet_loss_white_box_eq11():
     assert out["L_A"].item() == pytest.approx(0.3840145, abs=1e-6)
     assert out["L_P"].item() == pytest.approx(0.4581454, abs=1e-6)
     assert out["loss"].item() == pytest.approx(0.4298290, abs=1e-6)
+    # the same with the big network's outputs precomputed and carried in the batch
+    x, y = batch
+    out = obj(model, (x, y, big.logits))
+    assert out["loss"].item() == pytest.approx(0.4298290, abs=1e-6)
 
 
 def test_appealnet_loss_black_box_eq12():
@@ -182,3 +186,16 @@ def test_measure_cost_conv():
     # Conv 1 -> 2 channels, 3x3, padding 1 on 4x4: 4*4 outputs * 2 channels * 9 = 288 MACs
     c = measure_cost(nn.Conv2d(1, 2, 3, padding=1, bias=False), (1, 4, 4))
     assert c.mflops == pytest.approx(288e-6)
+
+
+def test_logit_stats():
+    # logits [2, 0, 0]: margin 2; log-odds of the MSP = -log(e^-2 + e^-2) = 2 - ln 2 = 1.306853
+    from cascade.confidence import logit_stats
+
+    out = logit_stats(torch.tensor([[0.0, 2.0, 0.0]]))
+    assert out.tolist()[0] == pytest.approx([2.0, 1.306853], abs=1e-6)
+    # a float32 softmax saturates (both MSPs round to 1.0) but the log-odds still differ
+    z = torch.tensor([[40.0, 0.0, 0.0], [30.0, 0.0, 0.0]])
+    assert z.softmax(-1)[:, 0].tolist() == [1.0, 1.0]
+    lo = logit_stats(z)[:, 1]
+    assert lo[0] > lo[1] and lo[1].item() == pytest.approx(30 - math.log(2), abs=1e-4)
