@@ -6,7 +6,7 @@ beyond defining classes (concrete tasks and baselines are plugins, loaded on dem
 
 from cascade.config import ExperimentConfig, load_config
 from cascade.cost import NetworkCost, measure_cost
-from cascade.errors import CascadeError, ConfigError, DataError
+from cascade.errors import CascadeError, CheckpointError, ConfigError, DataError, TrainingError
 from cascade.losses import CrossEntropyTaskLoss, MaskedL2TaskLoss
 from cascade.multistage import MultiStageCascade, ReinforceObjective, ReinforceStopScore, StoppingPolicy
 from cascade.networks import AppealNetScore, FeatureNet, PredictorHead, TwoHeadNetwork, mlp
@@ -26,14 +26,16 @@ from cascade.roles import (
     WhiteBoxOracle,
 )
 from cascade.thresholds import OperatingPoint, Sweep, apply_threshold, select_threshold, sweep
-from cascade.trainer import CheckpointHook, HistoryHook, HookBase, LambdaControllerHook, ProgressHook, Trainer
+from cascade.trainer import CheckpointHook, CheckpointStore, HistoryHook, HookBase, LambdaControllerHook, ProgressHook, Trainer
 
 __all__ = [
     "AppealNetObjective",
     "AppealNetScore",
     "BlackBoxOracle",
     "CascadeError",
+    "CheckpointError",
     "CheckpointHook",
+    "CheckpointStore",
     "ConfigError",
     "CrossEntropyTaskLoss",
     "DataError",
@@ -68,6 +70,7 @@ __all__ = [
     "Task",
     "TaskLoss",
     "TaskOptions",
+    "TrainingError",
     "Trainer",
     "TwoHeadNetwork",
     "WhiteBoxOracle",

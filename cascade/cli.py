@@ -1,19 +1,23 @@
 """The command line: ``cascade run | validate | list``. A thin layer over the library.
 
-User errors (config, data, checkpoint, argument) print one line per problem to stderr
-and exit with code 2, without a traceback.
+User errors (config, data, checkpoint, argument, an unwritable output folder) print one
+line per problem to stderr and exit with code 2, without a traceback. Ctrl-C during
+``run`` saves a checkpoint, prints the command that resumes the run, and exits with 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
 from cascade.errors import CascadeError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, action="append", help="run only this seed (repeatable)")
     run.add_argument("--quick", action="store_true", help="apply the config's quick: overrides (a few steps)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run in the same --out from its checkpoints (same config)")
     val = sub.add_parser("validate", help="check a config; exit 0, or 2 listing every error")
     val.add_argument("config")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -47,15 +53,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.seed:
         overrides.append(f"seeds=[{', '.join(map(str, args.seed))}]")
-    cfg = load_config(args.config, overrides, quick=args.quick)
+    # `run` also checks the data paths that come from $CASCADE_DATA or the default root
+    cfg = load_config(args.config, overrides, quick=args.quick, resolve_data=True)
     out = Path(args.out) if args.out else Path("runs") / (cfg.name or Path(args.config).stem)
     if cfg.cascade is not None:  # a K-stage cascade with a REINFORCE stopping policy
         from cascade.multistage_experiment import run_multistage
 
+        if args.resume:
+            raise CascadeError(f"{args.config}: --resume is not supported yet for cascade: (multi-stage) configs")
+
         print(run_multistage(cfg, out, quiet=args.quiet or not sys.stderr.isatty(), source=args.config))
         print(f"\nresults in {out}/ (metrics.json, table.md, table.csv, samples.csv, figures/, checkpoints/)")
         return 0
-    metrics = Experiment(cfg, out, quiet=args.quiet or not sys.stderr.isatty(), source=args.config).run()
+    metrics = Experiment(cfg, out, quiet=args.quiet or not sys.stderr.isatty(), source=args.config).run(args.resume)
     print(render_markdown(metrics))
     print(f"\nresults in {out}/ (metrics.json, table.md, table.csv, samples.csv, figures/, checkpoints/)")
     return 0
@@ -77,21 +87,45 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted ``run``."""
+    args = [a for a in argv if a != "--resume"]
+    return " ".join(shlex.quote(a) for a in ["cascade", *args, "--resume"])
+
+
+def _log_warnings_to_stderr() -> logging.Handler:
+    """Warnings of the ``cascade`` logger (a collapsed predictor, skipped rows) on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    logging.getLogger("cascade").addHandler(handler)
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     # like `python -m`, let a config name a user's own module (task: {name: my_tasks.MyTask})
     # that sits in the current folder
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    handler = {"run": _cmd_run, "validate": _cmd_validate, "list": _cmd_list}[args.command]
+    command = {"run": _cmd_run, "validate": _cmd_validate, "list": _cmd_list}[args.command]
+    log_handler = _log_warnings_to_stderr()
     try:
-        return handler(args)
+        return command(args)
     except CascadeError as exc:
         print(f"error: {exc}".replace("\n", "\nerror: "), file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as exc:  # an unwritable or full output folder: the user's to fix, not a bug
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        resume = f"; continue with: {_resume_command(argv)}" if args.command == "run" else ""
+        print(f"interrupted{resume}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        logging.getLogger("cascade").removeHandler(log_handler)
 
 
 if __name__ == "__main__":

@@ -128,14 +128,21 @@ class ReinforceConfig(_Strict):
     alphas: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [0.1], min_length=1)
     threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
     reward: Literal["loss", "error"] = "loss"
-    baseline: Literal["batch_mean", "moving_average", "self_critical"] = "batch_mean"
+    baseline: Literal["batch_mean", "moving_average", "self_critical", "sample_mean"] = "batch_mean"
     momentum: Fraction = 0.9
+    samples: Annotated[int, Field(ge=1)] = 1
     policy_lr: Annotated[float, Field(gt=0)] | None = None
     aux_weight: Annotated[float, Field(ge=0)] = 1.0
     entropy_weight: Annotated[float, Field(ge=0)] = 0.0
     finetune: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=6))
     finetune_data: Literal["train", "holdout"] = "train"
     holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.3
+
+    @model_validator(mode="after")
+    def _samples_for_sample_mean(self) -> "ReinforceConfig":
+        if self.baseline == "sample_mean" and self.samples < 2:
+            raise ValueError("baseline: sample_mean needs samples >= 2 (trajectories per input)")
+        return self
 
 
 class CascadeConfig(_Strict):
@@ -193,13 +200,37 @@ class ExperimentConfig(_Strict):
 # --------------------------------------------------------------------------- loading
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML keeps the
+    last silently, so a repeated ``pretrain:`` block would drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Parse a YAML mapping; errors name the file (and the line, for malformed YAML)."""
+    """Parse a YAML mapping; errors name the file (and the line, for malformed YAML).
+
+    Raises:
+        CascadeError: missing or unreadable file, malformed YAML (with its line), a key
+            given twice, or a document that is not a mapping.
+    """
     path = Path(path)
     if not path.is_file():
         raise CascadeError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CascadeError(f"{path}: cannot read the config ({exc})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only, like safe_load
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -244,7 +275,7 @@ def _pydantic_errors(exc: ValidationError, prefix: str = "", model: type[BaseMod
         if err["type"] == "extra_forbidden":
             msg = f"unknown key{_suggest(model, loc)}"
         else:
-            msg = err["msg"]
+            msg = err["msg"].removeprefix("Value error, ")  # a validator's own message reads better alone
         out.append(f"{key or '<root>'}: {msg}")
     return out
 
@@ -306,58 +337,103 @@ def _cascade_errors(cfg: ExperimentConfig, task_cls: Any) -> list[str]:
     return errors
 
 
-def validate(data: dict[str, Any], path: str = "<config>") -> ExperimentConfig:
-    """Validate ``data`` completely.
+def _task_errors(task: Any, resolve_data: bool) -> tuple[Any, list[str]]:
+    """``(task class or None, errors)`` of the raw ``task:`` mapping: its name, its options
+    and, when those are valid, the data paths they name (see :func:`validate`)."""
+    if not isinstance(task, dict) or not isinstance(task.get("name"), str):
+        return None, []  # the schema reports a missing or mistyped task.name
+    try:
+        task_cls = TASKS.get(task["name"])
+    except CascadeError as exc:
+        return None, [f"task.name: {exc}"]
+    options_cls = getattr(task_cls, "Options", None)
+    if options_cls is None:
+        return task_cls, [f"task.name: {task['name']!r} is not a Task (it has no Options)"]
+    try:
+        options = options_cls.model_validate({k: v for k, v in task.items() if k != "name"})
+    except ValidationError as exc:
+        return task_cls, _pydantic_errors(exc, prefix="task", model=options_cls)
+    problems = getattr(task_cls, "data_problems", None)
+    if problems is None:
+        return task_cls, []
+    return task_cls, [f"task.{p}" for p in problems(options, configured_only=not resolve_data)]
+
+
+def _name_errors(data: dict[str, Any]) -> list[str]:
+    """Unknown network and method names (and network options) in the raw config, so that
+    they are reported together with the schema's errors, not after those are fixed."""
+    errors = []
+    for role in ("little", "big"):
+        spec = data.get(role)
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            continue
+        try:
+            builder = NETWORKS.get(spec["name"])
+        except CascadeError as exc:
+            errors.append(f"{role}.name: {exc}")
+            continue
+        errors += _check_kwargs(builder, {k: v for k, v in spec.items() if k != "name"}, role,
+                                ("input_shape", "num_outputs"))
+    evaluation = data.get("evaluation")
+    methods = evaluation.get("methods") if isinstance(evaluation, dict) else None
+    for i, method in enumerate(methods if isinstance(methods, list) else []):
+        if isinstance(method, str) and method not in METHODS:
+            errors.append(f"evaluation.methods.{i}: {METHODS.unknown_message(method)}")
+    return errors
+
+
+def validate(data: dict[str, Any], path: str = "<config>", resolve_data: bool = False) -> ExperimentConfig:
+    """Validate ``data`` completely, before any work.
+
+    Checks the schema (unknown keys with the nearest known name, types, ranges), the
+    registry names (tasks, networks, methods, listing the known ones), the task's and the
+    networks' options, cross-key rules, and the data paths: a task class may define
+    ``data_problems(options, configured_only) -> list[str]`` (each ``"<option>:
+    <message>"``) naming the files its options point to that are missing, found without
+    reading them.
+
+    Args:
+        data: the parsed config.
+        path: the config file, in messages.
+        resolve_data: also check data paths that come from the environment or the
+            default data root, not only those the config sets (``cascade run`` does;
+            ``cascade validate`` checks the config itself, valid on any machine).
 
     Raises:
         ConfigError: every problem at once, each with its key path.
     """
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), [f"<root>: a config is a mapping of keys, got {type(data).__name__}"])
     errors: list[str] = []
+    cfg = None
     try:
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as exc:
         errors += _pydantic_errors(exc, model=ExperimentConfig)
-        raise ConfigError(str(path), errors) from None
-
-    task_cls = None
-    try:
-        task_cls = TASKS.get(cfg.task.name)
-    except CascadeError as exc:
-        errors.append(f"task.name: {exc}")
-    if task_cls is not None:
-        try:
-            task_cls.Options.model_validate(cfg.task.model_extra or {})
-        except ValidationError as exc:
-            errors += _pydantic_errors(exc, prefix="task", model=task_cls.Options)
-    for role in ("little", "big"):
-        spec: NetworkSpec | None = getattr(cfg, role)
-        if spec is None:
-            continue
-        try:
-            builder = NETWORKS.get(spec.name)
-        except CascadeError as exc:
-            errors.append(f"{role}.name: {exc}")
-            continue
-        errors += _check_kwargs(builder, spec.kwargs(), role, ("input_shape", "num_outputs"))
-    for i, method in enumerate(cfg.evaluation.methods):
-        if method not in METHODS:
-            errors.append(f"evaluation.methods.{i}: {METHODS.unknown_message(method)}")
-    errors += _cascade_errors(cfg, task_cls)
-    big_missing = task_cls is not None and cfg.big is None and task_cls.default_big is None
-    if cfg.cascade is None and "white_box" in cfg.modes and big_missing:
-        errors.append("modes: white_box needs a big network; the task has none (set big: or use modes: [black_box])")
+    task_cls, task_errors = _task_errors(data.get("task"), resolve_data)
+    errors += task_errors + _name_errors(data)
+    if cfg is not None:
+        errors += _cascade_errors(cfg, task_cls)
+        big_missing = task_cls is not None and cfg.big is None and task_cls.default_big is None
+        if cfg.cascade is None and "white_box" in cfg.modes and big_missing:
+            errors.append("modes: white_box needs a big network; the task has none (set big: or use modes: [black_box])")
     if errors:
         raise ConfigError(str(path), errors)
+    assert cfg is not None  # no schema error means a config
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] = (), quick: bool = False) -> ExperimentConfig:
+def load_config(
+    path: str | Path, overrides: list[str] = (), quick: bool = False, resolve_data: bool = False
+) -> ExperimentConfig:
     """Read, override and validate a config file.
 
     Args:
         path: the YAML file.
-        overrides: ``key=value`` strings, applied in order after the file.
+        overrides: ``key=value`` strings, applied in order after the file; an error in a
+            key they set says so.
         quick: also apply the config's ``quick:`` overrides (a few steps, for tests).
+        resolve_data: see :func:`validate`.
 
     Raises:
         CascadeError: unreadable or malformed file, bad override.
@@ -372,7 +448,20 @@ def load_config(path: str | Path, overrides: list[str] = (), quick: bool = False
             set_path(data, str(key), copy.deepcopy(value), f"{path}: quick")
     for assignment in overrides:
         apply_override(data, assignment)
-    return validate(data, str(path))
+    try:
+        return validate(data, str(path), resolve_data)
+    except ConfigError as exc:
+        raise ConfigError(exc.path, [_blame_override(e, overrides) for e in exc.errors]) from None
+
+
+def _blame_override(error: str, overrides: list[str]) -> str:
+    """``error``, plus which ``--set`` gave the value when one set that key (or a parent)."""
+    key = error.split(": ", 1)[0]
+    for assignment in reversed(overrides):  # the last one wins, as when applying them
+        set_key = assignment.partition("=")[0]
+        if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
+            return f"{error} (from --set {assignment})"
+    return error
 
 
 def resolved_dict(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -27,3 +27,12 @@ class ConfigError(CascadeError):
 
 class DataError(CascadeError):
     """A data file that is missing, truncated or malformed."""
+
+
+class CheckpointError(CascadeError):
+    """A checkpoint that cannot be read, or that a different config or network wrote."""
+
+
+class TrainingError(CascadeError):
+    """Training that went wrong (a NaN or infinite loss); the message names the step and
+    the last good checkpoint, which is kept."""

@@ -5,16 +5,21 @@ plain little network as many more epochs as AppealNet's fine-tuning (fairness: t
 baselines' network is trained exactly as long); fine-tune a two-head AppealNet copy per
 oracle mode; run every network once over the calibration and test splits into the
 per-sample table; compute every operating point from that table.
+
+Each training phase (``seed 0 big``, ``seed 0 pretrain``...) checkpoints after every epoch
+and on Ctrl-C into ``checkpoints/resume/``; ``run(resume=True)`` replays the run from
+there: finished phases are loaded with their RNG state, the interrupted one continues,
+and the results equal an uninterrupted run's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
-import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -24,18 +29,32 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from cascade.config import ExperimentConfig, NetworkSpec, OptimConfig, resolved_dict
 from cascade.cost import measure_cost
-from cascade.errors import CascadeError
+from cascade.errors import CascadeError, CheckpointError, DataError
 from cascade.evaluator import Route, aggregate, collect_outputs, operating_points
 from cascade.networks import FeatureNet, PredictorHead, TwoHeadNetwork
 from cascade.objectives import AppealNetObjective, Objective, SupervisedObjective
 from cascade.registry import METHODS, NETWORKS, TASKS
 from cascade.roles import BlackBoxOracle, MethodContext, Oracle, Predictor, Splits, Task, WhiteBoxOracle
-from cascade.trainer import HistoryHook, HookBase, LambdaControllerHook, ProgressHook, Trainer, atomic_save
+from cascade.trainer import (
+    CheckpointStore,
+    HistoryHook,
+    HookBase,
+    LambdaControllerHook,
+    ProgressHook,
+    Trainer,
+    atomic_path,
+    atomic_save,
+    atomic_write_text,
+)
 
 log = logging.getLogger("cascade")
 
 #: a predictor whose scores on the test split all lie within this range has collapsed
 COLLAPSE_RANGE = 1e-3
+
+#: config keys that cannot change what training computes: a run may be resumed with them
+#: changed (``seeds`` is not one: the files of the seeds left out would be lost at the end)
+RESUME_IGNORES = ("name", "quick")
 
 
 # ----------------------------------------------------------------------------- building
@@ -75,6 +94,81 @@ def build_optimizer(params, oc: OptimConfig) -> tuple[torch.optim.Optimizer, tor
     else:
         opt = torch.optim.Adam(params, lr=oc.lr, weight_decay=oc.weight_decay)
     return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=oc.milestones, gamma=oc.gamma)
+
+
+def training_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What a training checkpoint must have been written under to be resumed: the resolved
+    config without :data:`RESUME_IGNORES`."""
+    data = resolved_dict(cfg)
+    for key in RESUME_IGNORES:
+        data.pop(key, None)
+    return data
+
+
+def checkpoint_store(cfg: ExperimentConfig, out_dir: Path, resume: bool) -> CheckpointStore:
+    """The run's resumable training checkpoints, ``<out>/checkpoints/resume/``, checked
+    before any work.
+
+    Without ``resume`` the folder must hold no checkpoint (an unfinished run's state is
+    never overwritten by accident); with it, every file must fit the config.
+
+    Raises:
+        CheckpointError: an unfinished run's checkpoints are there and ``resume`` is off,
+            or a checkpoint was written under a different config or is unreadable.
+    """
+    store = CheckpointStore(Path(out_dir) / "checkpoints" / "resume", training_fingerprint(cfg), resume)
+    if resume:
+        store.verify()
+        if not store.files():
+            log.warning("%s: no checkpoint to resume from; starting from scratch", store.folder)
+    elif store.files():
+        raise CheckpointError(f"{store.folder}: an unfinished run (interrupted, or stopped by an error) left "
+                              "checkpoints here; continue it with --resume, or delete that folder (or choose another "
+                              "--out) to start over")
+    return store
+
+
+def check_splits(task: Task, splits: Splits, what: str) -> None:
+    """Refuse data that training would choke on, before any training.
+
+    Inputs must be finite; classification labels integers in ``[0, num_outputs)``;
+    regression targets may be NaN (a missing target, masked out of the loss) but not
+    infinite. Only in-memory splits (tensors) are checked: others meet the trainer's
+    non-finite-loss check, which says when a batch's inputs hold NaN/inf.
+
+    Args:
+        task: the task (its ``criterion.kind`` and ``num_outputs``).
+        splits: what ``task.build_splits`` returned.
+        what: names the data in messages (e.g. ``"task digits, seed 0"``).
+
+    Raises:
+        DataError: the first bad sample of each kind, by split and index, with how many.
+    """
+    for split in ("train", "cal", "test"):
+        tensors = _tensors(getattr(splits, split))
+        if tensors is None:
+            continue
+        x, y = tensors[0], tensors[1]
+        n = len(x)
+        if n == 0:
+            raise DataError(f"{what}: the {split} split is empty; the data set is too small for the requested splits")
+        problems: list[tuple[torch.Tensor, str]] = []
+        if x.is_floating_point():
+            problems.append((~torch.isfinite(x.reshape(n, -1)).all(dim=1), "input holds NaN or infinite values"))
+        if task.criterion.kind == "classification":
+            integral = torch.ones_like(y, dtype=torch.bool)
+            if y.is_floating_point():  # float labels must still be whole class numbers
+                integral = torch.isfinite(y) & (y == y.round())
+            in_range = integral & (y >= 0) & (y < task.num_outputs)
+            problems.append((~in_range.reshape(n, -1).all(dim=1),
+                             f"label outside the classes 0..{task.num_outputs - 1}"))
+        elif y.is_floating_point():
+            problems.append((torch.isinf(y.reshape(n, -1)).any(dim=1), "target is infinite (NaN marks a missing one)"))
+        for bad, why in problems:
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0])
+                value = f" ({y[i].tolist()})" if "label" in why and y[i].numel() == 1 else ""
+                raise DataError(f"{what}: {split} split, sample {i}: {why}{value}; {int(bad.sum())} of {n} samples")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -119,6 +213,8 @@ class Experiment:
         self.histories: dict[str, list[dict[str, float]]] = {}
         #: names of the criterion's extra per-sample errors (``rmse``...), columns ``<net>_<name>``
         self.error_names: list[str] = []
+        #: per-phase training checkpoints, set by :meth:`run`
+        self.checkpoints: CheckpointStore | None = None
 
     # -- training ---------------------------------------------------------------------
 
@@ -128,7 +224,11 @@ class Experiment:
         history = HistoryHook()
         hooks = [*extra_hooks, history, ProgressHook(desc, disable=self.quiet)]
         loader = make_loader(data, oc.batch_size, shuffle=True, seed=seed)
-        Trainer(model, objective, opt, loader, oc.epochs, hooks, sched, self.device, name=desc).train()
+        trainer = Trainer(model, objective, opt, loader, oc.epochs, hooks, sched, self.device, name=desc)
+        if self.checkpoints is not None:  # inside run(): checkpointed, resumable
+            self.checkpoints.fit(trainer)
+        else:
+            trainer.train()
         self.histories[desc] = history.history
 
     def _train_seed(self, seed: int, splits: Splits) -> dict[str, nn.Module]:
@@ -251,17 +351,46 @@ class Experiment:
 
     # -- the whole run ----------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
-        cfg = self.cfg
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Train, evaluate every method, write the output folder; return the metrics.
+
+        Every training phase writes a checkpoint after each epoch and on Ctrl-C
+        (``checkpoints/resume/``, removed once the run has finished); the run's log goes to
+        ``run.log``.
+
+        Args:
+            resume: continue an interrupted run in the same folder: finished phases are
+                loaded instead of trained, the interrupted one continues where it stopped,
+                and the metrics come out as an uninterrupted run's would.
+
+        Raises:
+            CheckpointError: checkpoints that do not fit (another config or network), or an
+                unfinished run's checkpoints when ``resume`` is off; raised before any work.
+            DataError: missing or malformed data.
+            TrainingError: the loss became NaN or infinite (the step and the last good
+                checkpoint are named; the checkpoints are kept).
+            KeyboardInterrupt: Ctrl-C, after the running phase saved its checkpoint.
+        """
+        self.checkpoints = checkpoint_store(self.cfg, self.out, resume)  # checked before anything is written
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "checkpoints").mkdir(exist_ok=True)
+        try:
+            with _log_to(self.out / "run.log", append=resume):
+                metrics = self._run()
+            self.checkpoints.clear()  # finished: the final weights are in checkpoints/
+            return metrics
+        finally:
+            self.checkpoints = None
+
+    def _run(self) -> dict[str, Any]:
         import yaml
 
-        (self.out / "config.yaml").write_text(yaml.safe_dump(resolved_dict(cfg), sort_keys=False))
-
+        cfg = self.cfg
+        atomic_write_text(self.out / "config.yaml", yaml.safe_dump(resolved_dict(cfg), sort_keys=False))
         frames, costs, first = [], {}, None
         for seed in cfg.seeds:
             splits = self.task.build_splits(seed)
+            check_splits(self.task, splits, f"task {cfg.task.name}, seed {seed}")
             nets = self._train_seed(seed, splits)
             if first is None:
                 first = (nets, splits.test)  # for the task's own figure, if it draws one
@@ -274,13 +403,19 @@ class Experiment:
             for split, ds in (("cal", splits.cal), ("test", splits.test)):
                 frames.append(self._samples(seed, split, ds, nets, methods))
         samples = pd.concat(frames, ignore_index=True)
-        samples.to_csv(self.out / "samples.csv", index=False)
+        with atomic_path(self.out / "samples.csv") as tmp:
+            samples.to_csv(tmp, index=False)
 
         routes = self.routes(costs)
         targets = {"white_box": cfg.evaluation.white_box_targets, "black_box": cfg.evaluation.black_box_targets}
         per_seed = operating_points(samples, routes, targets)
         metrics = self._metrics(samples, costs, routes, per_seed)
-        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        for key, seeds in metrics["predictor_collapsed"].items():
+            if seeds:
+                log.warning("%s: the predictor collapsed on seed(s) %s: all its test scores lie within %g of each "
+                            "other, so its operating points route (nearly) everything alike "
+                            "(metrics.json: predictor_collapsed)", key, ", ".join(map(str, seeds)), COLLAPSE_RANGE)
+        atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2))
 
         from cascade import report
 
@@ -363,6 +498,24 @@ class Experiment:
                 if len(by_seed) > 1:
                     errors_std.setdefault(net, {})[name] = float(by_seed.std(ddof=1))
         return {"errors": errors, "errors_std": errors_std}
+
+
+@contextlib.contextmanager
+def _log_to(path: Path, append: bool) -> Iterator[None]:
+    """Copy the ``cascade`` logger's records (INFO and up) into ``path`` while the block runs."""
+    handler = logging.FileHandler(path, mode="a" if append else "w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    level = log.level
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)  # the file gets INFO; other handlers keep their own levels
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        handler.close()
 
 
 def _tensors(dataset: Dataset) -> tuple[torch.Tensor, ...] | None:

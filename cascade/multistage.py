@@ -36,7 +36,15 @@ The choices METHOD.md leaves *open*, and what this module does:
   (``P(stop) >= 0.5``) would get on the same input. Every stage runs on every training
   input anyway, so it costs nothing; it depends on the input but not on the sampled
   actions (unbiased), removes the input-to-input spread of the loss from the advantage,
-  and pushes exactly the greedy decisions used at test time.
+  and pushes exactly the greedy decisions used at test time; ``sample_mean`` (REINFORCE
+  leave-one-out, Kool et al. 2019) samples ``samples`` trajectories per input and uses
+  the mean reward of the input's *other* trajectories: unbiased, per input, and free
+  here because the stages have already run on the whole batch. Our configs use
+  ``sample_mean`` with 8 trajectories.
+- **Exploration**: an entropy bonus on the decisions taken (``entropy_weight``; our
+  configs 0.02). Without it, on digits, each trained policy collapsed to one decision for
+  every input (all stop at stage 1, say): the common case saturates ``P(stop)`` within a
+  few hundred steps, and the rare inputs where continuing pays stop being sampled.
 - **Reward loss**: the task loss (cross-entropy / squared L2), as METHOD.md writes it
   (the default), or the 0-1 error (``reward="error"``), the quantity accuracy is judged
   on. Our configs use the error: with cross-entropy, on digits, a few inputs with large
@@ -357,8 +365,12 @@ class ReinforceObjective(Objective):
         stage_mflops: the cost ``c_k`` of each of the K stages, first to last.
         alpha: the cost weight of the reward.
         reward: ``"loss"`` (the task loss) or ``"error"`` (0-1 error) in the reward.
-        baseline: ``"batch_mean"`` (leave-one-out), ``"moving_average"`` or ``"self_critical"``.
+        baseline: ``"batch_mean"`` (leave-one-out over the batch), ``"moving_average"``,
+            ``"self_critical"`` or ``"sample_mean"`` (leave-one-out over the ``samples``
+            trajectories of the same input; needs ``samples >= 2``).
         momentum: of the moving-average baseline.
+        samples: trajectories sampled per input and step. Every stage has already run on
+            the whole batch, so extra trajectories cost no network evaluation.
         aux_weight: weight of every stage's plain loss on every input.
         entropy_weight: bonus on the policy's entropy over the decisions taken (0: none).
         eps: stop probabilities are clamped to ``[eps, 1 - eps]``.
@@ -370,12 +382,15 @@ class ReinforceObjective(Objective):
         stage_mflops: Sequence[float],
         alpha: float,
         reward: Literal["loss", "error"] = "loss",
-        baseline: Literal["batch_mean", "moving_average", "self_critical"] = "batch_mean",
+        baseline: Literal["batch_mean", "moving_average", "self_critical", "sample_mean"] = "batch_mean",
         momentum: float = 0.9,
+        samples: int = 1,
         aux_weight: float = 1.0,
         entropy_weight: float = 0.0,
         eps: float = 1e-6,
     ):
+        if baseline == "sample_mean" and samples < 2:
+            raise CascadeError("the sample_mean baseline needs samples >= 2 trajectories per input")
         if len(stage_mflops) < 2 or min(stage_mflops) < 0 or stage_mflops[-1] <= 0:
             raise CascadeError(f"stage costs must be >= 0 with a positive last one, got {list(stage_mflops)}")
         self.criterion = criterion
@@ -386,6 +401,7 @@ class ReinforceObjective(Objective):
         self.reward = reward
         self.baseline = baseline
         self.momentum = momentum
+        self.samples = samples
         self.aux_weight = aux_weight
         self.entropy_weight = entropy_weight
         self.eps = eps
@@ -397,13 +413,16 @@ class ReinforceObjective(Objective):
         return -task_term.gather(1, tau[:, None]).squeeze(1) - self.alpha * paid
 
     def _baseline(self, r: Tensor, p: Tensor, task_term: Tensor) -> Tensor:
+        """``b`` for rewards ``r [M, B]`` of ``M`` trajectories per input, ``[M, B]``."""
         if self.baseline == "self_critical":
             greedy_tau, _ = trajectory(p, (p >= 0.5).float())
-            return self._reward(task_term, greedy_tau)
+            return self._reward(task_term, greedy_tau).expand_as(r)
+        if self.baseline == "sample_mean":  # the other trajectories of the same input
+            return (r.sum(dim=0, keepdim=True) - r) / (len(r) - 1)
         if self.baseline == "batch_mean":
-            if len(r) == 1:
+            if r.numel() == 1:
                 return torch.zeros_like(r)
-            return (r.sum() - r) / (len(r) - 1)  # leave-one-out: independent of the input's own action
+            return (r.sum() - r) / (r.numel() - 1)  # leave-one-out: independent of the input's own action
         mean = float(r.mean())
         b = mean if self.running_baseline is None else self.running_baseline
         self.running_baseline = self.momentum * b + (1 - self.momentum) * mean
@@ -426,19 +445,22 @@ class ReinforceObjective(Objective):
             raise CascadeError(f"the objective has {len(self.relative_paid)} stage costs, the cascade "
                                f"{loss.shape[1]} stages")
         p = out.p_stop.clamp(self.eps, 1 - self.eps)  # [B, K-1]
+        m, b = self.samples, len(p)
+        p_m = p.repeat(m, 1)  # [M*B, K-1]: M trajectories per input, sample-major
         with torch.no_grad():
-            actions = torch.bernoulli(p)
-        tau, log_prob = trajectory(p, actions)  # [B], [B]
+            actions = torch.bernoulli(p_m)
+        tau, log_prob = trajectory(p_m, actions)  # [M*B], [M*B]
+        loss_m = loss.repeat(m, 1)  # [M*B, K]
 
         with torch.no_grad():
             task_term = loss if self.reward == "loss" else torch.stack(wrong, dim=1).float()  # [B, K]
-            r = self._reward(task_term, tau)  # [B]
-            advantage = r - self._baseline(r, p, task_term)
+            r = self._reward(task_term.repeat(m, 1), tau).view(m, b)  # [M, B]
+            advantage = (r - self._baseline(r, p, task_term)).reshape(-1)  # [M*B], sample-major like tau
         policy_loss = -(advantage * log_prob).mean()
-        stop_loss = loss.gather(1, tau[:, None]).squeeze(1).mean()  # each stage, where inputs stopped
+        stop_loss = loss_m.gather(1, tau[:, None]).squeeze(1).mean()  # each stage, where inputs stopped
         aux_loss = loss[:, :n_net].mean(dim=0).sum()  # every network stage on every input
-        taken = (torch.arange(p.shape[1], device=p.device)[None, :] <= tau[:, None]).float()
-        entropy = (-(p * p.log() + (1 - p) * (1 - p).log()) * taken).sum(dim=1).mean()
+        taken = (torch.arange(p.shape[1], device=p.device)[None, :] <= tau[:, None]).float()  # [M*B, K-1]
+        entropy = (-(p_m * p_m.log() + (1 - p_m) * (1 - p_m).log()) * taken).sum(dim=1).mean()
         total = policy_loss + stop_loss + self.aux_weight * aux_loss - self.entropy_weight * entropy
         logged = {
             "loss": total,

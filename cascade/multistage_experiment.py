@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from cascade.config import ExperimentConfig, OptimConfig, resolved_dict
 from cascade.cost import measure_cost
 from cascade.errors import CascadeError
-from cascade.experiment import build_network, build_optimizer, build_task, make_loader, resolve_device
+from cascade.experiment import build_network, build_optimizer, build_task, check_splits, make_loader, resolve_device
 from cascade.multistage import MultiStageCascade, ReinforceObjective, ReinforceStopScore, StoppingPolicy, stage_costs
 from cascade.multistage_eval import (
     CascadeSweep,
@@ -190,7 +190,7 @@ class MultiStageExperiment:
         for i, alpha in enumerate(rc.alphas):
             model = self.build_cascade(pre)
             objective = ReinforceObjective(crit, stage_costs(model, task.input_shape), alpha, rc.reward, rc.baseline,
-                                           rc.momentum, rc.aux_weight, rc.entropy_weight)
+                                           rc.momentum, rc.samples, rc.aux_weight, rc.entropy_weight)
             self._fit(model, objective, tune_data, rc.finetune, seed * 100 + 60 + i,
                       f"seed {seed} {alpha_key(alpha)}", head=model.policy, head_lr=rc.policy_lr)
             systems[alpha_key(alpha)] = [model]
@@ -324,6 +324,7 @@ class MultiStageExperiment:
         frames, costs, params = [], {}, {}
         for seed in cfg.seeds:
             splits = self.task.build_splits(seed)
+            check_splits(self.task, splits, f"task {cfg.task.name}, seed {seed}")  # NaN/inf inputs, bad labels
             systems = self._train_seed(seed, splits)
             if not costs:
                 costs = self._costs(systems)

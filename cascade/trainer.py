@@ -2,25 +2,50 @@
 
 Logging, progress, checkpointing and the AppealNet lambda controller are hooks
 (:class:`HookBase`), not trainer subclasses.
+
+Resuming: :meth:`Trainer.state_dict` holds everything that decides what the rest of a
+training phase computes: the weights, the optimizer and scheduler, the position (epoch
+and batch within it), the hooks' and the objective's state, and every random number
+generator training draws from (torch's global one, the data loader's shuffling
+generator, NumPy's and Python's). A trainer that loads it continues exactly where the
+saved one stopped, so a resumed run ends with the same numbers as an uninterrupted one.
+:class:`CheckpointStore` keeps one such file per training phase of a run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import pickle
+import random
+import re
+import signal
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cascade.errors import CascadeError
+from cascade.errors import CheckpointError, TrainingError
 from cascade.objectives import AppealNetObjective, Objective
+
+log = logging.getLogger("cascade")
+
+#: version of the training-checkpoint layout written by :class:`CheckpointHook`
+CHECKPOINT_FORMAT = 1
 
 
 class HookBase:
-    """Called by :class:`Trainer` at fixed points; override what you need."""
+    """Called by :class:`Trainer` at fixed points; override what you need.
+
+    ``state_dict``/``load_state_dict`` carry whatever the hook needs to continue a
+    resumed run exactly (the trainer saves them in its own state).
+    """
 
     def before_train(self, trainer: "Trainer") -> None: ...
 
@@ -29,6 +54,9 @@ class HookBase:
     def after_epoch(self, trainer: "Trainer") -> None: ...
 
     def after_train(self, trainer: "Trainer") -> None: ...
+
+    def on_interrupt(self, trainer: "Trainer") -> None:
+        """Ctrl-C stopped training at a step boundary; ``KeyboardInterrupt`` follows."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -39,6 +67,12 @@ class HookBase:
 class Trainer:
     """Runs ``objective`` over ``loader`` for ``epochs`` epochs.
 
+    Ctrl-C (SIGINT) during :meth:`train` is deferred to the end of the current step, so
+    that the state hooks save on it (:meth:`HookBase.on_interrupt`) is consistent; a
+    second Ctrl-C stops at once. The objective's state is saved with the trainer's: its
+    ``state_dict()`` if it has one, else its plain scalar attributes (a running baseline,
+    a multiplier), which is where objectives keep what they update while training.
+
     Args:
         model: the network being trained (frozen parts have ``requires_grad=False``).
         objective: batch -> dict of losses with a ``loss`` key.
@@ -48,9 +82,13 @@ class Trainer:
         hooks: called in order at each hook point.
         scheduler: stepped once per epoch.
         device: where batches go.
+        name: the phase's name, in messages and checkpoint file names.
 
-    Raises:
-        CascadeError: the loss became NaN or infinite (the step is named).
+    Attributes:
+        epoch: epochs completed.
+        step: optimizer steps taken.
+        batch: batches completed in the current epoch (non-zero only mid-epoch).
+        last_checkpoint: where the last checkpoint of this phase was written, for messages.
     """
 
     def __init__(
@@ -74,56 +112,236 @@ class Trainer:
         self.scheduler = scheduler
         self.device = torch.device(device)
         self.name = name
-        self.epoch = 0  # epochs completed
-        self.step = 0  # optimizer steps taken
+        self.epoch = 0
+        self.step = 0
+        self.batch = 0
+        self.last_checkpoint: str | None = None
+        self._epoch_rng: dict[str, Any] | None = None  # RNG state when the current epoch began
+        self._interrupt_requested = False
 
     def train(self) -> None:
+        """Train up to ``epochs``, from wherever the trainer's state says it is.
+
+        Raises:
+            TrainingError: the loss became NaN or infinite (the message names the step and
+                the last good checkpoint, which is left as it was).
+            KeyboardInterrupt: Ctrl-C, after the hooks' ``on_interrupt``.
+        """
         for hook in self.hooks:
             hook.before_train(self)
-        while self.epoch < self.epochs:
-            self.model.train()
-            for batch in self.loader:
-                batch = [t.to(self.device, non_blocking=True) for t in batch]
-                losses = self.objective(self.model, batch)
-                loss = losses["loss"]
-                if not torch.isfinite(loss):
-                    raise CascadeError(
-                        f"{self.name}: loss became {loss.item()} at epoch {self.epoch + 1}, step {self.step + 1}; "
-                        "lower the learning rate or check the data for NaN/inf"
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                self.step += 1
-                logged = {k: float(v.detach()) for k, v in losses.items()}
+        self._interrupt_requested = False
+        with self._deferred_interrupts():
+            while self.epoch < self.epochs:
+                self.model.train()
+                for batch in self._epoch_batches():
+                    self._train_step(batch)
+                    if self._interrupt_requested:
+                        self._stop()
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                self.epoch += 1
+                self.batch = 0
                 for hook in self.hooks:
-                    hook.after_step(self, logged)
-            if self.scheduler is not None:
-                self.scheduler.step()
-            self.epoch += 1
-            for hook in self.hooks:
-                hook.after_epoch(self)
+                    hook.after_epoch(self)
+            if self._interrupt_requested:  # Ctrl-C during the last epoch's hooks
+                self._stop()
         for hook in self.hooks:
             hook.after_train(self)
 
+    def _train_step(self, batch: Sequence[torch.Tensor]) -> None:
+        batch = [t.to(self.device, non_blocking=True) for t in batch]
+        losses = self.objective(self.model, batch)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise TrainingError(self._nonfinite_message(float(loss.detach()), batch))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        self.batch += 1
+        logged = {k: float(v.detach()) for k, v in losses.items()}
+        for hook in self.hooks:
+            hook.after_step(self, logged)
+
+    def _nonfinite_message(self, value: float, batch: Sequence[torch.Tensor]) -> str:
+        bad_input = any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in batch[:1])
+        cause = ("this batch's inputs hold NaN/inf; check the data" if bad_input
+                 else "lower the learning rate or check the data for NaN/inf")
+        kept = (f"last good checkpoint kept: {self.last_checkpoint}" if self.last_checkpoint
+                else "no checkpoint of this phase yet (earlier phases' are kept)")
+        return f"{self.name}: loss became {value} at epoch {self.epoch + 1}, step {self.step + 1}; {kept}; {cause}"
+
+    def _epoch_batches(self) -> Iterator:
+        """An iterator over this epoch's batches; mid-epoch (a resumed trainer), the epoch's
+        shuffling is replayed from its start and the batches already trained on skipped."""
+        generators = loader_generators(self.loader)
+        if self.batch == 0:
+            self._epoch_rng = rng_state(generators)
+            return iter(self.loader)
+        if self._epoch_rng is None or self.batch > len(self.loader):
+            raise CheckpointError(f"{self.name}: the checkpoint stopped at batch {self.batch} of an epoch, but the "
+                                  f"data now gives {len(self.loader)} batches per epoch")
+        now = rng_state(generators)
+        set_rng_state(self._epoch_rng, generators)
+        batches = iter(self.loader)
+        for _ in range(self.batch):
+            next(batches)
+        set_rng_state(now, generators)
+        return batches
+
+    @contextlib.contextmanager
+    def _deferred_interrupts(self) -> Iterator[None]:
+        """Turn the first Ctrl-C into a request honoured at the next step boundary."""
+        previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+        if previous is None or previous is signal.SIG_IGN:  # not ours to handle (a thread, or ignored)
+            yield
+            return
+
+        def request(signum: int, frame: Any) -> None:
+            if self._interrupt_requested:  # a second Ctrl-C: stop now, without a checkpoint
+                raise KeyboardInterrupt
+            self._interrupt_requested = True
+            log.warning("%s: interrupted; stopping after this step and saving a checkpoint "
+                        "(Ctrl-C again to stop at once)", self.name)
+
+        signal.signal(signal.SIGINT, request)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _stop(self) -> None:
+        for hook in self.hooks:
+            hook.on_interrupt(self)
+        raise KeyboardInterrupt
+
     def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly from here (see the module docstring)."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "epoch": self.epoch,
             "step": self.step,
+            "batch": self.batch,
             "hooks": [h.state_dict() for h in self.hooks],
+            "objective": _objective_state(self.objective),
+            "rng": rng_state(loader_generators(self.loader)),
+            "epoch_rng": self._epoch_rng if self.batch else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (see :meth:`state_dict`); RNGs are restored at once.
+
+        Raises:
+            CheckpointError: the state is of a different network (the keys or shapes that
+                differ are named), optimizer or set of hooks.
+        """
+        differences = state_differences(state["model"], self.model.state_dict())
+        if differences:
+            raise CheckpointError(f"{self.name}: the network differs from the checkpoint's: {differences}")
+        if len(state["hooks"]) != len(self.hooks):
+            raise CheckpointError(f"{self.name}: the checkpoint has {len(state['hooks'])} hooks' state, "
+                                  f"the trainer {len(self.hooks)} hooks")
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{self.name}: the optimizer differs from the checkpoint's ({exc})") from None
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        self.epoch, self.step = state["epoch"], state["step"]
+        self.epoch, self.step, self.batch = state["epoch"], state["step"], state.get("batch", 0)
         for hook, hook_state in zip(self.hooks, state["hooks"]):
             hook.load_state_dict(hook_state)
+        _load_objective_state(self.objective, state.get("objective", {}))
+        self._epoch_rng = state.get("epoch_rng")
+        set_rng_state(state["rng"], loader_generators(self.loader))
+
+
+def _objective_state(objective: Objective) -> dict[str, Any]:
+    if hasattr(objective, "state_dict"):
+        return objective.state_dict()
+    attrs = getattr(objective, "__dict__", {})
+    return {k: v for k, v in attrs.items() if v is None or isinstance(v, (bool, int, float, str))}
+
+
+def _load_objective_state(objective: Objective, state: dict[str, Any]) -> None:
+    if hasattr(objective, "load_state_dict"):
+        objective.load_state_dict(state)
+        return
+    for k, v in state.items():
+        if k in getattr(objective, "__dict__", {}):
+            setattr(objective, k, v)
+
+
+def state_differences(saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor], limit: int = 4) -> str:
+    """How two networks' state dicts differ (missing or extra entries, shapes), or ``""``."""
+    out = []
+    missing = [k for k in current if k not in saved]
+    extra = [k for k in saved if k not in current]
+    if missing:
+        out.append(f"not in the checkpoint: {', '.join(missing[:limit])}{' ...' if len(missing) > limit else ''}")
+    if extra:
+        out.append(f"only in the checkpoint: {', '.join(extra[:limit])}{' ...' if len(extra) > limit else ''}")
+    shapes = [f"{k} {list(saved[k].shape)} in the checkpoint, {list(v.shape)} now"
+              for k, v in current.items() if k in saved and hasattr(saved[k], "shape") and saved[k].shape != v.shape]
+    out += shapes[:limit] + (["..."] if len(shapes) > limit else [])
+    return "; ".join(out)
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def loader_generators(loader: DataLoader) -> list[torch.Generator]:
+    """The torch generators a data loader draws from (its own and its samplers'), in a fixed order."""
+    found: list[torch.Generator] = []
+    pending: list[Any] = [loader.generator, loader.sampler, loader.batch_sampler]
+    while pending:
+        obj = pending.pop(0)
+        if isinstance(obj, torch.Generator):
+            if not any(obj is g for g in found):
+                found.append(obj)
+        elif obj is not None:  # a sampler: it may hold a generator, or wrap another sampler
+            pending += [getattr(obj, "generator", None), getattr(obj, "sampler", None)]
+    return found
+
+
+def rng_state(generators: Sequence[torch.Generator] = ()) -> dict[str, Any]:
+    """The state of torch's, NumPy's and Python's global RNGs and of ``generators``, as
+    plain data and tensors (loadable with ``weights_only=True``)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "generators": [g.get_state() for g in generators],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # don't start CUDA just to read it
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generators: Sequence[torch.Generator] = ()) -> None:
+    """Restore what :func:`rng_state` returned.
+
+    Raises:
+        CheckpointError: the state has a different number of loader generators.
+    """
+    if len(state["generators"]) != len(generators):
+        raise CheckpointError(f"the checkpoint has {len(state['generators'])} data-loader generators, "
+                              f"the loader {len(generators)}")
+    torch.set_rng_state(state["torch"])
+    for g, s in zip(generators, state["generators"]):
+        g.set_state(s)
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- hooks
 
 
 class LambdaControllerHook(HookBase):
@@ -175,6 +393,9 @@ class ProgressHook(HookBase):
     def after_train(self, trainer: Trainer) -> None:
         self.bar.close()
 
+    def on_interrupt(self, trainer: Trainer) -> None:
+        self.bar.close()
+
 
 class HistoryHook(HookBase):
     """Keeps the mean of every logged loss per epoch (``history[epoch][name]``)."""
@@ -194,32 +415,222 @@ class HistoryHook(HookBase):
         self._sums, self._n = {}, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
+        # the running sums too: a checkpoint written mid-epoch (Ctrl-C) resumes the epoch's mean
+        return {"history": self.history, "sums": dict(self._sums), "n": self._n}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = list(state["history"])
+        self._sums, self._n = dict(state.get("sums", {})), state.get("n", 0)
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+# ----------------------------------------------------------------------------- files
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path in ``path``'s folder, renamed over ``path`` if the block succeeds.
+
+    Readers see the old file or the new one, never half of one (an interrupt or a full
+    disk leaves the old file as it was).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        yield Path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-class CheckpointHook(HookBase):
-    """Writes the trainer's state atomically to ``path`` after every epoch."""
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
-    def __init__(self, path: str | Path):
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def load_checkpoint(path: str | Path) -> Any:
+    """Read a file written by ``torch.save`` with ``weights_only=True``: tensors and plain
+    data only, never code.
+
+    Raises:
+        CheckpointError: missing, truncated or corrupt file, or one that would need to
+            unpickle code (refused).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found:  # the file names a class or function to call: refuse, never run it
+            raise CheckpointError(f"{path}: refused: it holds more than tensors and plain data ({found.group(1)}), "
+                                  "and loading it would run code (checkpoints load with weights_only=True)") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt: {_first_line(exc)})") from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError... on a damaged file
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt: {_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    """The gist of a loading error, on one line."""
+    text = str(exc)
+    found = re.search(r"WeightsUnpickler error: *([^\n]*)", text)
+    if found and found.group(1).strip():
+        text = found.group(1)
+    else:
+        following = re.search(r"WeightsUnpickler error: *\n\s*([^\n]+)", text)
+        text = following.group(1) if following else (text.splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text.strip()[:100]}"
+
+
+class CheckpointHook(HookBase):
+    """Writes the trainer's state atomically to ``path`` after every epoch and on Ctrl-C.
+
+    The file holds ``{"format", **meta, "trainer": trainer.state_dict()}``; read it with
+    :func:`load_checkpoint`.
+
+    Args:
+        path: the file, replaced at each write.
+        meta: plain data saved alongside (e.g. the run's config fingerprint).
+    """
+
+    def __init__(self, path: str | Path, meta: dict[str, Any] | None = None):
         self.path = Path(path)
+        self.meta = dict(meta or {})
+
+    def _save(self, trainer: Trainer) -> None:
+        atomic_save({"format": CHECKPOINT_FORMAT, **self.meta, "trainer": trainer.state_dict()}, self.path)
+        trainer.last_checkpoint = f"{self.path} (epoch {trainer.epoch}, step {trainer.step})"
 
     def after_epoch(self, trainer: Trainer) -> None:
-        atomic_save(trainer.state_dict(), self.path)
+        self._save(trainer)
 
+    def on_interrupt(self, trainer: Trainer) -> None:
+        self._save(trainer)
+
+
+def fingerprint_differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """``key.path: <saved> in the checkpoint, <now> now`` for every leaf that differs."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = []
+        for k in sorted(set(saved) | set(now), key=str):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if k not in saved:
+                out.append(f"{key}: absent in the checkpoint, {_short(now[k])} now")
+            elif k not in now:
+                out.append(f"{key}: {_short(saved[k])} in the checkpoint, absent now")
+            else:
+                out += fingerprint_differences(saved[k], now[k], key)
+        return out
+    return [] if saved == now else [f"{prefix or '<root>'}: {_short(saved)} in the checkpoint, {_short(now)} now"]
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+class CheckpointStore:
+    """One resumable checkpoint per training phase of a run, in ``folder``.
+
+    :meth:`fit` trains a :class:`Trainer` with a :class:`CheckpointHook` writing
+    ``<folder>/<name>.pt`` (the trainer's ``name``, made file-safe) after every epoch and
+    on Ctrl-C. With ``resume``, an existing file is loaded first: a finished phase is not
+    trained again (its weights, hooks, objective and RNG states are restored, so what
+    follows draws the same random numbers), an unfinished one continues from where it
+    stopped. Phases must run in the same order on resume as they did before; a name used
+    twice in one run gets a numbered file of its own.
+
+    Args:
+        folder: where the files go.
+        fingerprint: plain data describing everything that decides training (the
+            resolved config); a file written under a different one is refused.
+        resume: load existing files; without it they are overwritten.
+    """
+
+    def __init__(self, folder: str | Path, fingerprint: dict[str, Any], resume: bool = False):
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+        self.resume = resume
+        self._claimed: dict[str, int] = {}
+
+    def files(self) -> list[Path]:
+        """The checkpoint files in the folder."""
+        return sorted(self.folder.glob("*.pt")) if self.folder.is_dir() else []
+
+    def path(self, name: str) -> Path:
+        """The file of the phase ``name`` (without claiming it)."""
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "phase"
+        return self.folder / f"{slug}.pt"
+
+    def _claim(self, name: str) -> Path:
+        count = self._claimed.get(name, 0)
+        self._claimed[name] = count + 1
+        path = self.path(name)
+        return path if count == 0 else path.with_name(f"{path.stem}_{count + 1}.pt")
+
+    def read(self, path: Path, phase: str | None = None) -> dict[str, Any]:
+        """A checkpoint of this store, checked against the fingerprint (and ``phase``).
+
+        Raises:
+            CheckpointError: unreadable, not a training checkpoint, another phase's, or
+                written under a different config (the keys that differ are named).
+        """
+        ckpt = load_checkpoint(path)
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "trainer" not in ckpt:
+            raise CheckpointError(f"{path}: not a cascade training checkpoint (format {CHECKPOINT_FORMAT})")
+        diffs = fingerprint_differences(ckpt.get("fingerprint"), self.fingerprint)
+        if diffs:
+            more = f" (and {len(diffs) - 4} more)" if len(diffs) > 4 else ""
+            raise CheckpointError(f"{path}: written by a different config: {'; '.join(diffs[:4])}{more}; "
+                                  "resume with the config it was written with, or start over in another --out")
+        if phase is not None and ckpt.get("phase") != phase:
+            raise CheckpointError(f"{path}: the checkpoint of phase {ckpt.get('phase')!r}, not {phase!r}")
+        return ckpt
+
+    def verify(self) -> None:
+        """Check every file in the folder against the fingerprint, before any work.
+
+        Raises:
+            CheckpointError: see :meth:`read`.
+        """
+        for path in self.files():
+            self.read(path)
+
+    def fit(self, trainer: Trainer) -> None:
+        """Train ``trainer`` with per-epoch checkpoints, resuming from its file if asked.
+
+        Raises:
+            CheckpointError: the phase's file does not fit (see :meth:`read`; the network,
+                optimizer or hooks differ).
+            TrainingError, KeyboardInterrupt: see :meth:`Trainer.train`.
+        """
+        path = self._claim(trainer.name)
+        trainer.hooks.append(CheckpointHook(path, {"phase": trainer.name, "fingerprint": self.fingerprint}))
+        if self.resume and path.is_file():
+            ckpt = self.read(path, trainer.name)
+            try:
+                trainer.load_state_dict(ckpt["trainer"])
+            except CheckpointError as exc:
+                raise CheckpointError(f"{path}: {exc}") from None
+            trainer.last_checkpoint = f"{path} (epoch {trainer.epoch}, step {trainer.step})"
+            done = "finished, not trained again" if trainer.epoch >= trainer.epochs else "continuing"
+            log.info("%s: resumed from %s at epoch %d, step %d (%s)", trainer.name, path, trainer.epoch,
+                     trainer.step, done)
+        trainer.train()
+
+    def clear(self) -> None:
+        """Remove the files (the run finished; its final weights are saved elsewhere)."""
+        for path in self.files():
+            path.unlink()
+        with contextlib.suppress(OSError):
+            self.folder.rmdir()

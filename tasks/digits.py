@@ -6,7 +6,7 @@ from typing import Annotated
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch.utils.data import TensorDataset
 
 from cascade import TASKS, CrossEntropyTaskLoss, Splits, Task, TaskOptions
@@ -16,6 +16,13 @@ from tasks.data import stratified_split
 class DigitsOptions(TaskOptions):
     cal_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.3
+
+    @model_validator(mode="after")
+    def _room_for_training(self) -> "DigitsOptions":
+        if self.cal_fraction + self.test_fraction >= 1:
+            total = self.cal_fraction + self.test_fraction
+            raise ValueError(f"cal_fraction + test_fraction must be < 1 (got {total:g}), or nothing is left to train on")
+        return self
 
 
 @TASKS.register("digits")
@@ -40,10 +47,6 @@ class DigitsTask(Task):
         from sklearn.datasets import load_digits
 
         o = self.options
-        if o.cal_fraction + o.test_fraction >= 1:
-            from cascade import CascadeError
-
-            raise CascadeError("task: cal_fraction + test_fraction must be < 1")
         digits = load_digits()
         x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)  # [N, 1, 8, 8]
         y = torch.tensor(digits.target, dtype=torch.long)

@@ -241,6 +241,20 @@ class KeypointTask(Task):
                 raise DataError(f"{path}: cannot write synthetic faces ({exc}); set task.data_root or ${DATA_ENV}") from None
         return path
 
+    @classmethod
+    def data_problems(cls, options: KeypointOptions, configured_only: bool) -> list[str]:
+        """A missing ``task.csv``, found at validation (see :func:`cascade.config.validate`);
+        the synthetic faces need no file. With ``configured_only``, a relative ``csv`` is
+        checked only when the config also sets ``data_root``."""
+        if options.csv is None:
+            return []
+        path = Path(options.csv).expanduser()
+        if not path.is_absolute():
+            if configured_only and not options.data_root:
+                return []
+            path = resolve_data_root(options.data_root) / path
+        return [] if path.is_file() else [f"csv: {path}: keypoints file not found"]
+
     def load(self) -> KeypointData:
         """The data (read once per task instance), after ``complete_only``.
 
@@ -298,7 +312,7 @@ class KeypointTask(Task):
 
         rng = np.random.default_rng(0)
         groups = {"kept": np.flatnonzero(kept), "appealed": np.flatnonzero(~kept)}
-        fig, axes = plt.subplots(2, per_group, figsize=(1.6 * per_group, 3.9), squeeze=False)
+        fig, axes = plt.subplots(2, per_group, figsize=(1.6 * per_group, 4.4), squeeze=False)
         network.eval()
         device = next(network.parameters()).device
         for row, (label, idx) in zip(axes, groups.items()):

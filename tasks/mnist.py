@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import logging
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 from torch.utils.data import TensorDataset
 
-from cascade import TASKS, CascadeError, CrossEntropyTaskLoss, Splits, Task, TaskOptions
-from tasks.data import DATA_ENV, resolve_data_root, stratified_split
+from cascade import TASKS, CrossEntropyTaskLoss, DataError, Splits, Task, TaskOptions
+from tasks.data import check_labels, describe_data_root, read_idx_header, resolve_data_root, stratified_split
+
+log = logging.getLogger("cascade")
 
 _MEAN, _STD = 0.1307, 0.3081
+#: torchvision's file names, ``(images, labels)`` per part
+_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+          False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
 class MnistOptions(TaskOptions):
@@ -20,6 +26,8 @@ class MnistOptions(TaskOptions):
     cal_size: Annotated[int, Field(gt=0)] = 5000
     train_size: Annotated[int, Field(gt=0)] | None = None
     download: bool = False
+    #: a label outside 0..9: stop with an error naming the file and index, or skip (and count) it
+    on_malformed: Literal["error", "skip"] = "error"
 
 
 @TASKS.register("mnist")
@@ -28,7 +36,7 @@ class MnistTask(Task):
     seed) comes out of the official training set; the test split is the official one.
 
     Data root: ``task.data_root``, else ``$CASCADE_DATA``, else ``~/.cache/cascade/data``;
-    torchvision's layout ``<root>/MNIST/raw/*-ubyte``.
+    torchvision's layout ``<root>/MNIST/raw/*-ubyte`` (uncompressed IDX files).
     """
 
     Options = MnistOptions
@@ -41,18 +49,57 @@ class MnistTask(Task):
         super().__init__(options)
         self.criterion = CrossEntropyTaskLoss()
 
+    @classmethod
+    def data_problems(cls, options: MnistOptions, configured_only: bool) -> list[str]:
+        """Missing MNIST files (see :func:`cascade.config.validate`).
+
+        Args:
+            options: the task's options.
+            configured_only: check only a ``data_root`` the config sets, not
+                ``$CASCADE_DATA`` or the default root.
+
+        Returns:
+            ``"data_root: <message>"`` per problem.
+        """
+        if options.download or (configured_only and not options.data_root):
+            return []
+        root = resolve_data_root(options.data_root)
+        where = describe_data_root(options.data_root)
+        if not root.is_dir():
+            return [f"data_root: {root}: no such folder ({where})"]
+        raw = root / "MNIST" / "raw"
+        missing = [f for part in _FILES.values() for f in part if not (raw / f).is_file()]
+        if missing:
+            return [f"data_root: {raw}: missing {', '.join(missing)} (torchvision's MNIST layout, from {where}; "
+                    "or set download: true)"]
+        return []
+
     def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        root = resolve_data_root(self.options.data_root)
+        raw = root / "MNIST" / "raw"
+        if not self.options.download:  # check the files first: torchvision's own errors name no file
+            problems = self.data_problems(self.options, configured_only=False)
+            if problems:
+                raise DataError(f"mnist: {problems[0].removeprefix('data_root: ')}")
+            images, labels = (raw / f for f in _FILES[train])
+            n_images = read_idx_header(images, 3, (28, 28))
+            n_labels = read_idx_header(labels, 1)
+            if n_images != n_labels:
+                raise DataError(f"{labels}: {n_labels} labels for the {n_images} images of {images.name}")
         from torchvision.datasets import MNIST
 
-        root = resolve_data_root(self.options.data_root)
         try:
             ds = MNIST(root=str(root), train=train, download=self.options.download)
-        except RuntimeError as exc:
-            raise CascadeError(
-                f"MNIST not found in {root / 'MNIST' / 'raw'} ({exc}); set task.data_root or ${DATA_ENV}"
-            ) from None
+        except (RuntimeError, AssertionError, ValueError, KeyError, OSError) as exc:
+            raise DataError(f"{raw}: MNIST could not be read ({type(exc).__name__}: {exc}); "
+                            f"set task.data_root or $CASCADE_DATA") from None
         x = (ds.data.float().div(255.0).sub(_MEAN).div(_STD)).unsqueeze(1)  # [N, 1, 28, 28]
-        return x, ds.targets.long()
+        y = ds.targets.long()
+        keep = check_labels(y.numpy(), self.num_outputs, str(raw / _FILES[train][1]), self.options.on_malformed)
+        if not keep.all():
+            keep_t = torch.from_numpy(keep)
+            x, y = x[keep_t], y[keep_t]
+        return x, y
 
     def build_splits(self, seed: int) -> Splits:
         x, y = self._load(train=True)

@@ -105,6 +105,19 @@ def test_self_critical_baseline_is_the_greedy_reward():
     assert obj._baseline(obj._reward(task, tau), p, task).tolist() == pytest.approx([-1.03125, -1.15625])
 
 
+def test_leave_one_out_baselines_known_answer():
+    crit, costs = CrossEntropyTaskLoss(), [1.0, 2.0]
+    r = torch.tensor([[-1.0], [-2.0], [-3.0]])  # [M = 3 trajectories, B = 1 input]
+    # sample_mean: the mean of the input's other trajectories: (-2 - 3) / 2, (-1 - 3) / 2, (-1 - 2) / 2
+    per_input = ReinforceObjective(crit, costs, 0.1, baseline="sample_mean", samples=3)
+    assert per_input._baseline(r, None, None).flatten().tolist() == [-2.5, -2.0, -1.5]
+    # batch_mean: the same over every (trajectory, input) pair of the batch
+    per_batch = ReinforceObjective(crit, costs, 0.1, baseline="batch_mean")
+    assert per_batch._baseline(r.T, None, None).flatten().tolist() == [-2.5, -2.0, -1.5]
+    with pytest.raises(CascadeError, match="samples >= 2"):
+        ReinforceObjective(crit, costs, 0.1, baseline="sample_mean", samples=1)
+
+
 class _RightWhenEasy(nn.Module):
     """A fixed classifier over x = (easy, label): confident and right on easy inputs,
     unsure and wrong on hard ones (what a real first stage looks like)."""
@@ -121,8 +134,9 @@ class _RightWhenEasy(nn.Module):
         return StageOutput(output=logits, features=x)
 
 
-@pytest.mark.parametrize("baseline", ["batch_mean", "self_critical", "moving_average"])
-def test_reinforce_learns_to_stop_where_the_first_stage_is_right(baseline):
+@pytest.mark.parametrize("baseline,samples", [("batch_mean", 1), ("self_critical", 1), ("moving_average", 1),
+                                              ("sample_mean", 4)])
+def test_reinforce_learns_to_stop_where_the_first_stage_is_right(baseline, samples):
     """Two stages: stage 0 (cost 0.1) is right exactly on the easy half, stage 1 (cost 1) always.
 
     With alpha = 0.5 the right policy is known: on easy inputs stopping earns about
@@ -135,7 +149,7 @@ def test_reinforce_learns_to_stop_where_the_first_stage_is_right(baseline):
     y = torch.randint(0, 2, (n,))
     x = torch.stack([easy, y.float()], dim=1)
     model = MultiStageCascade([_RightWhenEasy(4.0, 0.2), _RightWhenEasy(5.0, -5.0)], StoppingPolicy([2], 2, hidden=[8]))
-    obj = ReinforceObjective(CrossEntropyTaskLoss(), [0.1, 1.0], alpha=0.5, baseline=baseline)
+    obj = ReinforceObjective(CrossEntropyTaskLoss(), [0.1, 1.0], alpha=0.5, baseline=baseline, samples=samples)
     opt = torch.optim.Adam(model.policy.parameters(), lr=0.02)
     Trainer(model, obj, opt, make_loader(TensorDataset(x, y), 64, True, 0), epochs=8).train()
     with torch.no_grad():
