@@ -21,6 +21,8 @@ from cascade.errors import CascadeError, ConfigError
 from cascade.registry import METHODS, NETWORKS, TASKS
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+#: what a predictor head or stopping policy may read (cascade.networks.HEAD_INPUTS)
+HeadInput = Literal["features", "sorted_probs", "sorted_log_probs", "confidence", "logit_stats", "output"]
 
 
 class _Strict(BaseModel):
@@ -60,7 +62,7 @@ class OptimConfig(_Strict):
 class PredictorConfig(_Strict):
     """The AppealNet predictor head. The paper's is ``inputs: [features], hidden: []``."""
 
-    inputs: list[Literal["features", "sorted_probs", "confidence", "logit_stats", "output"]] = Field(
+    inputs: list[HeadInput] = Field(
         default_factory=lambda: ["sorted_probs", "confidence"], min_length=1
     )
     hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [16])
@@ -107,7 +109,7 @@ class StoppingPolicyConfig(_Strict):
     head per stage; ``detach``: the policy's gradient stops at its inputs.
     """
 
-    inputs: list[Literal["features", "sorted_probs", "sorted_log_probs", "confidence", "output"]] = Field(
+    inputs: list[HeadInput] = Field(
         default_factory=lambda: ["sorted_log_probs", "confidence"], min_length=1
     )
     hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [16])

@@ -49,8 +49,8 @@ The choices METHOD.md leaves *open*, and what this module does:
   (the default), or the 0-1 error (``reward="error"``), the quantity accuracy is judged
   on. Our configs use the error: with cross-entropy, on digits, a few inputs with large
   losses dominate the cost term and the policy's shared bias drove ``P(stop)`` at stage
-  0 to zero for every input, confident or not (measured with the stages frozen); the
-  bounded 0-1 reward does not do that.
+  0 to zero for every input, confident or not (measured with the stages frozen and no
+  entropy bonus); the bounded 0-1 reward does not do that.
 - **Keeping every stage trained**: each network stage gets the gradient of its loss on
   the inputs that stopped there (the method) plus ``aux_weight`` times its plain mean
   loss on every input, so a stage that the policy rarely reaches does not starve and
@@ -68,10 +68,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cascade.confidence import confidence_stats
 from cascade.cost import measure_cost
 from cascade.errors import CascadeError
-from cascade.networks import PredictorHead
+from cascade.networks import CLASSIFICATION_INPUTS, HEAD_INPUTS, PredictorHead, head_input, head_input_width
 from cascade.objectives import Batch, Objective
 from cascade.registry import METHODS
 from cascade.roles import BlackBoxOracle, Predictor, StageOutput, TaskLoss
@@ -92,11 +91,8 @@ class CascadeOutput:
     p_stop: Tensor | None
 
 
-#: what a stopping policy may read from its stage; see :class:`StoppingPolicy`
-POLICY_INPUTS = ("features", "sorted_probs", "sorted_log_probs", "confidence", "output")
-
-#: sorted log-probabilities are clipped here so a saturated softmax stays a finite input
-_LOG_PROB_FLOOR = -20.0
+#: what a stopping policy may read from its stage (the AppealNet head's inputs)
+POLICY_INPUTS = HEAD_INPUTS
 
 
 class StoppingPolicy(nn.Module):
@@ -138,8 +134,9 @@ class StoppingPolicy(nn.Module):
         super().__init__()
         unknown = [i for i in inputs if i not in POLICY_INPUTS]
         if unknown or not inputs:
-            raise CascadeError(f"cascade.policy.inputs must be a non-empty subset of {POLICY_INPUTS}, got {list(inputs)}")
-        if not classification and set(inputs) - {"features", "output"}:
+            raise CascadeError(
+                f"cascade.policy.inputs must be a non-empty subset of {POLICY_INPUTS}, got {list(inputs)}")
+        if not classification and CLASSIFICATION_INPUTS & set(inputs):
             raise CascadeError("cascade.policy.inputs: a regression stage has no label probabilities; "
                                "use [output] or [features, output]")
         if shared and "features" in inputs:
@@ -148,10 +145,8 @@ class StoppingPolicy(nn.Module):
         self.inputs = tuple(inputs)
         self.shared = shared
         self.detach = detach
-        width = {"sorted_probs": num_outputs, "sorted_log_probs": num_outputs, "confidence": 3, "output": num_outputs}
-
         def in_dim(feature_dim: int) -> int:
-            return sum(feature_dim if i == "features" else width[i] for i in self.inputs)
+            return sum(head_input_width(i, feature_dim, num_outputs) for i in self.inputs)
 
         if shared:
             dims = [in_dim(0) + self.num_decisions]  # + the one-hot stage index
@@ -166,21 +161,9 @@ class StoppingPolicy(nn.Module):
         if self.detach:
             output = output.detach()
             features = features.detach() if features is not None else None
-        parts = []
-        for name in self.inputs:
-            if name == "features":
-                if features is None:
-                    raise CascadeError("the stopping policy reads features, but the stage does not expose them")
-                parts.append(features)
-            elif name == "sorted_probs":
-                parts.append(output.softmax(dim=-1).sort(dim=-1, descending=True).values)
-            elif name == "sorted_log_probs":
-                logp = output.log_softmax(dim=-1).clamp_min(_LOG_PROB_FLOOR)
-                parts.append(logp.sort(dim=-1, descending=True).values)
-            elif name == "confidence":
-                parts.append(confidence_stats(output.softmax(dim=-1)))
-            else:
-                parts.append(output)
+        if "features" in self.inputs and features is None:
+            raise CascadeError("the stopping policy reads features, but the stage does not expose them")
+        parts = [head_input(self.inputs, features, output)]
         if self.shared:
             index = torch.full((len(output),), k, dtype=torch.long, device=output.device)
             parts.append(F.one_hot(index, self.num_decisions).to(output.dtype))

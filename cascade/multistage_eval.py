@@ -61,7 +61,9 @@ class CascadePoint:
     exit_fractions: list[float]
 
 
-def cascade_point(threshold: float, scores: np.ndarray, correct: np.ndarray, stage_mflops: Sequence[float]) -> CascadePoint:
+def cascade_point(
+    threshold: float, scores: np.ndarray, correct: np.ndarray, stage_mflops: Sequence[float]
+) -> CascadePoint:
     """Route with ``threshold`` and measure accuracy, mean cost and exit fractions.
 
     Args:

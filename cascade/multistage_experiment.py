@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -71,8 +70,6 @@ from cascade.objectives import AppealNetObjective, Objective, SupervisedObjectiv
 from cascade.registry import METHODS
 from cascade.roles import BlackBoxOracle, MethodContext, Oracle, Predictor, Splits, StageOutput, WhiteBoxOracle
 from cascade.trainer import HistoryHook, HookBase, LambdaControllerHook, ProgressHook, Trainer, atomic_save
-
-log = logging.getLogger("cascade")
 
 #: a stage-score function: (stage index, the stage's output, the batch's inputs) -> [B]
 ScoreFn = Callable[[int, StageOutput, Tensor], Tensor]
@@ -111,7 +108,8 @@ class MultiStageExperiment:
         if self.mode == "black_box":
             self.oracle_mflops = self.cc.oracle_mflops if self.cc.oracle_mflops is not None else self.task.oracle_mflops
             if self.oracle_mflops is None:
-                raise CascadeError(f"{source or 'config'}: cascade.oracle_mflops: the black-box oracle's cost is unknown")
+                raise CascadeError(
+                    f"{source or 'config'}: cascade.oracle_mflops: the black-box oracle's cost is unknown")
         self.num_stages = len(self.cc.stages) + (self.mode == "black_box")
         self.histories: dict[str, list[dict[str, float]]] = {}
 
@@ -228,7 +226,9 @@ class MultiStageExperiment:
 
     # -- evaluation -------------------------------------------------------------------
 
-    def _score_fns(self, seed: int, splits: Splits, name: str, nets: list[nn.Module]) -> tuple[list[nn.Module], dict[str, ScoreFn]]:
+    def _score_fns(
+        self, seed: int, splits: Splits, name: str, nets: list[nn.Module]
+    ) -> tuple[list[nn.Module], dict[str, ScoreFn]]:
         """The stage networks of one system and the stop scores it routes with."""
         if isinstance(nets[0], MultiStageCascade):
             model = nets[0]
@@ -258,7 +258,9 @@ class MultiStageExperiment:
         return nets, fns
 
     @torch.no_grad()
-    def _collect(self, name: str, stages: list[nn.Module], fns: dict[str, ScoreFn], dataset: Dataset) -> dict[str, np.ndarray]:
+    def _collect(
+        self, name: str, stages: list[nn.Module], fns: dict[str, ScoreFn], dataset: Dataset
+    ) -> dict[str, np.ndarray]:
         """One system's per-sample columns on one split."""
         crit = self.task.criterion
         bs = self.cfg.evaluation.batch_size
@@ -329,9 +331,11 @@ class MultiStageExperiment:
             if not costs:
                 costs = self._costs(systems)
                 params = {f"stage_{k}": sum(p.numel() for p in n.parameters()) for k, n in enumerate(systems["plain"])}
-                params["policy"] = sum(p.numel() for p in systems[alpha_key(self.cc.reinforce.alphas[0])][0].policy.parameters())
+                policy = systems[alpha_key(self.cc.reinforce.alphas[0])][0].policy
+                params["policy"] = sum(p.numel() for p in policy.parameters())
             for name, nets in systems.items():
-                state = nets[0].state_dict() if len(nets) == 1 else {f"stage_{k}": n.state_dict() for k, n in enumerate(nets)}
+                state = (nets[0].state_dict() if len(nets) == 1
+                         else {f"stage_{k}": n.state_dict() for k, n in enumerate(nets)})
                 atomic_save(state, self.out / "checkpoints" / f"seed{seed}_{name}.pt")
             frames.append(self._samples(seed, splits, systems))
         samples = pd.concat(frames, ignore_index=True)
@@ -417,7 +421,8 @@ def operating_points(samples: pd.DataFrame, variants: dict[str, list[Variant]], 
     rows: list[dict] = []
     for seed, frame in samples.groupby("seed", sort=True):
         split = {name: part for name, part in frame.groupby("split")}
-        arrays = {s: {m: [variant_arrays(split[s], v, k) for v in vs] for m, vs in variants.items()} for s in ("cal", "test")}
+        arrays = {s: {m: [variant_arrays(split[s], v, k) for v in vs] for m, vs in variants.items()}
+                  for s in ("cal", "test")}
         sweeps: dict[str, dict[str, list[CascadeSweep]]] = {
             s: {m: [cascade_sweep(sc, co, v.stage_mflops) for (sc, co), v in zip(arrays[s][m], vs)]
                 for m, vs in variants.items()} for s in ("cal", "test")}

@@ -50,8 +50,10 @@ def render_markdown(metrics: dict[str, Any]) -> str:
     acc, acc_std = metrics["accuracy"], metrics.get("accuracy_std", {})
     k = metrics["num_stages"]
     ref = metrics["reference"]
-    lines = [f"# {metrics['task']}: {k}-stage cascade, seeds {metrics['seeds']} ({metrics['modes'][0].replace('_', '-')})",
-             "", "## Stages alone (test split)", "", "| stage | MFLOPs (MACs) | params | accuracy |", "|---|---:|---:|---:|"]
+    mode = metrics["modes"][0].replace("_", "-")
+    lines = [f"# {metrics['task']}: {k}-stage cascade, seeds {metrics['seeds']} ({mode})", "",
+             "## Stages alone (test split)", "",
+             "| stage | MFLOPs (MACs) | params | accuracy |", "|---|---:|---:|---:|"]
     for name, c in metrics["networks"].items():
         params = "n/a (oracle)" if c["params"] is None else f"{c['params']:,}"
         lines.append(f"| {name} | {c['mflops']:.4g} | {params} | {_pct(acc.get(name), acc_std.get(name))} |")
@@ -64,7 +66,8 @@ def render_markdown(metrics: dict[str, Any]) -> str:
     others = [m for m in methods if m != "reinforce"]
     greedy = [p for p in points if p["selection"] == "greedy"]
     lines += ["## REINFORCE policy (greedy, P(stop) >= threshold) vs the largest stage alone", "",
-              "| alpha | accuracy | MFLOPs | % of last stage's MFLOPs | exits % (stage 0 / ... / K-1) | vs last stage alone |",
+              "| alpha | accuracy | MFLOPs | % of last stage's MFLOPs | exits % (stage 0 / ... / K-1) "
+              "| vs last stage alone |",
               "|---:|---:|---:|---:|---|---:|"]
     for g in greedy:
         gain = g["system_accuracy"] - ref["accuracy"]
@@ -79,7 +82,8 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         if not matched:
             continue
         lines += [f"## Accuracy at the policy's cost (matched MFLOPs); {_SOURCE[source]}", "",
-                  "| alpha | MFLOPs | reinforce | " + " | ".join(others) + " |", "|---:|---:|---:|" + "---:|" * len(others)]
+                  "| alpha | MFLOPs | reinforce | " + " | ".join(others) + " |",
+                  "|---:|---:|---:|" + "---:|" * len(others)]
         for g in greedy:
             cells = []
             for m in others:
@@ -89,7 +93,8 @@ def render_markdown(metrics: dict[str, Any]) -> str:
                     continue
                 flag = "" if p["feasible"] else " (over budget)"
                 cells.append(f"{_pct(p['system_accuracy'])} @ {p['cost_mflops']:.3g}{flag}")
-            lines.append(f"| {g['alpha']:g} | {g['cost_mflops']:.3g} | {_pct(g['system_accuracy'])} | " + " | ".join(cells) + " |")
+            head = f"| {g['alpha']:g} | {g['cost_mflops']:.3g} | {_pct(g['system_accuracy'])} | "
+            lines.append(head + " | ".join(cells) + " |")
         lines.append("")
 
     budgets = sorted({p["budget_fraction"] for p in points if p["selection"] == "budget"})
@@ -99,7 +104,8 @@ def render_markdown(metrics: dict[str, Any]) -> str:
             part = {(p["method"], p["budget_fraction"]): p for p in points
                     if p["selection"] == "budget" and p["threshold_source"] == source}
             lines += [f"## Accuracy at a mean-cost budget (fraction of the last stage's MFLOPs); {_SOURCE[source]}", "",
-                      "| method | " + " | ".join(f"<= {b * 100:g} %" for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+                      "| method | " + " | ".join(f"<= {b * 100:g} %" for b in budgets) + " |",
+                      "|---|" + "---:|" * len(budgets)]
             for m in methods:
                 cells = []
                 for b in budgets:
@@ -111,9 +117,10 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         if targets:
             part = {(p["method"], p["target_ad"]): p for p in points
                     if p["selection"] == "target_ad" and p["threshold_source"] == source}
-            lines += [f"## Mean MFLOPs at a target accuracy degradation vs the "
-                      f"{'last stage alone' if metrics['modes'][0] == 'white_box' else 'oracle'}; {_SOURCE[source]}", "",
-                      "| method | " + " | ".join(f"AD {t * 100:g} %" for t in targets) + " |", "|---|" + "---:|" * len(targets)]
+            reference = "last stage alone" if metrics["modes"][0] == "white_box" else "oracle"
+            lines += [f"## Mean MFLOPs at a target accuracy degradation vs the {reference}; {_SOURCE[source]}", "",
+                      "| method | " + " | ".join(f"AD {t * 100:g} %" for t in targets) + " |",
+                      "|---|" + "---:|" * len(targets)]
             for m in methods:
                 cells = []
                 for t in targets:
@@ -165,7 +172,8 @@ def write_figures(samples: pd.DataFrame, variants: dict, metrics: dict[str, Any]
                             xytext=(3, -9), textcoords="offset points")
     for s in range(k):
         col = f"plain_s{s}_correct"
-        ax.plot(metrics["stage_costs"][s], test[col].mean(), "s", color="k", ms=6, label="stages alone" if s == 0 else None)
+        ax.plot(metrics["stage_costs"][s], test[col].mean(), "s", color="k", ms=6,
+                label="stages alone" if s == 0 else None)
         ax.annotate(f"stage {s}", (metrics["stage_costs"][s], test[col].mean()), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")
     ax.set_xscale("log")

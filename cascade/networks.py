@@ -16,8 +16,52 @@ from cascade.confidence import confidence_stats, logit_stats
 from cascade.registry import METHODS
 from cascade.roles import Predictor, StageOutput
 
-#: what a predictor head may read; see :class:`PredictorHead`
-HEAD_INPUTS = ("features", "sorted_probs", "confidence", "logit_stats", "output")
+#: what a predictor head (or a stopping policy) may read; see :func:`head_input`
+HEAD_INPUTS = ("features", "sorted_probs", "sorted_log_probs", "confidence", "logit_stats", "output")
+#: the inputs that need label probabilities (a classification approximator)
+CLASSIFICATION_INPUTS = frozenset({"sorted_probs", "sorted_log_probs", "confidence", "logit_stats"})
+
+#: sorted log-probabilities are clipped here so a saturated softmax stays a finite input
+_LOG_PROB_FLOOR = -20.0
+
+
+def head_input_width(name: str, feature_dim: int, num_outputs: int) -> int:
+    """Width of one named head input."""
+    return {"features": feature_dim, "confidence": 3, "logit_stats": 2}.get(name, num_outputs)
+
+
+def head_input(inputs: Sequence[str], features: Tensor | None, output: Tensor) -> Tensor:
+    """The concatenated head inputs ``[B, S]`` read from a stage's features and output.
+
+    Args:
+        inputs: names from :data:`HEAD_INPUTS`: ``features`` (the shared features),
+            ``sorted_probs`` (the softmax sorted descending), ``sorted_log_probs`` (the same
+            in log space, floored at -20: it separates 0.99 from 0.999), ``confidence``
+            (MSP, top-2 gap, normalized negative entropy), ``logit_stats`` (top-2 logit
+            margin and MSP log-odds, which do not saturate in float32; unbounded), ``output``
+            (the raw output, e.g. regression coordinates).
+        features: ``[B, F]`` (needed only for ``features``).
+        output: logits ``[B, K]`` or coordinates ``[B, D]``.
+    """
+    parts = []
+    probs = output.softmax(dim=-1) if {"sorted_probs", "confidence"} & set(inputs) else None
+    for name in inputs:
+        if name == "features":
+            if features is None:
+                raise ValueError("the head reads features, but the stage does not expose them")
+            parts.append(features)
+        elif name == "sorted_probs":
+            parts.append(probs.sort(dim=-1, descending=True).values)
+        elif name == "sorted_log_probs":
+            logp = output.log_softmax(dim=-1).clamp_min(_LOG_PROB_FLOOR)
+            parts.append(logp.sort(dim=-1, descending=True).values)
+        elif name == "confidence":
+            parts.append(confidence_stats(probs))
+        elif name == "logit_stats":
+            parts.append(logit_stats(output))
+        else:
+            parts.append(output)
+    return torch.cat(parts, dim=-1)
 
 
 def mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.ReLU, dropout: float = 0.0) -> nn.Sequential:
@@ -58,12 +102,8 @@ class PredictorHead(nn.Module):
     Args:
         feature_dim: ``F`` of the shared features.
         num_outputs: ``K`` (classes) or ``D`` (coordinates) of the approximator.
-        inputs: any of ``features`` (shared features, the paper's choice),
-            ``sorted_probs`` (the approximator's softmax sorted descending),
-            ``confidence`` (its MSP, top-2 gap and normalized negative entropy),
-            ``logit_stats`` (top-2 logit margin and MSP log-odds: confidence that does not
-            saturate in float32; unbounded, so use with ``normalize``),
-            ``output`` (the raw output; for regression).
+        inputs: names from :data:`HEAD_INPUTS` (see :func:`head_input`); ``features``
+            alone is the paper's choice.
         hidden: hidden layer widths; ``[]`` is the paper's single fully-connected layer.
         detach: stop the predictor's gradient at its inputs, so that ``-log q`` does not
             reshape the shared features or the approximator's output.
@@ -86,33 +126,19 @@ class PredictorHead(nn.Module):
         unknown = [i for i in inputs if i not in HEAD_INPUTS]
         if unknown or not inputs:
             raise ValueError(f"predictor inputs must be a non-empty subset of {HEAD_INPUTS}, got {list(inputs)}")
-        if not classification and ({"sorted_probs", "confidence", "logit_stats"} & set(inputs)):
-            raise ValueError("sorted_probs, confidence and logit_stats need a classification approximator")
+        if not classification and CLASSIFICATION_INPUTS & set(inputs):
+            raise ValueError(f"{sorted(CLASSIFICATION_INPUTS)} need a classification approximator")
         self.inputs = tuple(inputs)
         self.detach = detach
-        width = {"features": feature_dim, "sorted_probs": num_outputs, "confidence": 3, "logit_stats": 2,
-                 "output": num_outputs}
-        in_dim = sum(width[i] for i in self.inputs)
+        in_dim = sum(head_input_width(i, feature_dim, num_outputs) for i in self.inputs)
         self.norm = nn.BatchNorm1d(in_dim) if normalize else nn.Identity()
         self.net = mlp([in_dim, *hidden, 1])
 
-    def forward(self, features: Tensor, output: Tensor) -> Tensor:
+    def forward(self, features: Tensor | None, output: Tensor) -> Tensor:
         if self.detach:
-            features, output = features.detach(), output.detach()
-        parts = []
-        probs = output.softmax(dim=-1) if {"sorted_probs", "confidence"} & set(self.inputs) else None
-        for name in self.inputs:
-            if name == "features":
-                parts.append(features)
-            elif name == "sorted_probs":
-                parts.append(probs.sort(dim=-1, descending=True).values)
-            elif name == "confidence":
-                parts.append(confidence_stats(probs))
-            elif name == "logit_stats":
-                parts.append(logit_stats(output))
-            else:
-                parts.append(output)
-        return torch.sigmoid(self.net(self.norm(torch.cat(parts, dim=-1)))).squeeze(-1)  # [B]
+            features = features.detach() if features is not None else None
+            output = output.detach()
+        return torch.sigmoid(self.net(self.norm(head_input(self.inputs, features, output)))).squeeze(-1)  # [B]
 
 
 class TwoHeadNetwork(nn.Module):

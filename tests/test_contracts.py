@@ -7,7 +7,7 @@ from cascade import METHODS, NETWORKS, TASKS, PredictorHead, StageOutput, TwoHea
 from cascade.registry import Registry
 from cascade import CascadeError
 
-NETWORK_SHAPES = {"mlp": (1, 8, 8), "cnn": (1, 8, 8)}
+NETWORK_SHAPES = {"mlp": (1, 8, 8), "cnn": (1, 8, 8), "keypoint_cnn": (1, 96, 96)}
 
 
 @pytest.mark.parametrize("name", NETWORKS.names())
@@ -70,3 +70,12 @@ def test_digits_splits_are_stratified_and_fixed_by_seed():
     # every class in every split
     for split in (a.train, a.cal, a.test):
         assert len(torch.unique(split.tensors[1])) == 10
+
+
+def test_config_head_inputs_match_the_network_code():
+    from typing import get_args
+
+    from cascade.config import HeadInput
+    from cascade.networks import HEAD_INPUTS
+
+    assert set(get_args(HeadInput)) == set(HEAD_INPUTS)

@@ -181,7 +181,8 @@ def test_gradients_reach_every_parameter_and_a_detached_state_stops_them():
 
 
 def _mlp(in_dim: int, width: int, classes: int = 3) -> FeatureNet:
-    return FeatureNet(nn.Sequential(nn.Flatten(), nn.Linear(in_dim, width), nn.ReLU()), nn.Linear(width, classes), width)
+    features = nn.Sequential(nn.Flatten(), nn.Linear(in_dim, width), nn.ReLU())
+    return FeatureNet(features, nn.Linear(width, classes), width)
 
 
 def test_stage_costs_by_hand():
