@@ -26,7 +26,8 @@ from cascade.roles import (
     WhiteBoxOracle,
 )
 from cascade.thresholds import OperatingPoint, Sweep, apply_threshold, select_threshold, sweep
-from cascade.trainer import CheckpointHook, CheckpointStore, HistoryHook, HookBase, LambdaControllerHook, ProgressHook, Trainer
+from cascade.checkpoint import CheckpointHook, CheckpointStore
+from cascade.trainer import HistoryHook, HookBase, LambdaControllerHook, ProgressHook, Trainer
 
 __all__ = [
     "AppealNetObjective",

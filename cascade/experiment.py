@@ -35,17 +35,8 @@ from cascade.networks import FeatureNet, PredictorHead, TwoHeadNetwork
 from cascade.objectives import AppealNetObjective, Objective, SupervisedObjective
 from cascade.registry import METHODS, NETWORKS, TASKS
 from cascade.roles import BlackBoxOracle, MethodContext, Oracle, Predictor, Splits, Task, WhiteBoxOracle
-from cascade.trainer import (
-    CheckpointStore,
-    HistoryHook,
-    HookBase,
-    LambdaControllerHook,
-    ProgressHook,
-    Trainer,
-    atomic_path,
-    atomic_save,
-    atomic_write_text,
-)
+from cascade.checkpoint import CheckpointStore, atomic_path, atomic_save, atomic_write_text
+from cascade.trainer import HistoryHook, HookBase, LambdaControllerHook, ProgressHook, Trainer
 
 log = logging.getLogger("cascade")
 

@@ -69,7 +69,8 @@ from cascade.networks import AppealNetScore, PredictorHead, TwoHeadNetwork
 from cascade.objectives import AppealNetObjective, Objective, SupervisedObjective
 from cascade.registry import METHODS
 from cascade.roles import BlackBoxOracle, MethodContext, Oracle, Predictor, Splits, StageOutput, WhiteBoxOracle
-from cascade.trainer import HistoryHook, HookBase, LambdaControllerHook, ProgressHook, Trainer, atomic_save
+from cascade.checkpoint import atomic_save
+from cascade.trainer import HistoryHook, HookBase, LambdaControllerHook, ProgressHook, Trainer
 
 #: a stage-score function: (stage index, the stage's output, the batch's inputs) -> [B]
 ScoreFn = Callable[[int, StageOutput, Tensor], Tensor]

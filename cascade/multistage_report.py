@@ -134,10 +134,9 @@ def render_markdown(metrics: dict[str, Any]) -> str:
 
 def write_tables(metrics: dict[str, Any], out: Path) -> str:
     """``table.md`` and ``table.csv``; the markdown."""
-    md = render_markdown(metrics)
-    (out / "table.md").write_text(md + "\n")
-    table_rows(metrics).to_csv(out / "table.csv", index=False)
-    return md
+    from cascade import report
+
+    return report.write_tables(metrics, out, render_markdown, table_rows)
 
 
 def write_figures(samples: pd.DataFrame, variants: dict, metrics: dict[str, Any], out: Path) -> None:

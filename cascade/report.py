@@ -90,10 +90,14 @@ def render_markdown(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_tables(metrics: dict[str, Any], out: Path) -> str:
-    md = render_markdown(metrics)
+def write_tables(metrics: dict[str, Any], out: Path, render=None, rows=None) -> str:
+    """``table.md`` (``render(metrics)``) and ``table.csv`` (``rows(metrics)``); the markdown.
+
+    The defaults are the AppealNet tables; other experiments pass their own renderers.
+    """
+    md = (render or render_markdown)(metrics)
     (out / "table.md").write_text(md + "\n")
-    table_rows(metrics).to_csv(out / "table.csv", index=False)
+    (rows or table_rows)(metrics).to_csv(out / "table.csv", index=False)
     return md
 
 

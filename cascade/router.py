@@ -14,6 +14,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from cascade.checkpoint import load_checkpoint
 from cascade.errors import CascadeError
 from cascade.roles import Predictor, StageOutput
 
@@ -101,18 +102,10 @@ class Router(nn.Module):
         base = build_network(exp.little_spec, task)
         little = TwoHeadNetwork(base, PredictorHead(base.feature_dim, task.num_outputs, pc.inputs, pc.hidden, pc.detach,
                                                     task.criterion.kind == "classification", pc.normalize))
-        little.load_state_dict(_load(run / "checkpoints" / f"seed{seed}_{key}.pt"))
+        little.load_state_dict(load_checkpoint(run / "checkpoints" / f"seed{seed}_{key}.pt"))
         big = None
         if mode == "white_box":
             big = build_network(exp.big_spec, task)
-            big.load_state_dict(_load(run / "checkpoints" / f"seed{seed}_big.pt"))
+            big.load_state_dict(load_checkpoint(run / "checkpoints" / f"seed{seed}_big.pt"))
         return cls(little, AppealNetScore(), float(row["threshold"].iloc[0]), big)
 
-
-def _load(path: Path) -> dict:
-    if not path.is_file():
-        raise CascadeError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt or foreign file: report it, never unpickle code
-        raise CascadeError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: {exc})") from None

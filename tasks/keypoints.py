@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from cascade import NETWORKS, TASKS, DataError, FeatureNet, MaskedL2TaskLoss, Splits, Task, TaskOptions

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cascade import TASKS, DataError, FeatureNet, MaskedL2TaskLoss, MethodContext, StageOutput, Trainer
+from cascade import DataError, FeatureNet, MaskedL2TaskLoss, MethodContext, StageOutput, Trainer
 from cascade.cli import main
 from cascade.cost import measure_cost
 from tasks.faces import IMAGE_COLUMN, KEYPOINT_COLUMNS, KEYPOINT_NAMES, generate_faces, write_faces_csv

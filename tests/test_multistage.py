@@ -94,7 +94,6 @@ def test_reinforce_objective_known_answer():
 
 def test_self_critical_baseline_is_the_greedy_reward():
     torch.manual_seed(0)
-    y = torch.tensor([0, 1])
     obj = ReinforceObjective(CrossEntropyTaskLoss(), [1.0, 4.0, 16.0], alpha=0.5, reward="error",
                              baseline="self_critical")
     task = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])  # 0-1 errors per stage

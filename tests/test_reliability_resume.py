@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from cascade import CheckpointError, CheckpointStore, SupervisedObjective, Trainer
 from cascade.cli import main
 from cascade.losses import CrossEntropyTaskLoss
-from cascade.trainer import atomic_save, load_checkpoint
+from cascade.checkpoint import atomic_save, load_checkpoint
 from tests.conftest import REPO
 
 TINY = """\

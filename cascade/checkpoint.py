@@ -1,0 +1,234 @@
+"""Checkpoint files: atomic writes, safe loading, and one resumable file per training phase.
+
+Every file is written to a temporary name in the same folder and renamed into place, so
+a crash never leaves half a checkpoint; loading uses ``torch.load(weights_only=True)``,
+so a checkpoint never runs code. :class:`CheckpointStore` keeps one trainer state per
+training phase of a run, fingerprinted by the config that wrote it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from cascade.errors import CheckpointError
+from cascade.trainer import CHECKPOINT_FORMAT, HookBase, Trainer, log
+
+# ----------------------------------------------------------------------------- files
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path in ``path``'s folder, renamed over ``path`` if the block succeeds.
+
+    Readers see the old file or the new one, never half of one (an interrupt or a full
+    disk leaves the old file as it was).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def load_checkpoint(path: str | Path) -> Any:
+    """Read a file written by ``torch.save`` with ``weights_only=True``: tensors and plain
+    data only, never code.
+
+    Raises:
+        CheckpointError: missing, truncated or corrupt file, or one that would need to
+            unpickle code (refused).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found:  # the file names a class or function to call: refuse, never run it
+            raise CheckpointError(f"{path}: refused: it holds more than tensors and plain data ({found.group(1)}), "
+                                  "and loading it would run code (checkpoints load with weights_only=True)") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt: {_first_line(exc)})") from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError... on a damaged file
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt: {_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    """The gist of a loading error, on one line."""
+    text = str(exc)
+    found = re.search(r"WeightsUnpickler error: *([^\n]*)", text)
+    if found and found.group(1).strip():
+        text = found.group(1)
+    else:
+        following = re.search(r"WeightsUnpickler error: *\n\s*([^\n]+)", text)
+        text = following.group(1) if following else (text.splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text.strip()[:100]}"
+
+
+class CheckpointHook(HookBase):
+    """Writes the trainer's state atomically to ``path`` after every epoch and on Ctrl-C.
+
+    The file holds ``{"format", **meta, "trainer": trainer.state_dict()}``; read it with
+    :func:`load_checkpoint`.
+
+    Args:
+        path: the file, replaced at each write.
+        meta: plain data saved alongside (e.g. the run's config fingerprint).
+    """
+
+    def __init__(self, path: str | Path, meta: dict[str, Any] | None = None):
+        self.path = Path(path)
+        self.meta = dict(meta or {})
+
+    def _save(self, trainer: Trainer) -> None:
+        atomic_save({"format": CHECKPOINT_FORMAT, **self.meta, "trainer": trainer.state_dict()}, self.path)
+        trainer.last_checkpoint = f"{self.path} (epoch {trainer.epoch}, step {trainer.step})"
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        self._save(trainer)
+
+    def on_interrupt(self, trainer: Trainer) -> None:
+        self._save(trainer)
+
+
+def fingerprint_differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """``key.path: <saved> in the checkpoint, <now> now`` for every leaf that differs."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = []
+        for k in sorted(set(saved) | set(now), key=str):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if k not in saved:
+                out.append(f"{key}: absent in the checkpoint, {_short(now[k])} now")
+            elif k not in now:
+                out.append(f"{key}: {_short(saved[k])} in the checkpoint, absent now")
+            else:
+                out += fingerprint_differences(saved[k], now[k], key)
+        return out
+    return [] if saved == now else [f"{prefix or '<root>'}: {_short(saved)} in the checkpoint, {_short(now)} now"]
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+class CheckpointStore:
+    """One resumable checkpoint per training phase of a run, in ``folder``.
+
+    :meth:`fit` trains a :class:`Trainer` with a :class:`CheckpointHook` writing
+    ``<folder>/<name>.pt`` (the trainer's ``name``, made file-safe) after every epoch and
+    on Ctrl-C. With ``resume``, an existing file is loaded first: a finished phase is not
+    trained again (its weights, hooks, objective and RNG states are restored, so what
+    follows draws the same random numbers), an unfinished one continues from where it
+    stopped. Phases must run in the same order on resume as they did before; a name used
+    twice in one run gets a numbered file of its own.
+
+    Args:
+        folder: where the files go.
+        fingerprint: plain data describing everything that decides training (the
+            resolved config); a file written under a different one is refused.
+        resume: load existing files; without it they are overwritten.
+    """
+
+    def __init__(self, folder: str | Path, fingerprint: dict[str, Any], resume: bool = False):
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+        self.resume = resume
+        self._claimed: dict[str, int] = {}
+
+    def files(self) -> list[Path]:
+        """The checkpoint files in the folder."""
+        return sorted(self.folder.glob("*.pt")) if self.folder.is_dir() else []
+
+    def path(self, name: str) -> Path:
+        """The file of the phase ``name`` (without claiming it)."""
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "phase"
+        return self.folder / f"{slug}.pt"
+
+    def _claim(self, name: str) -> Path:
+        count = self._claimed.get(name, 0)
+        self._claimed[name] = count + 1
+        path = self.path(name)
+        return path if count == 0 else path.with_name(f"{path.stem}_{count + 1}.pt")
+
+    def read(self, path: Path, phase: str | None = None) -> dict[str, Any]:
+        """A checkpoint of this store, checked against the fingerprint (and ``phase``).
+
+        Raises:
+            CheckpointError: unreadable, not a training checkpoint, another phase's, or
+                written under a different config (the keys that differ are named).
+        """
+        ckpt = load_checkpoint(path)
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "trainer" not in ckpt:
+            raise CheckpointError(f"{path}: not a cascade training checkpoint (format {CHECKPOINT_FORMAT})")
+        diffs = fingerprint_differences(ckpt.get("fingerprint"), self.fingerprint)
+        if diffs:
+            more = f" (and {len(diffs) - 4} more)" if len(diffs) > 4 else ""
+            raise CheckpointError(f"{path}: written by a different config: {'; '.join(diffs[:4])}{more}; "
+                                  "resume with the config it was written with, or start over in another --out")
+        if phase is not None and ckpt.get("phase") != phase:
+            raise CheckpointError(f"{path}: the checkpoint of phase {ckpt.get('phase')!r}, not {phase!r}")
+        return ckpt
+
+    def verify(self) -> None:
+        """Check every file in the folder against the fingerprint, before any work.
+
+        Raises:
+            CheckpointError: see :meth:`read`.
+        """
+        for path in self.files():
+            self.read(path)
+
+    def fit(self, trainer: Trainer) -> None:
+        """Train ``trainer`` with per-epoch checkpoints, resuming from its file if asked.
+
+        Raises:
+            CheckpointError: the phase's file does not fit (see :meth:`read`; the network,
+                optimizer or hooks differ).
+            TrainingError, KeyboardInterrupt: see :meth:`Trainer.train`.
+        """
+        path = self._claim(trainer.name)
+        trainer.hooks.append(CheckpointHook(path, {"phase": trainer.name, "fingerprint": self.fingerprint}))
+        if self.resume and path.is_file():
+            ckpt = self.read(path, trainer.name)
+            try:
+                trainer.load_state_dict(ckpt["trainer"])
+            except CheckpointError as exc:
+                raise CheckpointError(f"{path}: {exc}") from None
+            trainer.last_checkpoint = f"{path} (epoch {trainer.epoch}, step {trainer.step})"
+            done = "finished, not trained again" if trainer.epoch >= trainer.epochs else "continuing"
+            log.info("%s: resumed from %s at epoch %d, step %d (%s)", trainer.name, path, trainer.epoch,
+                     trainer.step, done)
+        trainer.train()
+
+    def clear(self) -> None:
+        """Remove the files (the run finished; its final weights are saved elsewhere)."""
+        for path in self.files():
+            path.unlink()
+        with contextlib.suppress(OSError):
+            self.folder.rmdir()
