@@ -55,8 +55,8 @@ VARIANTS: dict[str, list[str]] = {
     "logits_error": LOGITS + ERROR,
     "logits_lr10": LOGITS + ["appealnet.predictor.lr_scale=10"],
     "logits_full": LOGITS + FULL,
-    "probs_mlp_long": PROBS + ["appealnet.finetune.epochs=6"],
-    "probs_mlp_full_long": PROBS + FULL + ["appealnet.finetune.epochs=6"],
+    "probs_mlp_long": PROBS + ["appealnet.finetune.epochs=12"],
+    "probs_mlp_full_long": PROBS + FULL + ["appealnet.finetune.epochs=12"],
     "logits_features": LOGITS[1:] + ["appealnet.predictor.inputs=[features, sorted_probs, confidence, logit_stats]"],
     "probs_mlp_budget_0.2": PROBS + ["appealnet.lambda.budget=0.2"],
     "probs_mlp_budget_1.0": PROBS + ["appealnet.lambda.budget=1.0"],
@@ -73,13 +73,16 @@ def summarize(metrics: dict) -> dict[str, float]:
             ratios = []
             for t in sorted({p["target_ad"] for p in pts if p["mode"] == mode}):
                 here = [p for p in pts if p["mode"] == mode and p["threshold_source"] == source and p["target_ad"] == t]
+                if not here:
+                    continue
                 app = next(p[field] for p in here if p["method"] == "appealnet")
                 best = min(p[field] for p in here if p["method"] != "appealnet")
                 if app > 0:
                     ratios.append(best / app)
                 elif best == 0:
                     ratios.append(1.0)
-            out[f"{mode}/{source}"] = float(np.mean(ratios)) if ratios else float("nan")
+            if ratios:
+                out[f"{mode}/{source}"] = float(np.mean(ratios))
     return out
 
 

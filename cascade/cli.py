@@ -56,6 +56,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # `run` also checks the data paths that come from $CASCADE_DATA or the default root
     cfg = load_config(args.config, overrides, quick=args.quick, resolve_data=True)
     out = Path(args.out) if args.out else Path("runs") / (cfg.name or Path(args.config).stem)
+    if cfg.threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     if cfg.cascade is not None:  # a K-stage cascade with a REINFORCE stopping policy
         from cascade.multistage_experiment import run_multistage
 

@@ -182,6 +182,9 @@ class ExperimentConfig(_Strict):
         default_factory=lambda: ["white_box", "black_box"], min_length=1
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: CPU threads for torch (None: torch's default). Networks this small run faster on
+    #: one thread than on two when other processes share the cores.
+    threads: Annotated[int, Field(gt=0)] | None = None
     little: NetworkSpec | None = None
     big: NetworkSpec | None = None
     pretrain: OptimConfig = Field(default_factory=OptimConfig)
