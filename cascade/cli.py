@@ -47,8 +47,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from cascade.config import load_config
-    from cascade.experiment import Experiment
-    from cascade.report import render_markdown
 
     overrides = list(args.overrides)
     if args.seed:
@@ -56,10 +54,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # `run` also checks the data paths that come from $CASCADE_DATA or the default root
     cfg = load_config(args.config, overrides, quick=args.quick, resolve_data=True)
     out = Path(args.out) if args.out else Path("runs") / (cfg.name or Path(args.config).stem)
-    if cfg.threads is not None:
-        import torch
+    import torch
 
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _run_experiment(cfg, out, args)
+    finally:  # main() may be called in-process (tests, notebooks): leave torch as it was
+        torch.set_num_threads(threads)
+
+
+def _run_experiment(cfg, out: Path, args: argparse.Namespace) -> int:
+    from cascade.experiment import Experiment
+    from cascade.report import render_markdown
+
     if cfg.cascade is not None:  # a K-stage cascade with a REINFORCE stopping policy
         from cascade.multistage_experiment import run_multistage
 
