@@ -72,10 +72,8 @@ def _run_experiment(cfg, out: Path, args: argparse.Namespace) -> int:
     if cfg.cascade is not None:  # a K-stage cascade with a REINFORCE stopping policy
         from cascade.multistage_experiment import run_multistage
 
-        if args.resume:
-            raise CascadeError(f"{args.config}: --resume is not supported yet for cascade: (multi-stage) configs")
-
-        print(run_multistage(cfg, out, quiet=args.quiet or not sys.stderr.isatty(), source=args.config))
+        print(run_multistage(cfg, out, quiet=args.quiet or not sys.stderr.isatty(), source=args.config,
+                             resume=args.resume))
         print(f"\nresults in {out}/ (metrics.json, table.md, table.csv, samples.csv, figures/, checkpoints/)")
         return 0
     metrics = Experiment(cfg, out, quiet=args.quiet or not sys.stderr.isatty(), source=args.config).run(args.resume)

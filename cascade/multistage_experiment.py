@@ -53,7 +53,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from cascade.config import ExperimentConfig, OptimConfig, resolved_dict
 from cascade.cost import measure_cost
 from cascade.errors import CascadeError
-from cascade.experiment import build_network, build_optimizer, build_task, check_splits, make_loader, resolve_device
+from cascade.experiment import (
+    build_network,
+    build_optimizer,
+    build_task,
+    check_splits,
+    checkpoint_store,
+    make_loader,
+    resolve_device,
+)
 from cascade.multistage import MultiStageCascade, ReinforceObjective, ReinforceStopScore, StoppingPolicy, stage_costs
 from cascade.multistage_eval import (
     CascadeSweep,
@@ -69,7 +77,7 @@ from cascade.networks import AppealNetScore, PredictorHead, TwoHeadNetwork
 from cascade.objectives import AppealNetObjective, Objective, SupervisedObjective
 from cascade.registry import METHODS
 from cascade.roles import BlackBoxOracle, MethodContext, Oracle, Predictor, Splits, StageOutput, WhiteBoxOracle
-from cascade.checkpoint import atomic_save
+from cascade.checkpoint import CheckpointStore, atomic_save
 from cascade.trainer import HistoryHook, HookBase, LambdaControllerHook, ProgressHook, Trainer
 
 #: a stage-score function: (stage index, the stage's output, the batch's inputs) -> [B]
@@ -113,6 +121,7 @@ class MultiStageExperiment:
                     f"{source or 'config'}: cascade.oracle_mflops: the black-box oracle's cost is unknown")
         self.num_stages = len(self.cc.stages) + (self.mode == "black_box")
         self.histories: dict[str, list[dict[str, float]]] = {}
+        self.checkpoints: CheckpointStore | None = None  # set while run() trains
 
     # -- training ---------------------------------------------------------------------
 
@@ -131,7 +140,11 @@ class MultiStageExperiment:
         history = HistoryHook()
         hooks = [*extra_hooks, history, ProgressHook(desc, disable=self.quiet)]
         loader = make_loader(data, oc.batch_size, shuffle=True, seed=seed)
-        Trainer(model, objective, opt, loader, oc.epochs, hooks, sched, self.device, name=desc).train()
+        trainer = Trainer(model, objective, opt, loader, oc.epochs, hooks, sched, self.device, name=desc)
+        if self.checkpoints is not None:  # inside run(): checkpointed after each epoch, resumable
+            self.checkpoints.fit(trainer)
+        else:
+            trainer.train()
         self.histories[desc] = history.history
 
     def _oracle(self) -> BlackBoxOracle | None:
@@ -316,8 +329,26 @@ class MultiStageExperiment:
 
     # -- the whole run ----------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
-        """Train and evaluate every seed, write every output file; the metrics dict."""
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Train and evaluate every seed, write every output file; the metrics dict.
+
+        Every training phase is checkpointed after each epoch and on Ctrl-C, as in the
+        AppealNet experiment (:meth:`cascade.experiment.Experiment.run`); ``resume``
+        continues an interrupted run in the same folder.
+
+        Raises:
+            CheckpointError: checkpoints that do not fit, or an unfinished run's
+                checkpoints when ``resume`` is off; raised before any work.
+        """
+        self.checkpoints = checkpoint_store(self.cfg, self.out, resume)
+        try:
+            metrics = self._run()
+            self.checkpoints.clear()  # finished: the final weights are in checkpoints/
+            return metrics
+        finally:
+            self.checkpoints = None
+
+    def _run(self) -> dict[str, Any]:
         import yaml
 
         cfg = self.cfg
@@ -530,8 +561,10 @@ def comparison(points: list[dict], others: list[str]) -> list[dict]:
     return out
 
 
-def run_multistage(cfg: ExperimentConfig, out_dir: str | Path, quiet: bool = False, source: str = "") -> str:
+def run_multistage(
+    cfg: ExperimentConfig, out_dir: str | Path, quiet: bool = False, source: str = "", resume: bool = False
+) -> str:
     """Run a ``cascade:`` config; the markdown summary (also written to ``table.md``)."""
     from cascade.multistage_report import render_markdown
 
-    return render_markdown(MultiStageExperiment(cfg, out_dir, quiet=quiet, source=source).run())
+    return render_markdown(MultiStageExperiment(cfg, out_dir, quiet=quiet, source=source).run(resume))

@@ -266,3 +266,37 @@ def test_every_torch_load_uses_weights_only():
                     calls.append((f"{path.relative_to(REPO)}:{node.lineno}", safe))
     assert calls, "no torch.load found: the scan is broken"
     assert [where for where, safe in calls if not safe] == []
+
+
+# ============================================================================ the same for a cascade: config
+
+TINY_CASCADE = """\
+task: {name: digits}
+seeds: [0]
+threads: 2
+pretrain: {epochs: 1, batch_size: 128, lr: 0.003}
+appealnet: {finetune: {epochs: 1, batch_size: 128, lr: 0.003}}
+evaluation: {methods: [msp]}
+cascade:
+  stages: [{name: mlp, hidden: [8]}, {name: mlp, hidden: [32]}]
+  appealnet_cascade: false
+  reinforce: {alphas: [0.05], finetune: {epochs: 2, batch_size: 128, lr: 0.003}}
+"""
+
+
+def test_interrupted_cascade_run_resumes_to_the_uninterrupted_metrics(tmp_path):
+    (tmp_path / "c.yaml").write_text(TINY_CASCADE)
+    assert _run(tmp_path / "c.yaml", "--out", tmp_path / "reference") == 0
+    script = tmp_path / "interrupting_cli.py"
+    script.write_text(INTERRUPTING_CLI)
+    # 899 training inputs / 128 = 7 steps an epoch (the ragged batch dropped): step 12 is
+    # inside the policy's second epoch
+    env = {**os.environ, "STOP_PHASE": "seed 0 reinforce_a0.05", "STOP_STEP": "12", "OMP_NUM_THREADS": "2"}
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(script), "run", str(tmp_path / "c.yaml"), "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 130, proc.stderr
+    assert not (out / "metrics.json").exists() and list((out / "checkpoints" / "resume").glob("*.pt"))
+    assert _run(tmp_path / "c.yaml", "--out", out, "--resume") == 0
+    assert (out / "metrics.json").read_bytes() == (tmp_path / "reference" / "metrics.json").read_bytes()
+    assert not (out / "checkpoints" / "resume").exists()
