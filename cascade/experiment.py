@@ -19,7 +19,7 @@ import copy
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Callable, Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -117,6 +117,22 @@ def checkpoint_store(cfg: ExperimentConfig, out_dir: Path, resume: bool) -> Chec
                               "checkpoints here; continue it with --resume, or delete that folder (or choose another "
                               "--out) to start over")
     return store
+
+
+def run_checkpointed(experiment: Any, resume: bool, body: Callable[[], Any]) -> Any:
+    """Run ``body()`` with ``experiment.checkpoints`` set to the run's checkpoint store.
+
+    The store is checked before ``body`` writes anything; once ``body`` has finished the
+    resumable checkpoints are removed (the final weights are in ``checkpoints/``). If it
+    stops (error, Ctrl-C) they stay, for ``--resume``.
+    """
+    experiment.checkpoints = checkpoint_store(experiment.cfg, experiment.out, resume)
+    try:
+        result = body()
+        experiment.checkpoints.clear()
+        return result
+    finally:
+        experiment.checkpoints = None
 
 
 def check_splits(task: Task, splits: Splits, what: str) -> None:
@@ -362,16 +378,14 @@ class Experiment:
                 checkpoint are named; the checkpoints are kept).
             KeyboardInterrupt: Ctrl-C, after the running phase saved its checkpoint.
         """
-        self.checkpoints = checkpoint_store(self.cfg, self.out, resume)  # checked before anything is written
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "checkpoints").mkdir(exist_ok=True)
-        try:
+
+        def body() -> dict[str, Any]:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "checkpoints").mkdir(exist_ok=True)
             with _log_to(self.out / "run.log", append=resume):
-                metrics = self._run()
-            self.checkpoints.clear()  # finished: the final weights are in checkpoints/
-            return metrics
-        finally:
-            self.checkpoints = None
+                return self._run()
+
+        return run_checkpointed(self, resume, body)
 
     def _run(self) -> dict[str, Any]:
         import yaml

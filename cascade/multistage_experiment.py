@@ -58,7 +58,7 @@ from cascade.experiment import (
     build_optimizer,
     build_task,
     check_splits,
-    checkpoint_store,
+    run_checkpointed,
     make_loader,
     resolve_device,
 )
@@ -340,13 +340,7 @@ class MultiStageExperiment:
             CheckpointError: checkpoints that do not fit, or an unfinished run's
                 checkpoints when ``resume`` is off; raised before any work.
         """
-        self.checkpoints = checkpoint_store(self.cfg, self.out, resume)
-        try:
-            metrics = self._run()
-            self.checkpoints.clear()  # finished: the final weights are in checkpoints/
-            return metrics
-        finally:
-            self.checkpoints = None
+        return run_checkpointed(self, resume, self._run)
 
     def _run(self) -> dict[str, Any]:
         import yaml
