@@ -103,33 +103,33 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         if budgets:
             part = {(p["method"], p["budget_fraction"]): p for p in points
                     if p["selection"] == "budget" and p["threshold_source"] == source}
-            lines += [f"## Accuracy at a mean-cost budget (fraction of the last stage's MFLOPs); {_SOURCE[source]}", "",
-                      "| method | " + " | ".join(f"<= {b * 100:g} %" for b in budgets) + " |",
-                      "|---|" + "---:|" * len(budgets)]
-            for m in methods:
-                cells = []
-                for b in budgets:
-                    p = part[(m, b)]
-                    cells.append(_pct(p["system_accuracy"], p.get("system_accuracy_std"))
-                                 + ("" if p["feasible"] else " (infeasible)"))
-                lines.append(f"| {m} | " + " | ".join(cells) + " |")
-            lines.append("")
+
+            def budget_cell(p: dict) -> str:
+                return _pct(p["system_accuracy"], p.get("system_accuracy_std")) + (
+                    "" if p["feasible"] else " (infeasible)")
+
+            lines += _grid(f"Accuracy at a mean-cost budget (fraction of the last stage's MFLOPs); {_SOURCE[source]}",
+                           [f"<= {b * 100:g} %" for b in budgets], budgets, methods, part, budget_cell)
         if targets:
             part = {(p["method"], p["target_ad"]): p for p in points
                     if p["selection"] == "target_ad" and p["threshold_source"] == source}
             reference = "last stage alone" if metrics["modes"][0] == "white_box" else "oracle"
-            lines += [f"## Mean MFLOPs at a target accuracy degradation vs the {reference}; {_SOURCE[source]}", "",
-                      "| method | " + " | ".join(f"AD {t * 100:g} %" for t in targets) + " |",
-                      "|---|" + "---:|" * len(targets)]
-            for m in methods:
-                cells = []
-                for t in targets:
-                    p = part[(m, t)]
-                    cells.append(f"{_mflops(p['cost_mflops'], p.get('cost_mflops_std'))} (AD {p['ad'] * 100:.2f} %)"
-                                 + ("" if p["feasible"] else " (not reached)"))
-                lines.append(f"| {m} | " + " | ".join(cells) + " |")
-            lines.append("")
+
+            def target_cell(p: dict) -> str:
+                return (f"{_mflops(p['cost_mflops'], p.get('cost_mflops_std'))} (AD {p['ad'] * 100:.2f} %)"
+                        + ("" if p["feasible"] else " (not reached)"))
+
+            lines += _grid(f"Mean MFLOPs at a target accuracy degradation vs the {reference}; {_SOURCE[source]}",
+                           [f"AD {t * 100:g} %" for t in targets], targets, methods, part, target_cell)
     return "\n".join(lines)
+
+
+def _grid(title: str, headers: list[str], keys: list, methods: list[str], part: dict, cell) -> list[str]:
+    """A markdown table: one row per method, one column per key, ``cell(point)`` in each."""
+    lines = [f"## {title}", "", "| method | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(headers)]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(cell(part[(m, k)]) for k in keys) + " |")
+    return lines + [""]
 
 
 def write_tables(metrics: dict[str, Any], out: Path) -> str:
