@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from cascade import METHODS, Predictor, StageOutput
+from cascade import METHODS, Predictor, StageOutput, TaskKind
 from cascade.confidence import max_softmax, normalized_neg_entropy, top2_gap
 
 
@@ -18,7 +18,8 @@ def _probs(stage: StageOutput) -> Tensor:
 class MaxSoftmaxScore(Predictor):
     """Maximum softmax probability ``max_k p_k``."""
 
-    name = "msp"
+    task_kinds = frozenset({TaskKind.CLASSIFICATION})
+    default_for = frozenset({TaskKind.CLASSIFICATION})
 
     def score(self, stage: StageOutput) -> Tensor:
         return max_softmax(_probs(stage))
@@ -28,7 +29,8 @@ class MaxSoftmaxScore(Predictor):
 class GapScore(Predictor):
     """Top-2 margin ``p_(1) - p_(2)``."""
 
-    name = "gap"
+    task_kinds = frozenset({TaskKind.CLASSIFICATION})
+    default_for = frozenset({TaskKind.CLASSIFICATION})
 
     def score(self, stage: StageOutput) -> Tensor:
         return top2_gap(_probs(stage))
@@ -38,7 +40,8 @@ class GapScore(Predictor):
 class EntropyScore(Predictor):
     """Negative entropy, rescaled to [0, 1] as ``1 - H(p) / log K`` (same ranking)."""
 
-    name = "entropy"
+    task_kinds = frozenset({TaskKind.CLASSIFICATION})
+    default_for = frozenset({TaskKind.CLASSIFICATION})
 
     def score(self, stage: StageOutput) -> Tensor:
         return normalized_neg_entropy(_probs(stage))

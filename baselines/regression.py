@@ -14,18 +14,21 @@ Both score in [0, 1], higher = keep on the little network.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cascade import METHODS, CascadeError, MethodContext, Objective, Predictor, StageOutput, mlp
+from cascade import METHODS, CascadeError, MethodContext, MethodOptions, Objective, Predictor, StageOutput, TaskKind, mlp
 from cascade.config import OptimConfig
 
 
-def _stage(out: object) -> StageOutput:
-    return out if isinstance(out, StageOutput) else StageOutput(output=out)
+class McDropoutOptions(MethodOptions):
+    """``{name: mc_dropout, passes: 20}``: stochastic passes per input."""
+
+    passes: Annotated[int, Field(ge=2)] = 10
 
 
 @METHODS.register("mc_dropout")
@@ -36,14 +39,13 @@ class McDropoutScore(Predictor):
     ``s`` is in the targets' units times the criterion's ``scale`` (pixels for
     keypoints), so a score of 0.5 means the passes disagree by one pixel (RMS).
 
-    Attributes:
-        passes: stochastic forward passes per input.
+    Options: ``passes``, stochastic forward passes per input (default 10).
     """
 
-    name = "mc_dropout"
-    passes: ClassVar[int] = 10
+    Options = McDropoutOptions
 
-    def __init__(self) -> None:
+    def __init__(self, options: McDropoutOptions | None = None) -> None:
+        super().__init__(options)
         self.scale = 1.0
 
     def prepare(self, network: nn.Module, context: MethodContext) -> None:
@@ -54,7 +56,7 @@ class McDropoutScore(Predictor):
         """
         if not any(isinstance(m, nn.Dropout) and m.p > 0 for m in network.modules()):
             raise CascadeError(
-                "evaluation.methods: mc_dropout needs a little network with dropout (e.g. little.dropout: 0.1)"
+                "methods: mc_dropout needs stage networks with dropout (e.g. little: {..., dropout: 0.1})"
             )
         self.scale = float(getattr(context.task.criterion, "scale", 1.0))
 
@@ -73,7 +75,7 @@ class McDropoutScore(Predictor):
         try:
             for m in dropouts:
                 m.train()
-            samples = torch.stack([_stage(network(x)).output for _ in range(self.passes)])  # [T, B, D]
+            samples = torch.stack([network(x).output for _ in range(self.options.passes)])  # [T, B, D]
         finally:
             for m, mode in zip(dropouts, modes):
                 m.train(mode)
@@ -116,13 +118,14 @@ class ErrorHeadScore(Predictor):
         optim: its training phase.
     """
 
-    name = "error_head"
+    default_for = frozenset({TaskKind.REGRESSION})
     hidden: ClassVar[tuple[int, ...]] = (32,)
     optim: ClassVar[OptimConfig] = OptimConfig(epochs=30, batch_size=128, lr=1e-3, weight_decay=1e-4)
     #: floor on the loss before the log, so that an exact answer is not minus infinity
     eps: ClassVar[float] = 1e-8
 
-    def __init__(self) -> None:
+    def __init__(self, options: MethodOptions | None = None) -> None:
+        super().__init__(options)
         self.regressor: _ErrorRegressor | None = None
         self.reference = 0.0
 
@@ -138,7 +141,7 @@ class ErrorHeadScore(Predictor):
         network.eval()
         zs, losses, observed = [], [], []
         for x, y in DataLoader(context.train, batch_size=512, shuffle=False):
-            stage = _stage(network(x.to(context.device)))
+            stage = network(x.to(context.device))
             zs.append(self._inputs(stage).cpu())
             losses.append(context.task.criterion.per_sample(stage.output, y.to(context.device)).float().cpu())
             # regression targets may be all-NaN (nothing labelled); class labels never are

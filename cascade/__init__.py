@@ -1,45 +1,58 @@
 """cascade: route each input to the cheapest network that is good enough.
 
 The public API; everything else is private. Importing this package has no side effects
-beyond defining classes (concrete tasks and baselines are plugins, loaded on demand).
+beyond defining classes and registering the built-in routing methods (AppealNet, the
+REINFORCE stopping policy); concrete tasks and baselines are plugins, loaded on demand.
 """
 
 from cascade.config import ExperimentConfig, load_config
 from cascade.cost import NetworkCost, measure_cost
 from cascade.errors import CascadeError, CheckpointError, ConfigError, DataError, TrainingError
 from cascade.losses import CrossEntropyTaskLoss, MaskedL2TaskLoss
-from cascade.multistage import MultiStageCascade, ReinforceObjective, ReinforceStopScore, StoppingPolicy
-from cascade.networks import AppealNetScore, FeatureNet, PredictorHead, TwoHeadNetwork, mlp
+from cascade.methods import CascadeContext, MethodKind, RoutedSystem, TrainedMethod
+from cascade.networks import FeatureNet, PredictorHead, TwoHeadNetwork, mlp
 from cascade.objectives import AppealNetObjective, Objective, SupervisedObjective
+from cascade.appealnet import AppealNet
+from cascade.reinforce import MultiStageCascade, Reinforce, ReinforceObjective, StoppingPolicy
 from cascade.registry import METHODS, NETWORKS, TASKS, Registry
-from cascade.router import RoutedOutput, Router
 from cascade.roles import (
+    Approximator,
     BlackBoxOracle,
     MethodContext,
+    MethodOptions,
+    Mode,
     Oracle,
     Predictor,
     Splits,
     StageOutput,
     Task,
+    TaskKind,
     TaskLoss,
     TaskOptions,
     WhiteBoxOracle,
 )
-from cascade.thresholds import OperatingPoint, Sweep, apply_threshold, select_threshold, sweep
+from cascade.evaluation import CascadePoint, CascadeSweep, cascade_point, cascade_sweep
 from cascade.checkpoint import CheckpointHook, CheckpointStore
+from cascade.pipeline import Experiment
+from cascade.router import RoutedOutput, Router
 from cascade.trainer import HistoryHook, HookBase, LambdaControllerHook, ProgressHook, Trainer
 
 __all__ = [
+    "AppealNet",
     "AppealNetObjective",
-    "AppealNetScore",
+    "Approximator",
     "BlackBoxOracle",
+    "CascadeContext",
     "CascadeError",
+    "CascadePoint",
+    "CascadeSweep",
     "CheckpointError",
     "CheckpointHook",
     "CheckpointStore",
     "ConfigError",
     "CrossEntropyTaskLoss",
     "DataError",
+    "Experiment",
     "ExperimentConfig",
     "FeatureNet",
     "HistoryHook",
@@ -48,37 +61,39 @@ __all__ = [
     "MaskedL2TaskLoss",
     "METHODS",
     "MethodContext",
+    "MethodKind",
+    "MethodOptions",
+    "Mode",
     "MultiStageCascade",
     "NETWORKS",
     "NetworkCost",
     "Objective",
-    "OperatingPoint",
     "Oracle",
     "Predictor",
     "PredictorHead",
     "ProgressHook",
     "Registry",
-    "RoutedOutput",
-    "Router",
+    "Reinforce",
     "ReinforceObjective",
-    "ReinforceStopScore",
+    "RoutedOutput",
+    "RoutedSystem",
+    "Router",
     "Splits",
     "StageOutput",
     "StoppingPolicy",
     "SupervisedObjective",
-    "Sweep",
     "TASKS",
     "Task",
+    "TaskKind",
     "TaskLoss",
     "TaskOptions",
-    "TrainingError",
+    "TrainedMethod",
     "Trainer",
     "TwoHeadNetwork",
     "WhiteBoxOracle",
-    "apply_threshold",
+    "cascade_point",
+    "cascade_sweep",
     "load_config",
     "measure_cost",
     "mlp",
-    "select_threshold",
-    "sweep",
 ]

@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a config; exit 0, or 2 listing every error")
     val.add_argument("config")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    sub.add_parser("list", help="registered tasks, networks and methods")
+    val.add_argument("--config-only", action="store_true",
+                     help="check the config alone, not the task's data and networks (valid on any machine)")
+    sub.add_parser("list", help="registered tasks, networks and methods (with their kind)")
     return p
 
 
@@ -66,16 +68,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_experiment(cfg, out: Path, args: argparse.Namespace) -> int:
-    from cascade.experiment import Experiment
+    from cascade.pipeline import Experiment
     from cascade.report import render_markdown
 
-    if cfg.cascade is not None:  # a K-stage cascade with a REINFORCE stopping policy
-        from cascade.multistage_experiment import run_multistage
-
-        print(run_multistage(cfg, out, quiet=args.quiet or not sys.stderr.isatty(), source=args.config,
-                             resume=args.resume))
-        print(f"\nresults in {out}/ (metrics.json, table.md, table.csv, samples.csv, figures/, checkpoints/)")
-        return 0
     metrics = Experiment(cfg, out, quiet=args.quiet or not sys.stderr.isatty(), source=args.config).run(args.resume)
     print(render_markdown(metrics))
     print(f"\nresults in {out}/ (metrics.json, table.md, table.csv, samples.csv, figures/, checkpoints/)")
@@ -85,16 +80,24 @@ def _run_experiment(cfg, out: Path, args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from cascade.config import load_config
 
-    load_config(args.config, args.overrides)
-    print(f"{args.config}: ok")
+    cfg = load_config(args.config, args.overrides, resolve_data=not args.config_only)
+    if not args.config_only:  # the task, its data and its networks, on one batch per split
+        from cascade.pipeline import Experiment
+
+        Experiment(cfg, Path("."), quiet=True, source=args.config).check()
+    print(f"{args.config}: ok" + (" (config only)" if args.config_only else " (config, task, data, networks)"))
     return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    from cascade.methods import method_kind
     from cascade.registry import METHODS, NETWORKS, TASKS
 
-    for reg in (TASKS, NETWORKS, METHODS):
+    for reg in (TASKS, NETWORKS):
         print(f"{reg.role}s: {', '.join(reg.names())}")
+    methods = [f"{n} ({method_kind(METHODS.get(n)).value.replace('_', '-')}: "
+               f"{', '.join(sorted(k.value for k in METHODS.get(n).task_kinds))})" for n in METHODS.names()]
+    print(f"methods: {', '.join(methods)}")
     return 0
 
 

@@ -15,14 +15,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cascade.errors import CascadeError, ConfigError
 from cascade.registry import METHODS, NETWORKS, TASKS
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
-#: what a predictor head or stopping policy may read (cascade.networks.HEAD_INPUTS)
-HeadInput = Literal["features", "sorted_probs", "sorted_log_probs", "confidence", "logit_stats", "output"]
 
 
 class _Strict(BaseModel):
@@ -37,13 +35,40 @@ class TaskSpec(BaseModel):
 
 
 class NetworkSpec(BaseModel):
-    """A network: registry name (or dotted path) plus its builder's keyword arguments."""
+    """A network: registry name (or dotted path) plus its builder's keyword arguments.
+
+    ``checkpoint``: a state dict (``torch.save(net.state_dict())``) for the network the
+    builder makes; ``trained: true``: the builder returns an already trained network.
+    Either way its training phase (``pretrain`` / ``big_train``) is skipped. ``name`` may
+    be left out with ``checkpoint`` to load into the task's default network.
+    """
 
     model_config = ConfigDict(extra="allow")
-    name: str
+    name: str | None = None
+    checkpoint: str | None = None
+    trained: bool = False
 
     def kwargs(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    @property
+    def given(self) -> bool:
+        """Whether the network arrives trained (no training phase)."""
+        return self.checkpoint is not None or self.trained
+
+    @model_validator(mode="after")
+    def _name_or_checkpoint(self) -> "NetworkSpec":
+        if self.name is None and self.checkpoint is None:
+            raise ValueError("name: a network needs a name (a registered network or a dotted path)")
+        if self.checkpoint is not None and self.trained:
+            raise ValueError("checkpoint: give checkpoint: or trained: true, not both")
+        return self
+
+    def resolved(self, default: dict[str, Any] | None) -> "NetworkSpec":
+        """This spec, with the task's default network filled in when only a checkpoint is given."""
+        if self.name is not None or not default:
+            return self
+        return NetworkSpec.model_validate({**default, "checkpoint": self.checkpoint})
 
 
 class OptimConfig(_Strict):
@@ -59,121 +84,43 @@ class OptimConfig(_Strict):
     gamma: Annotated[float, Field(gt=0, le=1)] = 0.2
 
 
-class PredictorConfig(_Strict):
-    """The AppealNet predictor head. The paper's is ``inputs: [features], hidden: []``."""
-
-    inputs: list[HeadInput] = Field(
-        default_factory=lambda: ["sorted_probs", "confidence"], min_length=1
-    )
-    hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [16])
-    detach: bool = True
-    normalize: bool = False
-    lr_scale: Annotated[float, Field(gt=0)] = 1.0
-
-
-class LambdaConfig(_Strict):
-    """The Lagrange multiplier and its dynamic controller (App. B.2)."""
-
-    init: Annotated[float, Field(gt=0)] = 0.1
-    dynamic: bool = True
-    budget: Annotated[float, Field(gt=0)] = 0.5
-    up: Annotated[float, Field(gt=0, lt=1)] = 0.99
-    down: Annotated[float, Field(gt=1)] = 1.01
-
-
-class AppealNetConfig(_Strict):
-    """AppealNet's joint fine-tuning (after the little network's pre-training)."""
-
-    predictor: PredictorConfig = Field(default_factory=PredictorConfig)
-    lambda_: LambdaConfig = Field(default_factory=LambdaConfig, alias="lambda")
-    approximator_loss: Literal["weighted", "full"] = "weighted"
-    predictor_target: Literal["loss", "error"] = "loss"
-    finetune: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=6))
-    finetune_data: Literal["train", "holdout"] = "train"
-    holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.3
-
-
 class EvaluationConfig(_Strict):
+    """Which operating points every method is reported at.
+
+    ``white_box_targets`` / ``black_box_targets``: accuracy-degradation targets, AD against
+    the big network alone (white-box) or the always-right oracle (black-box);
+    ``budgets``: mean-cost budgets as fractions of the last stage's cost, at which each
+    method's most accurate point is reported (none by default).
+    """
+
     white_box_targets: list[Fraction] = Field(default_factory=lambda: [0.0, 0.001, 0.005, 0.01], min_length=1)
     black_box_targets: list[Fraction] = Field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05], min_length=1)
-    methods: list[str] = Field(default_factory=lambda: ["msp", "gap", "entropy"])
+    budgets: list[Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=list)
     batch_size: Annotated[int, Field(gt=0)] = 1024
 
 
-class StoppingPolicyConfig(_Strict):
-    """The REINFORCE stopping policy of a multi-stage cascade (``cascade.policy``).
+class MethodSpec(BaseModel):
+    """A routing method: registry name (or dotted path) plus its own options, which the
+    method's ``Options`` schema validates (``{name: mc_dropout, passes: 20}``)."""
 
-    ``inputs`` are what each policy head reads from its stage (as for the AppealNet
-    predictor head; regression needs ``[output]`` or ``[features, output]``); ``shared``:
-    one head for every stage with the stage index as an extra input, instead of one
-    head per stage; ``detach``: the policy's gradient stops at its inputs.
-    """
+    model_config = ConfigDict(extra="allow")
+    name: str
 
-    inputs: list[HeadInput] = Field(
-        default_factory=lambda: ["sorted_log_probs", "confidence"], min_length=1
-    )
-    hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [16])
-    shared: bool = False
-    detach: bool = True
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
-class ReinforceConfig(_Strict):
-    """Joint REINFORCE training of the stages and the stopping policy (``cascade.reinforce``).
-
-    One cascade is trained per ``alphas`` value (the cost weight of the reward
-    ``-L - alpha * cumulative_cost / c_K``); ``policy_lr`` is the policy's learning rate
-    (default: ``finetune.lr``, the stages'); ``finetune_data: holdout`` pre-trains the
-    stages on all but ``holdout_fraction`` of the training split and runs every method's
-    fine-tuning on that held-out part; see :mod:`cascade.multistage` for the rest.
-    """
-
-    alphas: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [0.1], min_length=1)
-    threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
-    reward: Literal["loss", "error"] = "loss"
-    baseline: Literal["batch_mean", "moving_average", "self_critical", "sample_mean"] = "batch_mean"
-    momentum: Fraction = 0.9
-    samples: Annotated[int, Field(ge=1)] = 1
-    policy_lr: Annotated[float, Field(gt=0)] | None = None
-    aux_weight: Annotated[float, Field(ge=0)] = 1.0
-    entropy_weight: Annotated[float, Field(ge=0)] = 0.0
-    finetune: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=6))
-    finetune_data: Literal["train", "holdout"] = "train"
-    holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.3
-
-    @model_validator(mode="after")
-    def _samples_for_sample_mean(self) -> "ReinforceConfig":
-        if self.baseline == "sample_mean" and self.samples < 2:
-            raise ValueError("baseline: sample_mean needs samples >= 2 (trajectories per input)")
-        return self
-
-
-class CascadeConfig(_Strict):
-    """A K-stage cascade (``cascade:``); when present, ``cascade run`` runs the
-    multi-stage experiment (:mod:`cascade.multistage_experiment`) instead of AppealNet's.
-
-    ``stages`` are the networks, cheapest first, each pre-trained with ``pretrain``;
-    ``oracle: black_box`` appends a black-box last stage (always right, cost
-    ``oracle_mflops`` or the task's); ``budgets`` are mean costs, as fractions of the last
-    stage's, at which every method's accuracy is reported.
-    """
-
-    stages: list[NetworkSpec] = Field(min_length=1)
-    oracle: Literal["none", "black_box"] = "none"
-    oracle_mflops: Annotated[float, Field(gt=0)] | None = None
-    policy: StoppingPolicyConfig = Field(default_factory=StoppingPolicyConfig)
-    reinforce: ReinforceConfig = Field(default_factory=ReinforceConfig)
-    appealnet_cascade: bool = True
-    budgets: list[Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=lambda: [0.1, 0.2, 0.5])
-
-    @model_validator(mode="after")
-    def _at_least_two_stages(self) -> "CascadeConfig":
-        if len(self.stages) + (self.oracle == "black_box") < 2:
-            raise ValueError("a cascade needs at least 2 stages (networks, plus the oracle when oracle: black_box)")
-        return self
+def _method_spec(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
 
 
 class ExperimentConfig(_Strict):
-    """The whole experiment; see ``configs/digits.yaml`` for every key in use."""
+    """The whole experiment; see ``configs/digits.yaml`` for every key in use.
+
+    The cascade is ``stages`` (or ``little``, the one-stage shorthand: AppealNet's case),
+    cheapest first, then the big side: the ``big`` network in ``white_box`` mode, a
+    black-box oracle (always right, cost ``oracle_mflops``) in ``black_box`` mode.
+    """
 
     name: str | None = None
     task: TaskSpec
@@ -186,12 +133,19 @@ class ExperimentConfig(_Strict):
     #: one thread than on two when other processes share the cores.
     threads: Annotated[int, Field(gt=0)] | None = None
     little: NetworkSpec | None = None
+    stages: list[NetworkSpec] | None = Field(default=None, min_length=1)
     big: NetworkSpec | None = None
+    oracle_mflops: Annotated[float, Field(gt=0)] | None = None
     pretrain: OptimConfig = Field(default_factory=OptimConfig)
     big_train: OptimConfig = Field(default_factory=OptimConfig)
-    appealnet: AppealNetConfig = Field(default_factory=AppealNetConfig)
+    #: every method's fine-tuning phase; the plain stages the post-hoc scores read get as
+    #: long, on the same data (a fair comparison)
+    finetune: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=6))
+    finetune_data: Literal["train", "holdout"] = "train"
+    holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.3
+    #: routing methods; None: the task kind's defaults (see cascade.methods.default_methods)
+    methods: list[Annotated[MethodSpec, BeforeValidator(_method_spec)]] | None = Field(default=None, min_length=1)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    cascade: CascadeConfig | None = None
     quick: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("seeds")
@@ -200,6 +154,41 @@ class ExperimentConfig(_Strict):
         if len(set(v)) != len(v):
             raise ValueError("seeds must be distinct")
         return v
+
+    @model_validator(mode="after")
+    def _one_stage_list(self) -> "ExperimentConfig":
+        if self.little is not None and self.stages is not None:
+            raise ValueError("set little: (one stage) or stages: (several), not both")
+        return self
+
+    def stage_specs(self, task_default: dict[str, Any] | None) -> list["NetworkSpec"]:
+        """The routed stages, cheapest first: ``stages``, ``[little]``, or the task's default."""
+        if self.stages is not None:
+            return list(self.stages)
+        if self.little is not None:
+            return [self.little]
+        return [NetworkSpec.model_validate(task_default)] if task_default else []
+
+
+#: keys of the configs before the single pipeline, with what replaces each (a one-line
+#: migration error instead of "unknown key")
+MIGRATIONS = {
+    "appealnet": "AppealNet is a routing method now: list it under methods: as {name: appealnet, ...} with the "
+                 "same predictor/lambda/approximator_loss/predictor_target keys; appealnet.finetune is the "
+                 "top-level finetune:",
+    "cascade": "a K-stage cascade is stages: [...] (the routed networks) plus big: (its last network, white-box) or "
+               "modes: [black_box] with oracle_mflops:; cascade.reinforce and cascade.policy are the options of "
+               "methods: [{name: reinforce, policy: ..., alphas: ...}], cascade.budgets is evaluation.budgets",
+    "evaluation.methods": "moved to the top-level methods: list",
+}
+
+
+def _migration_errors(data: dict[str, Any]) -> list[str]:
+    errors = [f"{key}: {why}" for key, why in MIGRATIONS.items() if "." not in key and key in data]
+    evaluation = data.get("evaluation")
+    if isinstance(evaluation, dict) and "methods" in evaluation:
+        errors.append(f"evaluation.methods: {MIGRATIONS['evaluation.methods']}")
+    return errors
 
 
 # --------------------------------------------------------------------------- loading
@@ -259,17 +248,33 @@ def apply_override(data: dict[str, Any], assignment: str, source: str = "--set")
 
 
 def set_path(data: dict[str, Any], key: str, value: Any, source: str = "--set") -> None:
-    """``data[a][b][c] = value`` for ``key = "a.b.c"``, creating mappings on the way."""
-    node = data
+    """``data[a][b][c] = value`` for ``key = "a.b.c"``, creating mappings on the way; a
+    number indexes a list (``methods.0.alphas``)."""
+    node: Any = data
     parts = key.split(".")
-    for part in parts[:-1]:
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not (part.isdigit() and int(part) < len(node)):
+                raise CascadeError(f"{source} {key}: {part!r} is not an index of the list at "
+                                   f"{'.'.join(parts[:i]) or '<root>'} ({len(node)} items)")
+            if last:
+                node[int(part)] = value
+                return
+            child = node[int(part)]
+            if isinstance(child, str):  # a method given by name alone: {name: ...} takes options
+                child = node[int(part)] = {"name": child}
+            node = child
+            continue
+        if not isinstance(node, dict):
+            raise CascadeError(f"{source} {key}: {parts[i - 1]!r} is not a mapping")
+        if last:
+            node[part] = value
+            return
         child = node.get(part)
         if child is None:
             child = node[part] = {}
-        if not isinstance(child, dict):
-            raise CascadeError(f"{source} {key}: {part!r} is not a mapping")
         node = child
-    node[parts[-1]] = value
 
 
 def _pydantic_errors(exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> list[str]:
@@ -315,30 +320,7 @@ def _check_kwargs(builder: Any, kwargs: dict[str, Any], key: str, fixed: tuple[s
         if k not in allowed:
             near = difflib.get_close_matches(k, allowed, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
-            errors.append(f"{key}.{k}: unknown key{hint}; known: {', '.join(allowed)}")
-    return errors
-
-
-def _cascade_errors(cfg: ExperimentConfig, task_cls: Any) -> list[str]:
-    """Problems of the ``cascade:`` section that need the registries (stage networks)."""
-    if cfg.cascade is None:
-        return []
-    errors = [f"{role}: not used with cascade: (list the networks under cascade.stages)"
-              for role in ("little", "big") if getattr(cfg, role) is not None]
-    for i, spec in enumerate(cfg.cascade.stages):
-        try:
-            builder = NETWORKS.get(spec.name)
-        except CascadeError as exc:
-            errors.append(f"cascade.stages.{i}.name: {exc}")
-            continue
-        errors += _check_kwargs(builder, spec.kwargs(), f"cascade.stages.{i}", ("input_shape", "num_outputs"))
-    for i, method in enumerate(cfg.evaluation.methods):
-        if method in ("appealnet", "reinforce"):
-            errors.append(f"evaluation.methods.{i}: {method!r} is built into the cascade experiment "
-                          "(list per-stage scores such as msp, gap, entropy here)")
-    if (cfg.cascade.oracle == "black_box" and cfg.cascade.oracle_mflops is None and task_cls is not None
-            and task_cls.oracle_mflops is None):
-        errors.append("cascade.oracle_mflops: the black-box oracle's cost is unknown; set it (MFLOPs per input)")
+            errors.append(f"{key}.{k}: unknown key{hint}; known: {', '.join(allowed) or 'none'}")
     return errors
 
 
@@ -351,39 +333,55 @@ def _task_errors(task: Any, resolve_data: bool) -> tuple[Any, list[str]]:
         task_cls = TASKS.get(task["name"])
     except CascadeError as exc:
         return None, [f"task.name: {exc}"]
-    options_cls = getattr(task_cls, "Options", None)
-    if options_cls is None:
-        return task_cls, [f"task.name: {task['name']!r} is not a Task (it has no Options)"]
+    from cascade.roles import Task
+
+    if not (isinstance(task_cls, type) and issubclass(task_cls, Task)):
+        return None, [f"task.name: {task['name']!r} is not a cascade.Task subclass"]
     try:
-        options = options_cls.model_validate({k: v for k, v in task.items() if k != "name"})
+        options = task_cls.Options.model_validate({k: v for k, v in task.items() if k != "name"})
     except ValidationError as exc:
-        return task_cls, _pydantic_errors(exc, prefix="task", model=options_cls)
-    problems = getattr(task_cls, "data_problems", None)
-    if problems is None:
-        return task_cls, []
-    return task_cls, [f"task.{p}" for p in problems(options, configured_only=not resolve_data)]
+        return task_cls, _pydantic_errors(exc, prefix="task", model=task_cls.Options)
+    return task_cls, [f"task.{p}" for p in task_cls.data_problems(options, configured_only=not resolve_data)]
 
 
-def _name_errors(data: dict[str, Any]) -> list[str]:
-    """Unknown network and method names (and network options) in the raw config, so that
-    they are reported together with the schema's errors, not after those are fixed."""
+def _network_errors(cfg: ExperimentConfig) -> list[str]:
+    """Unknown network names and builder options of ``little``, ``stages`` and ``big``."""
+    specs = [("little", cfg.little), ("big", cfg.big)] + [(f"stages.{i}", s) for i, s in enumerate(cfg.stages or [])]
     errors = []
-    for role in ("little", "big"):
-        spec = data.get(role)
-        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+    for key, spec in specs:
+        if spec is None or spec.name is None:
             continue
         try:
-            builder = NETWORKS.get(spec["name"])
+            builder = NETWORKS.get(spec.name)
         except CascadeError as exc:
-            errors.append(f"{role}.name: {exc}")
+            errors.append(f"{key}.name: {exc}")
             continue
-        errors += _check_kwargs(builder, {k: v for k, v in spec.items() if k != "name"}, role,
-                                ("input_shape", "num_outputs"))
-    evaluation = data.get("evaluation")
-    methods = evaluation.get("methods") if isinstance(evaluation, dict) else None
-    for i, method in enumerate(methods if isinstance(methods, list) else []):
-        if isinstance(method, str) and method not in METHODS:
-            errors.append(f"evaluation.methods.{i}: {METHODS.unknown_message(method)}")
+        if not callable(builder):
+            errors.append(f"{key}.name: {spec.name!r} is not a network builder (a function or class)")
+            continue
+        errors += _check_kwargs(builder, spec.kwargs(), key, ("input_shape", "num_outputs"))
+    return errors
+
+
+def _method_errors(cfg: ExperimentConfig) -> list[str]:
+    """Unknown method names and invalid method options (each method's own schema)."""
+    from cascade.methods import method_class
+
+    errors, seen = [], set()
+    for i, spec in enumerate(cfg.methods or []):
+        try:
+            cls = method_class(spec.name)
+        except CascadeError as exc:
+            errors.append(f"methods.{i}.name: {exc}")
+            continue
+        try:
+            cls.Options.model_validate(spec.options())
+        except ValidationError as exc:
+            errors += _pydantic_errors(exc, prefix=f"methods.{i}", model=cls.Options)
+        label = spec.options().get("label") or spec.name
+        if label in seen:
+            errors.append(f"methods.{i}: {label!r} is listed twice (give one of them a label:)")
+        seen.add(label)
     return errors
 
 
@@ -391,11 +389,13 @@ def validate(data: dict[str, Any], path: str = "<config>", resolve_data: bool = 
     """Validate ``data`` completely, before any work.
 
     Checks the schema (unknown keys with the nearest known name, types, ranges), the
-    registry names (tasks, networks, methods, listing the known ones), the task's and the
-    networks' options, cross-key rules, and the data paths: a task class may define
-    ``data_problems(options, configured_only) -> list[str]`` (each ``"<option>:
-    <message>"``) naming the files its options point to that are missing, found without
-    reading them.
+    registry names (tasks, networks, methods, listing the known ones), the task's, the
+    networks' and the methods' options, cross-key rules, and the data paths: a task class
+    may define ``data_problems(options, configured_only) -> list[str]`` (each
+    ``"<option>: <message>"``) naming the files its options point to that are missing,
+    found without reading them. Keys of the configs before the single pipeline get a
+    migration message. What needs the task's data and networks (shapes, label types,
+    whether a method suits the task) is checked by :func:`cascade.checks.check_task`.
 
     Args:
         data: the parsed config.
@@ -409,6 +409,9 @@ def validate(data: dict[str, Any], path: str = "<config>", resolve_data: bool = 
     """
     if not isinstance(data, dict):
         raise ConfigError(str(path), [f"<root>: a config is a mapping of keys, got {type(data).__name__}"])
+    migrations = _migration_errors(data)
+    if migrations:
+        raise ConfigError(str(path), migrations)
     errors: list[str] = []
     cfg = None
     try:
@@ -416,16 +419,28 @@ def validate(data: dict[str, Any], path: str = "<config>", resolve_data: bool = 
     except ValidationError as exc:
         errors += _pydantic_errors(exc, model=ExperimentConfig)
     task_cls, task_errors = _task_errors(data.get("task"), resolve_data)
-    errors += task_errors + _name_errors(data)
+    errors += task_errors
     if cfg is not None:
-        errors += _cascade_errors(cfg, task_cls)
-        big_missing = task_cls is not None and cfg.big is None and task_cls.default_big is None
-        if cfg.cascade is None and "white_box" in cfg.modes and big_missing:
-            errors.append("modes: white_box needs a big network; the task has none (set big: or use modes: [black_box])")
+        errors += _network_errors(cfg) + _method_errors(cfg)
+        if task_cls is not None:
+            errors += _cascade_errors(cfg, task_cls)
     if errors:
         raise ConfigError(str(path), errors)
     assert cfg is not None  # no schema error means a config
     return cfg
+
+
+def _cascade_errors(cfg: ExperimentConfig, task_cls: Any) -> list[str]:
+    """Rules across keys that need the task class: a big side for each mode."""
+    errors = []
+    if not cfg.stage_specs(getattr(task_cls, "default_little", None)):
+        errors.append(f"little: the task {task_cls.__name__} has no default_little; set little: or stages:")
+    if "white_box" in cfg.modes and cfg.big is None and task_cls.default_big is None:
+        errors.append("modes: white_box needs a big network; the task has none (set big: or use modes: [black_box])")
+    if "black_box" in cfg.modes and cfg.oracle_mflops is None and task_cls.oracle_mflops is None \
+            and cfg.big is None and task_cls.default_big is None:
+        errors.append("oracle_mflops: the black-box oracle's cost is unknown; set it (MFLOPs per input)")
+    return errors
 
 
 def load_config(

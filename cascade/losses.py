@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cascade.roles import TaskLoss
+from cascade.roles import TaskKind, TaskLoss
 
 
 class CrossEntropyTaskLoss(TaskLoss):
     """Cross-entropy on logits ``[B, K]`` with integer labels ``[B]``; correct = argmax hits."""
 
-    kind = "classification"
+    kind = TaskKind.CLASSIFICATION
 
     def per_sample(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output, target, reduction="none")
@@ -38,7 +38,7 @@ class MaskedL2TaskLoss(TaskLoss):
             ``scale`` maps them back to pixels for ``rmse`` and ``correct``).
     """
 
-    kind = "regression"
+    kind = TaskKind.REGRESSION
 
     def __init__(self, threshold: float = 4.0, scale: float = 1.0):
         self.threshold = threshold

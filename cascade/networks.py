@@ -7,17 +7,17 @@ task output). :class:`TwoHeadNetwork` adds a predictor head to any of them.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 import torch
 from torch import Tensor, nn
 
 from cascade.confidence import confidence_stats, logit_stats
-from cascade.registry import METHODS
-from cascade.roles import Predictor, StageOutput
+from cascade.roles import Approximator, StageOutput
 
 #: what a predictor head (or a stopping policy) may read; see :func:`head_input`
-HEAD_INPUTS = ("features", "sorted_probs", "sorted_log_probs", "confidence", "logit_stats", "output")
+HeadInput = Literal["features", "sorted_probs", "sorted_log_probs", "confidence", "logit_stats", "output"]
+HEAD_INPUTS = get_args(HeadInput)
 #: the inputs that need label probabilities (a classification approximator)
 CLASSIFICATION_INPUTS = frozenset({"sorted_probs", "sorted_log_probs", "confidence", "logit_stats"})
 
@@ -76,7 +76,7 @@ def mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.ReLU, dropout: fl
     return nn.Sequential(*layers)
 
 
-class FeatureNet(nn.Module):
+class FeatureNet(Approximator):
     """An approximator split into shared features and a task head.
 
     Args:
@@ -141,7 +141,7 @@ class PredictorHead(nn.Module):
         return torch.sigmoid(self.net(self.norm(head_input(self.inputs, features, output)))).squeeze(-1)  # [B]
 
 
-class TwoHeadNetwork(nn.Module):
+class TwoHeadNetwork(Approximator):
     """Shared features, the approximator head and a predictor head (AppealNet, Fig. 3).
 
     Args:
@@ -153,19 +153,8 @@ class TwoHeadNetwork(nn.Module):
         super().__init__()
         self.base = base
         self.predictor = predictor
+        self.feature_dim = base.feature_dim
 
     def forward(self, x: Tensor) -> StageOutput:
         out = self.base(x)
         return StageOutput(output=out.output, features=out.features, q=self.predictor(out.features, out.output))
-
-
-@METHODS.register("appealnet")
-class AppealNetScore(Predictor):
-    """The predictor head's own output ``q(x)`` (read from a :class:`TwoHeadNetwork`)."""
-
-    name = "appealnet"
-
-    def score(self, stage: StageOutput) -> Tensor:
-        if stage.q is None:
-            raise ValueError("appealnet scores need a TwoHeadNetwork's output (stage.q is None)")
-        return stage.q

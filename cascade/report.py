@@ -1,149 +1,284 @@
-"""Paper-style tables (``table.md``, ``table.csv``) and figures from a run's results."""
+"""Tables (``table.md``, ``table.csv``) and figures of a run: views of one operating-point table.
+
+Every number is printed to 3 significant digits; a ratio appears only beside the two
+values it divides; a val-tuned point shows the AD it actually reached on test and is
+marked when that misses its target.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import math
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from cascade.thresholds import sweep
+from cascade.evaluation import Variant, cascade_point, cascade_sweep, value_field, variant_arrays
 
 _MODE_TITLE = {
-    "white_box": "White-box: system cost in MFLOPs (MACs) at each accuracy degradation (AppealNet Table 1)",
-    "black_box": "Black-box: appeal rate at each accuracy degradation (AppealNet Table 2)",
+    "white_box": "White-box: mean cost in MFLOPs (MACs) at each accuracy-degradation target (AppealNet Table 1)",
+    "black_box": "Black-box: appeal rate at each accuracy-degradation target (AppealNet Table 2)",
 }
-_SOURCE_TITLE = {
+_SOURCE = {
     "test": "thresholds read off the test split (as the paper)",
     "val": "thresholds chosen on the calibration split, applied to test",
 }
+#: marks a val-tuned point whose test AD missed its target, or an infeasible one
+MISSED = "✗"
 
 
-def _fmt(mean: float | None, std: float | None, pct: bool) -> str:
-    if mean is None:
+def sig(x: float | None, digits: int = 3) -> str:
+    """``x`` to ``digits`` significant digits, without exponent for everyday magnitudes."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
-    scale, unit = (100.0, "%") if pct else (1.0, "")
-    digits = 2 if pct else 4
-    s = f"{mean * scale:.{digits}f}{unit}"
-    if std is not None:
-        s += f" ± {std * scale:.{digits}f}"
-    return s
+    if x == 0:
+        return "0"
+    magnitude = math.floor(math.log10(abs(x)))
+    if magnitude >= digits - 1:
+        return f"{x:,.0f}"
+    if magnitude < -6:
+        return f"{x:.{digits - 1}e}"
+    return f"{x:.{max(0, digits - 1 - magnitude)}f}"
+
+
+def pct(x: float | None, std: float | None = None) -> str:
+    """A fraction as a percentage to 3 significant digits (``± std`` when given)."""
+    if x is None:
+        return "n/a"
+    s = f"{sig(x * 100)} %"
+    return s + (f" ± {sig(std * 100)}" if std is not None else "")
+
+
+def value(x: float | None, std: float | None = None) -> str:
+    if x is None:
+        return "n/a"
+    return sig(x) + (f" ± {sig(std)}" if std is not None else "")
+
+
+def _kind(metrics: dict, method: str) -> str:
+    return metrics["methods"].get(method, {}).get("kind", "")
 
 
 def table_rows(metrics: dict[str, Any]) -> pd.DataFrame:
-    """The long-form table: one row per (mode, source, method, target) with its value."""
-    ratios = {(s["mode"], s["threshold_source"], s["target_ad"], s["baseline"]): s["ratio"] for s in metrics["savings"]}
+    """The long-form table: one row per aggregated operating point (lists as ``a;b;c``)."""
     rows = []
     for p in metrics["operating_points"]:
-        field = "cost_mflops" if p["mode"] == "white_box" else "appeal_rate"
-        rows.append({
-            "mode": p["mode"], "threshold_source": p["threshold_source"], "method": p["method"],
-            "target_ad": p["target_ad"], "field": field, "value": p[field], "std": p.get(f"{field}_std"),
-            "skipping_rate": p["skipping_rate"], "system_accuracy": p["system_accuracy"], "ad": p["ad"],
-            "appealnet_saving": None if p["method"] == "appealnet"
-            else ratios.get((p["mode"], p["threshold_source"], p["target_ad"], p["method"])),
-        })
+        r = {k: v for k, v in p.items() if not isinstance(v, list)}
+        r["kind"] = _kind(metrics, p["method"])
+        r["exit_fractions"] = ";".join(f"{f:.6g}" for f in p["exit_fractions"])
+        r["variants"] = ";".join(p["variants"])
+        rows.append(r)
     return pd.DataFrame(rows)
 
 
 def render_markdown(metrics: dict[str, Any]) -> str:
-    """Networks, then one table per (mode, threshold source)."""
-    acc, acc_std = metrics["accuracy"], metrics.get("accuracy_std", {})
-    # the criterion's extra per-sample errors (e.g. regression's RMSE), as mean columns
-    errors, errors_std = metrics.get("errors", {}), metrics.get("errors_std", {})
-    error_names = list(dict.fromkeys(name for per_net in errors.values() for name in per_net))
-    lines = [f"# {metrics['task']}: seeds {metrics['seeds']}", "", "## Networks (test split)", "",
-             "| network | MFLOPs (MACs) | params | accuracy |" + "".join(f" mean {e} |" for e in error_names),
-             "|---|---:|---:|---:|" + "---:|" * len(error_names)]
-    for name, c in metrics["networks"].items():
-        a = acc.get(name)
-        cells = [_fmt(errors.get(name, {}).get(e), errors_std.get(name, {}).get(e), False) for e in error_names]
-        lines.append(f"| {name} | {c['mflops']:.4f} | {c['params']:,} | {_fmt(a, acc_std.get(name), True)} |"
-                     + "".join(f" {cell} |" for cell in cells))
-    head = metrics["predictor_head"]
-    lines += ["", f"Predictor head: {head['mflops'] * 1e6:.0f} MACs, {head['params']} params "
-                  f"({head['relative_mflops'] * 100:.2f} % of the little network's MACs).", ""]
-    table = table_rows(metrics)
+    """Networks, then per mode: target-AD tables (test- and val-tuned), budget tables and
+    the methods' own thresholds against every other method at matched cost."""
+    lines = [f"# {metrics['task']}: {metrics['num_stages']}-stage cascade, seeds {metrics['seeds']}", ""]
+    lines += _networks(metrics)
+    points = metrics["operating_points"]
     for mode in metrics["modes"]:
-        for source in ("test", "val"):
-            part = table[(table["mode"] == mode) & (table["threshold_source"] == source)]
-            if part.empty:
-                continue
-            pct = mode == "black_box"
-            targets = sorted(part["target_ad"].unique())
-            lines += [f"## {_MODE_TITLE[mode]}; {_SOURCE_TITLE[source]}", "",
-                      "| method | " + " | ".join(f"AD {t * 100:g} %" for t in targets) + " |",
-                      "|---|" + "---:|" * len(targets)]
-            methods = list(dict.fromkeys(part["method"]))
-            for method in methods:
-                cells = []
-                for t in targets:
-                    r = part[(part["method"] == method) & (part["target_ad"] == t)].iloc[0]
-                    std = None if pd.isna(r["std"]) else r["std"]
-                    cell = _fmt(r["value"], std, pct)
-                    if method != "appealnet" and r["appealnet_saving"] is not None and not pd.isna(r["appealnet_saving"]):
-                        cell += f" ({r['appealnet_saving']:.2f}x)"
-                    cells.append(cell)
-                lines.append(f"| {method} | " + " | ".join(cells) + " |")
-            lines += ["", "(Nx) = the baseline's value / AppealNet's: > 1 means AppealNet is cheaper.", ""]
+        mine = [p for p in points if p["mode"] == mode]
+        lines += _target_tables(metrics, mode, mine)
+        lines += _budget_tables(mode, mine)
+        lines += _fixed_tables(mode, mine)
     return "\n".join(lines)
 
 
-def write_tables(metrics: dict[str, Any], out: Path, render=None, rows=None) -> str:
-    """``table.md`` (``render(metrics)``) and ``table.csv`` (``rows(metrics)``); the markdown.
+def _networks(metrics: dict) -> list[str]:
+    acc, acc_std = metrics["accuracy"], metrics.get("accuracy_std", {})
+    errors, errors_std = metrics.get("errors", {}), metrics.get("errors_std", {})
+    names = list(dict.fromkeys(e for per in errors.values() for e in per))
+    lines = ["## Networks (test split)", "",
+             "| network | MFLOPs (MACs) | params | accuracy |" + "".join(f" mean {e} |" for e in names),
+             "|---|---:|---:|---:|" + "---:|" * len(names)]
+    rows = [(n, c["mflops"], c["params"]) for n, c in metrics["networks"].items()]
+    for system, meta in metrics["systems"].items():
+        for k, mflops in enumerate(meta["stage_mflops"]):
+            rows.append((f"{system}_stage{k}", mflops, None))
+    for name, mflops, params in rows:
+        cells = [value(errors.get(name, {}).get(e), errors_std.get(name, {}).get(e)) for e in names]
+        p = "" if params is None else f"{params:,}"
+        lines.append(f"| {name} | {sig(mflops)} | {p} | {pct(acc.get(name), acc_std.get(name))} |"
+                     + "".join(f" {c} |" for c in cells))
+    for mode, cost in metrics["last_stage_mflops"].items():
+        if mode == "black_box":
+            lines.append(f"| black-box oracle | {sig(cost)} | | 100 % (by definition) |" + " |" * len(names))
+    lines.append("")
+    for system, meta in metrics["systems"].items():
+        heads = ", ".join(sig(m * 1e6) for m in meta["head_mflops"])
+        lines.append(f"- {system}: routing heads add {heads} MACs and {meta['head_params']:,} params.")
+    return lines + [""]
 
-    The defaults are the AppealNet tables; other experiments pass their own renderers.
-    """
-    md = (render or render_markdown)(metrics)
-    (out / "table.md").write_text(md + "\n")
-    (rows or table_rows)(metrics).to_csv(out / "table.csv", index=False)
+
+def _target_tables(metrics: dict, mode: str, points: list[dict]) -> list[str]:
+    field = value_field(mode)
+    fmt = pct if field == "appeal_rate" else value
+    ratios = {(c["threshold_source"], c["target_ad"], c["method"]): c for c in metrics.get("comparisons", [])
+              if c["mode"] == mode}
+    lines = []
+    for source in ("test", "val"):
+        part = {(p["method"], p["target_ad"]): p for p in points
+                if p["selection"] == "target_ad" and p["threshold_source"] == source}
+        if not part:
+            continue
+        targets = sorted({t for _, t in part})
+        methods = list(dict.fromkeys(m for m, _ in part))
+        lines += [f"## {_MODE_TITLE[mode]}; {_SOURCE[source]}", "",
+                  "| method | kind | " + " | ".join(f"AD {sig(t * 100)} %" for t in targets) + " |",
+                  "|---|---|" + "---:|" * len(targets)]
+        for m in methods:
+            cells = []
+            for t in targets:
+                p = part[(m, t)]
+                missed = p["ad"] > t + 1e-9
+                cell = fmt(p[field], p.get(f"{field}_std"))
+                cell += f" (AD {sig(p['ad'] * 100)} %{' ' + MISSED if missed else ''})"
+                c = ratios.get((source, t, m))
+                if c is not None and c["ratio"] is not None:
+                    cell += f", {sig(c['ratio'])}x vs {c['best_post_hoc']}"
+                cells.append(cell)
+            lines.append(f"| {m} | {_kind(metrics, m).replace('_', '-')} | " + " | ".join(cells) + " |")
+        lines += ["", f"Each cell: the value, then (AD reached on test; {MISSED} = over its target). "
+                      "Nx vs M = the best post-hoc method M's value / this method's (> 1: this method is "
+                      "cheaper), both printed in this table.", ""]
+    return lines
+
+
+def _budget_tables(mode: str, points: list[dict]) -> list[str]:
+    lines = []
+    for source in ("test", "val"):
+        part = {(p["method"], p["budget_fraction"]): p for p in points
+                if p["selection"] == "budget" and p["threshold_source"] == source}
+        if not part:
+            continue
+        budgets = sorted({b for _, b in part})
+        methods = list(dict.fromkeys(m for m, _ in part))
+        lines += [f"## {mode.replace('_', '-')}: accuracy within a mean-cost budget (fraction of the last stage's "
+                  f"MFLOPs); {_SOURCE[source]}", "",
+                  "| method | " + " | ".join(f"<= {sig(b * 100)} %" for b in budgets) + " |",
+                  "|---|" + "---:|" * len(budgets)]
+        for m in methods:
+            cells = []
+            for b in budgets:
+                p = part[(m, b)]
+                over = p["cost_mflops"] is not None and p["cost_mflops"] > p["target_mflops"] * (1 + 1e-9)
+                cells.append(pct(p["system_accuracy"], p.get("system_accuracy_std"))
+                             + f" @ {sig(p['cost_mflops'])}" + (f" {MISSED}" if over or not p["feasible"] else ""))
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines += ["", f"Each cell: accuracy @ mean MFLOPs on test ({MISSED}: over the budget).", ""]
+    return lines
+
+
+def _fixed_tables(mode: str, points: list[dict]) -> list[str]:
+    fixed = [p for p in points if p["selection"] == "fixed"]
+    if not fixed:
+        return []
+    lines = [f"## {mode.replace('_', '-')}: methods at their own threshold", "",
+             "| method | variant | threshold | accuracy | MFLOPs | % of last stage | exits % (stage 0 / ... / last) |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for p in fixed:
+        lines.append(f"| {p['method']} | {p['anchor']} | {sig(p['threshold'])} | "
+                     f"{pct(p['system_accuracy'], p.get('system_accuracy_std'))} | "
+                     f"{value(p['cost_mflops'], p.get('cost_mflops_std'))} | {pct(p['relative_cost'])} | "
+                     f"{' / '.join(sig(f * 100) for f in p['exit_fractions'])} |")
+    lines.append("")
+    for source in ("val", "test"):
+        matched = {(p["anchor"], p["method"]): p for p in points
+                   if p["selection"] == "matched_cost" and p["threshold_source"] == source}
+        if not matched:
+            continue
+        others = list(dict.fromkeys(m for _, m in matched))
+        lines += [f"### Accuracy of the others at each such point's cost; {_SOURCE[source]}", "",
+                  "| at the cost of | its accuracy | " + " | ".join(others) + " |",
+                  "|---|---:|" + "---:|" * len(others)]
+        for p in fixed:
+            anchor = f"{p['method']} {p['anchor']}".strip()
+            cells = []
+            for m in others:
+                q = matched.get((anchor, m))
+                if q is None:
+                    cells.append("")
+                    continue
+                flag = "" if q["feasible"] else f" {MISSED}"
+                cells.append(f"{pct(q['system_accuracy'])} @ {sig(q['cost_mflops'])}{flag}")
+            lines.append(f"| {anchor} ({sig(p['cost_mflops'])}) | {pct(p['system_accuracy'])} | "
+                         + " | ".join(cells) + " |")
+        lines += ["", f"Each cell: accuracy @ mean MFLOPs on test ({MISSED}: no threshold within that cost).", ""]
+    return lines
+
+
+def write_tables(metrics: dict[str, Any], writer: Any) -> str:
+    """``table.md`` and ``table.csv`` through the run's writer; the markdown."""
+    md = render_markdown(metrics)
+    writer.text("table.md", md + "\n")
+    writer.csv("table.csv", table_rows(metrics))
     return md
 
 
-def write_figures(samples: pd.DataFrame, routes: dict, metrics: dict[str, Any], out: Path) -> None:
-    """Accuracy vs skipping rate per mode, and score histograms (little right vs wrong).
-
-    Curves use the test split of the first seed.
-    """
+def write_figures(samples: pd.DataFrame, variants: list[Variant], metrics: dict[str, Any], writer: Any) -> None:
+    """Per mode, ``accuracy_vs_cost_<mode>.png``: every method's threshold sweep on the
+    first seed's test split, its own-threshold points, each plain stage alone; and
+    ``score_histograms.png``: each method's first-stage score, inputs the stage gets
+    right vs wrong."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig_dir = out / "figures"
-    fig_dir.mkdir(exist_ok=True)
     seed = metrics["seeds"][0]
     test = samples[(samples["seed"] == seed) & (samples["split"] == "test")]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for mode in metrics["modes"]:
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        for (m, method), r in routes.items():
-            if m != mode:
-                continue
-            big = np.ones(len(test), bool) if r.big_correct is None else test[r.big_correct].to_numpy(bool)
-            sw = sweep(test[r.score].to_numpy(float), test[r.little_correct].to_numpy(bool), big)
-            ax.plot(sw.skipping_rate, sw.system_accuracy, label=method, lw=2 if method == "appealnet" else 1)
-        big_acc = 1.0 if mode == "black_box" else test["big_correct"].mean()
-        ax.axhline(big_acc, color="k", ls="--", lw=1, label="big alone" if mode == "white_box" else "oracle")
-        ax.set_xlabel("skipping rate (kept on the little network)")
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        mine = [v for v in variants if v.mode == mode]
+        methods = list(dict.fromkeys(v.method for v in mine))
+        unknown_cost = any(v.stage_mflops[-1] is None for v in mine)
+        for v in mine:
+            color = colors[methods.index(v.method) % len(colors)]
+            sc, co = variant_arrays(test, v)
+            costs = [1.0 if c is None else c for c in v.stage_mflops]
+            sw = cascade_sweep(sc, co, costs)
+            x = 1 - sw.exit_counts[:, -1] / sw.n if unknown_cost else sw.cost_mflops
+            first = v is next(u for u in mine if u.method == v.method)
+            kind = _kind(metrics, v.method)
+            ax.plot(x, sw.system_accuracy, color=color, lw=2 if kind == "trained" else 1,
+                    alpha=1.0 if first else 0.5, label=v.method if first else None)
+            if v.fixed_threshold is not None:
+                p = cascade_point(v.fixed_threshold, sc, co, costs)
+                ax.plot(1 - p.exit_fractions[-1] if unknown_cost else p.cost_mflops, p.system_accuracy, "o",
+                        color=color, ms=6)
+                ax.annotate(v.variant, (1 - p.exit_fractions[-1] if unknown_cost else p.cost_mflops,
+                                        p.system_accuracy), fontsize=7, xytext=(3, -9), textcoords="offset points")
+        last = mine[0].correct_columns[-1] if mine else None
+        ref = 1.0 if last is None else float(test[last].mean())
+        ax.axhline(ref, color="k", ls="--", lw=1, label="big alone" if last else "oracle")
+        if unknown_cost:
+            ax.set_xlabel("skipping rate (answered before the oracle)")
+        else:
+            ax.set_xscale("log")
+            ax.set_xlabel("mean MFLOPs (MACs) per input")
+            for k, c in enumerate(mine[0].correct_columns[:-1] if mine else []):
+                ax.plot(mine[0].stage_mflops[k], test[c].mean(), "s", color="k", ms=5,
+                        label="plain stages alone" if k == 0 else None)
         ax.set_ylabel("system accuracy")
         ax.set_title(f"{metrics['task']} {mode.replace('_', '-')}, seed {seed}, test")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
-        fig.savefig(fig_dir / f"accuracy_vs_skipping_{mode}.png", dpi=120)
-        plt.close(fig)
+        writer.figure(fig, f"accuracy_vs_cost_{mode}.png")
 
-    methods = [(m, r) for (mode, m), r in routes.items() if mode == metrics["modes"][0]]
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3), squeeze=False)
-    for ax, (method, r) in zip(axes[0], methods):
-        right = test[r.little_correct].to_numpy(bool)
-        score = test[r.score].to_numpy(float)
+    firsts = list({v.method: v for v in reversed([v for v in variants if v.mode == metrics["modes"][0]])}.values())[::-1]
+    if not firsts:
+        return
+    fig, axes = plt.subplots(1, len(firsts), figsize=(3.2 * len(firsts), 3), squeeze=False)
+    for ax, v in zip(axes[0], firsts):
+        right = test[v.correct_columns[0]].to_numpy(bool)
+        score = test[v.score_columns[0]].to_numpy(float)
         bins = np.linspace(score.min(), score.max() + 1e-9, 30)
-        ax.hist(score[right], bins=bins, alpha=0.6, density=True, label="little right")
-        ax.hist(score[~right], bins=bins, alpha=0.6, density=True, label="little wrong")
-        ax.set_title(method)
+        ax.hist(score[right], bins=bins, alpha=0.6, density=True, label="stage 0 right")
+        ax.hist(score[~right], bins=bins, alpha=0.6, density=True, label="stage 0 wrong")
+        ax.set_title(v.method)
         ax.set_xlabel("score")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(fig_dir / "score_histograms.png", dpi=120)
-    plt.close(fig)
+    writer.figure(fig, "score_histograms.png")

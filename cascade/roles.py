@@ -1,21 +1,25 @@
-"""The roles every cascade is made of: Predictor, Oracle, TaskLoss and Task.
+"""The roles every cascade is made of: Approximator, Predictor, Oracle, TaskLoss and Task.
 
-An *approximator* is any ``nn.Module`` whose forward gives the task output for a batch
-(logits ``[B, K]`` or coordinates ``[B, D]``); the networks in ``cascade.networks``
-expose it together with their features and, when they carry one, the predictor head's
-score, as a :class:`StageOutput`.
+An :class:`Approximator` is a network whose forward gives a :class:`StageOutput`: the
+task output for a batch (logits ``[B, K]`` or coordinates ``[B, D]``), its shared
+features and, when it carries a predictor head, the head's score.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass
@@ -33,14 +37,39 @@ class StageOutput:
     q: Tensor | None = None
 
 
+class Approximator(nn.Module):
+    """A stage network: ``forward(x)`` returns a :class:`StageOutput` and ``feature_dim``
+    says how wide its ``features`` are. Every network the pipeline builds must be one
+    (:class:`cascade.FeatureNet` wraps a feature extractor and a head into one)."""
+
+    feature_dim: int
+
+    def forward(self, x: Tensor) -> StageOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class TaskKind(str, Enum):
+    """What a task's outputs are; methods and head inputs declare which kinds they suit."""
+
+    CLASSIFICATION = "classification"
+    REGRESSION = "regression"
+
+
+class Mode(str, Enum):
+    """What the last stage is: a network whose outputs are visible, or only answers."""
+
+    WHITE_BOX = "white_box"
+    BLACK_BOX = "black_box"
+
+
 class TaskLoss(ABC):
     """Per-sample loss and correctness of an approximator's output.
 
     Attributes:
-        kind: ``"classification"`` or ``"regression"``.
+        kind: :class:`TaskKind` (a ``str``: ``"classification"`` or ``"regression"``).
     """
 
-    kind: ClassVar[str]
+    kind: ClassVar[TaskKind]
 
     @abstractmethod
     def per_sample(self, output: Tensor, target: Tensor) -> Tensor:
@@ -59,33 +88,54 @@ class TaskLoss(ABC):
         return output
 
 
-class Predictor(ABC):
-    """Scores each input in [0, 1]; **higher means keep this stage's answer**.
+class MethodOptions(BaseModel):
+    """Base of every routing method's options (the keys beside ``name`` in ``methods:``).
 
-    The AppealNet head, a baseline's confidence score and a stopping policy are all
-    Predictors. Subclasses implement :meth:`score`; :meth:`route` is built on it.
+    ``label`` names the method in the results when one method is listed twice with
+    different options (default: its registry name).
     """
 
-    #: registry key, identical to the ``method`` value in metrics.json
-    name: ClassVar[str] = ""
+    model_config = ConfigDict(extra="forbid")
+    label: str | None = None
+
+
+class Predictor(ABC):
+    """A post-hoc routing method: scores each input of a trained stage in [0, 1];
+    **higher means keep this stage's answer**.
+
+    Subclasses implement :meth:`score`; :meth:`route` is built on it. The pipeline
+    scores every stage but the last of the plain cascade with one instance per stage.
+
+    Attributes:
+        Options: the method's config options (a :class:`MethodOptions` model).
+        task_kinds: the task kinds the score makes sense for.
+        default_for: the task kinds it runs for when a config lists no ``methods:``.
+        options: the validated options.
+    """
+
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    task_kinds: ClassVar[frozenset[TaskKind]] = frozenset(TaskKind)
+    default_for: ClassVar[frozenset[TaskKind]] = frozenset()
+
+    def __init__(self, options: MethodOptions | None = None):
+        self.options = options if options is not None else self.Options()
 
     @abstractmethod
     def score(self, stage: StageOutput) -> Tensor:
         """Score of each input, ``[B]`` in [0, 1]."""
 
     def prepare(self, network: nn.Module, context: "MethodContext") -> None:
-        """Fit whatever the method needs once the plain little network is trained.
+        """Fit whatever the method needs once the plain stage network is trained.
 
         The default does nothing; e.g. a post-hoc error predictor trains itself here.
         """
 
     def score_batch(self, network: nn.Module, x: Tensor) -> Tensor:
-        """Score ``[B]`` of a batch of inputs; the default runs ``network`` once in eval mode.
+        """Score ``[B]`` of a batch of inputs; the default runs ``network`` once.
 
         Methods that need more than one pass (MC dropout) override this.
         """
-        out = network(x)
-        return self.score(out if isinstance(out, StageOutput) else StageOutput(output=out))
+        return self.score(network(x))
 
     def route(self, stage: StageOutput, threshold: float) -> Tensor:
         """Bool ``[B]``: True where the input stays on this stage (``score >= threshold``)."""
@@ -100,7 +150,7 @@ class Oracle(ABC):
     """
 
     cost_mflops: float | None = None
-    mode: ClassVar[str]
+    mode: ClassVar[Mode]
 
     @abstractmethod
     def per_sample_loss(self, x: Tensor, y: Tensor, criterion: TaskLoss) -> Tensor:
@@ -114,7 +164,7 @@ class Oracle(ABC):
 class WhiteBoxOracle(Oracle):
     """A pre-trained, frozen network whose outputs are visible during training."""
 
-    mode = "white_box"
+    mode = Mode.WHITE_BOX
 
     def __init__(self, network: nn.Module, cost_mflops: float | None = None):
         self.network = network.eval().requires_grad_(False)
@@ -122,8 +172,7 @@ class WhiteBoxOracle(Oracle):
 
     @torch.no_grad()
     def output(self, x: Tensor) -> Tensor:
-        out = self.network(x)
-        return out.output if isinstance(out, StageOutput) else out
+        return self.network(x).output
 
     def per_sample_loss(self, x: Tensor, y: Tensor, criterion: TaskLoss) -> Tensor:
         return criterion.per_sample(self.output(x), y)
@@ -135,7 +184,7 @@ class WhiteBoxOracle(Oracle):
 class BlackBoxOracle(Oracle):
     """Only answers are known; in experiments it answers the ground truth (Sec. 3.2)."""
 
-    mode = "black_box"
+    mode = Mode.BLACK_BOX
 
     def __init__(self, cost_mflops: float | None = None):
         self.cost_mflops = cost_mflops
@@ -153,7 +202,7 @@ class MethodContext:
 
     Attributes:
         task: the task (its ``criterion``, shapes).
-        train: the training split the little network was trained on.
+        train: the training split the stage network was trained on.
         seed: the current seed.
         device: where the networks live.
         fit: ``fit(model, objective, dataset, optim_config, desc)`` runs the shared
@@ -185,18 +234,22 @@ class TaskOptions(BaseModel):
 class Task(ABC):
     """A routing problem: its data splits, its networks and its loss. Subclass it.
 
-    Subclasses set ``Options`` (a :class:`TaskOptions` pydantic model: the keys allowed
-    under ``task:`` in a config), ``input_shape``, ``num_outputs``, ``criterion`` and the
-    default network specs, and implement :meth:`build_splits`. Register with
+    Subclasses set ``input_shape``, ``num_outputs`` and ``criterion`` (a
+    :class:`TaskLoss`; usually in ``__init__``), may set ``Options`` (a
+    :class:`TaskOptions` pydantic model: the keys allowed under ``task:`` in a config) and
+    the default network specs, and implement :meth:`build_splits`. Register with
     ``@TASKS.register("name")`` or name the class by dotted path in the config.
+    :func:`cascade.checks.check_task` checks all of it on one batch of each split before
+    any training.
 
     Args:
         options: validated ``Options``.
     """
 
     Options: ClassVar[type[TaskOptions]] = TaskOptions
-    #: default network specs ``{"name": <network registry key>, **kwargs}``
-    default_little: ClassVar[dict[str, Any]]
+    #: default network specs ``{"name": <network registry key>, **kwargs}`` (None: the
+    #: config must name the network)
+    default_little: ClassVar[dict[str, Any] | None] = None
     default_big: ClassVar[dict[str, Any] | None] = None
     #: the big side's cost in MFLOPs when it is a black box with no network (None: unknown)
     oracle_mflops: ClassVar[float | None] = None
@@ -215,3 +268,33 @@ class Task(ABC):
         Raises:
             CascadeError: missing or malformed data, or too few samples for the splits.
         """
+
+    # -- optional hooks -----------------------------------------------------------------
+
+    @classmethod
+    def data_problems(cls, options: TaskOptions, configured_only: bool) -> list[str]:
+        """Problems with the data files ``options`` point to, found without reading them,
+        each ``"<option>: <message>"`` (``cascade validate`` reports them). Default: none.
+
+        Args:
+            options: validated options.
+            configured_only: check only paths the config sets, not ones from the
+                environment or the default data root.
+        """
+        return []
+
+    def write_routing_figure(self, path: Path, network: nn.Module, dataset: Dataset, kept: "np.ndarray",
+                             caption: str) -> bool:
+        """Draw routed test inputs (e.g. faces with their keypoints) into ``path``.
+
+        Args:
+            path: the PNG to write.
+            network: the first routed stage of the first trained method.
+            dataset: the test split.
+            kept: bool ``[N]``, the inputs that stage keeps.
+            caption: what the figure shows.
+
+        Returns:
+            Whether a figure was written; the default draws nothing.
+        """
+        return False

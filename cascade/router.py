@@ -1,111 +1,209 @@
-"""Deployment: route each input through the little network and appeal only the hard ones.
+"""Deployment: route each input down the cascade; each stage sees only the rows still travelling.
 
-The little network runs on the whole batch; the big one runs only on the appealed rows,
-so the wall-clock speed-up approaches ``t_big / (t_little + AR * t_big)``.
+Stage 0 runs on the whole batch, stage ``k`` only on the inputs no earlier stage kept,
+and the big network only on the rest, so the wall-clock speed-up approaches
+``t_big / (t_little + AR * t_big)`` for two stages.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 from torch import Tensor, nn
 
-from cascade.checkpoint import load_checkpoint
 from cascade.errors import CascadeError
 from cascade.roles import Predictor, StageOutput
 
 
 @dataclass
 class RoutedOutput:
-    """Outputs ``[B, ...]`` of the system, and ``kept`` ``[B]``: True where the little answered."""
+    """The system's answers ``[B, ...]`` and ``exit_stage [B]``: which stage answered
+    (``num_stages - 1`` is the big side; with a black-box oracle those rows hold NaN,
+    the caller fetches the oracle's answers for them)."""
 
     output: Tensor
-    kept: Tensor
+    exit_stage: Tensor
+    num_stages: int
+
+    @property
+    def kept(self) -> Tensor:
+        """Bool ``[B]``: answered before the big side."""
+        return self.exit_stage < self.num_stages - 1
 
     @property
     def appeal_rate(self) -> float:
         return 1.0 - self.kept.float().mean().item()
 
 
+class ScoredStage(nn.Module):
+    """A plain stage with a post-hoc score: ``forward`` gives its output with ``q`` set."""
+
+    def __init__(self, network: nn.Module, predictor: Predictor):
+        super().__init__()
+        self.network, self.predictor = network, predictor
+
+    def forward(self, x: Tensor) -> StageOutput:
+        out = self.network(x)
+        out.q = self.predictor.score_batch(self.network, x)
+        return out
+
+
 class Router(nn.Module):
-    """A trained little network, its predictor and threshold, and the big side.
+    """Routed stages, one threshold, and the big side.
 
     Args:
-        little: the little network (a ``TwoHeadNetwork`` for AppealNet).
-        predictor: scores the little network's output (``AppealNetScore``, ``MaxSoftmaxScore``...).
-        threshold: keep on the little network where ``score >= threshold``.
-        big: the big network; None for a black-box oracle, whose answers the caller
-            fetches for the rows where ``kept`` is False.
+        stages: routed stages, cheapest first; each ``forward(x)`` returns a
+            :class:`StageOutput` whose ``q`` is the score (higher = answer here).
+        threshold: stage ``k`` answers where ``q >= threshold``.
+        big: the big network; None for a black-box oracle.
     """
 
-    def __init__(self, little: nn.Module, predictor: Predictor, threshold: float, big: nn.Module | None = None):
+    def __init__(self, stages: list[nn.Module], threshold: float, big: nn.Module | None = None):
         super().__init__()
-        self.little, self.big = little.eval(), None if big is None else big.eval()
-        self.predictor, self.threshold = predictor, threshold
+        self.stages = nn.ModuleList(stages).eval()
+        self.big = None if big is None else big.eval()
+        self.threshold = threshold
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages) + 1
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> RoutedOutput:
-        out = self.little(x)
-        out = out if isinstance(out, StageOutput) else StageOutput(output=out)
-        kept = self.predictor.score(out) >= self.threshold  # [B]
-        output = out.output.clone()
-        if self.big is not None and not bool(kept.all()):
-            appealed = (~kept).nonzero(as_tuple=True)[0]
-            big_out = self.big(x[appealed])
-            output[appealed] = (big_out.output if isinstance(big_out, StageOutput) else big_out).to(output.dtype)
-        return RoutedOutput(output=output, kept=kept)
+        n = len(x)
+        last = self.num_stages - 1
+        exit_stage = torch.full((n,), last, dtype=torch.long, device=x.device)
+        active = torch.arange(n, device=x.device)  # rows still travelling down the cascade
+        output: Tensor | None = None
+        for k, stage in enumerate(self.stages):
+            out = stage(x[active])
+            if output is None:
+                output = torch.full((n, *out.output.shape[1:]), float("nan"), device=x.device)
+            stop = out.q >= self.threshold
+            output[active[stop]] = out.output[stop].to(output.dtype)
+            exit_stage[active[stop]] = k
+            active = active[~stop]
+            if len(active) == 0:
+                break
+        if self.big is not None and len(active):
+            output[active] = self.big(x[active]).output.to(output.dtype)
+        return RoutedOutput(output=output, exit_stage=exit_stage, num_stages=self.num_stages)
 
     @classmethod
     def from_run(
-        cls, run_dir: str | Path, *, mode: str = "white_box", target_ad: float = 0.005,
+        cls, run_dir: str | Path, *, method: str | None = None, mode: str | None = None, target_ad: float = 0.005,
         threshold_source: str = "val", seed: int | None = None,
     ) -> "Router":
-        """The AppealNet router of a finished run, at one of its operating points.
+        """The router of a finished run's method at one of its operating points.
 
-        The threshold is that seed's, chosen on the calibration split by default (the
-        deployable choice); the weights come from ``checkpoints/`` with ``weights_only=True``.
+        The threshold is the one the run chose for that seed (``points.csv``; by default
+        on the calibration split, the deployable choice); the weights come from
+        ``checkpoints/``, loaded with ``weights_only=True``. A post-hoc method that fits
+        itself (``error_head``) is fitted again on the seed's training split.
+
+        Args:
+            run_dir: the output folder of ``cascade run``.
+            method: a method of the run (default: its first trained one, else its first).
+            mode: ``white_box`` or ``black_box`` (default: the run's first).
+            target_ad: the accuracy-degradation target of the operating point.
+            threshold_source: ``val`` or ``test``.
+            seed: one of the run's seeds (default: its first).
 
         Raises:
-            CascadeError: missing files, or no such operating point in ``metrics.json``.
+            CascadeError: missing files, or no such method, mode, seed or operating point.
         """
-        from cascade.config import validate
-        from cascade.evaluator import operating_points
-        from cascade.experiment import build_network, build_task, Experiment
-        from cascade.networks import AppealNetScore, PredictorHead, TwoHeadNetwork
-
-        run = Path(run_dir)
-        for name in ("config.yaml", "metrics.json", "samples.csv"):
-            if not (run / name).is_file():
-                raise CascadeError(f"{run / name}: not found; is {run} the output folder of `cascade run`?")
-        cfg = validate(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
-        metrics = json.loads((run / "metrics.json").read_text())
-        seed = metrics["seeds"][0] if seed is None else seed
-        if mode not in metrics["modes"]:
-            raise CascadeError(f"{run / 'metrics.json'}: mode {mode!r} not in this run ({metrics['modes']})")
         import pandas as pd
 
-        exp = Experiment(cfg, run, quiet=True)
-        key = exp.appealnet_keys[mode]
-        samples = pd.read_csv(run / "samples.csv")
-        routes = exp.routes(metrics["networks"])
-        points = operating_points(samples[samples["seed"] == seed], {(mode, "appealnet"): routes[(mode, "appealnet")]},
-                                  {mode: [target_ad]})
-        row = points[points["threshold_source"] == threshold_source]
-        if row.empty:
-            raise CascadeError(f"{run}: no {threshold_source} operating point at AD {target_ad} for {mode}")
-        task = build_task(cfg)
-        pc = cfg.appealnet.predictor
-        base = build_network(exp.little_spec, task)
-        little = TwoHeadNetwork(base, PredictorHead(base.feature_dim, task.num_outputs, pc.inputs, pc.hidden, pc.detach,
-                                                    task.criterion.kind == "classification", pc.normalize))
-        little.load_state_dict(load_checkpoint(run / "checkpoints" / f"seed{seed}_{key}.pt"))
-        big = None
-        if mode == "white_box":
-            big = build_network(exp.big_spec, task)
-            big.load_state_dict(load_checkpoint(run / "checkpoints" / f"seed{seed}_big.pt"))
-        return cls(little, AppealNetScore(), float(row["threshold"].iloc[0]), big)
+        from cascade.building import build_network, build_task, resolve_specs
+        from cascade.checkpoint import load_checkpoint
+        from cascade.config import validate
+        from cascade.methods import CascadeContext, MethodKind, TrainedMethod, build_methods
+        from cascade.roles import BlackBoxOracle, MethodContext, Mode, WhiteBoxOracle
 
+        run = Path(run_dir)
+        for name in ("config.yaml", "metrics.json", "points.csv"):
+            if not (run / name).is_file():
+                raise CascadeError(f"{run / name}: not found; is {run} the output folder of a finished `cascade run`?")
+        metrics = json.loads((run / "metrics.json").read_text())
+        for folder in (metrics.get("workdir"), str(Path.cwd())):  # where the run found the user's own modules
+            if folder and folder not in sys.path:
+                sys.path.insert(0, folder)
+        cfg = validate(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
+        seed = metrics["seeds"][0] if seed is None else seed
+        _choose(seed, metrics["seeds"], "seed", run)
+        mode = _choose(mode or metrics["modes"][0], metrics["modes"], "mode", run)
+        kinds = metrics["methods"]
+        if method is None:
+            method = next((m for m, v in kinds.items() if v["kind"] == MethodKind.TRAINED.value), next(iter(kinds)))
+        _choose(method, list(kinds), "method", run)
+
+        points = pd.read_csv(run / "points.csv")
+        row = points[(points["seed"] == seed) & (points["mode"] == mode) & (points["method"] == method)
+                     & (points["selection"] == "target_ad") & (points["threshold_source"] == threshold_source)
+                     & ((points["target_ad"] - target_ad).abs() < 1e-12)]
+        if row.empty:
+            have = sorted(points.loc[points["selection"] == "target_ad", "target_ad"].unique())
+            raise CascadeError(f"{run / 'points.csv'}: no {threshold_source} point of {method} ({mode}) at target AD "
+                               f"{target_ad:g}; the run has targets {', '.join(f'{t:g}' for t in have)}")
+        threshold = float(row["threshold"].iloc[0])
+        variant = row["variant"].iloc[0]
+        variant = "" if not isinstance(variant, str) else variant
+
+        task = build_task(cfg)
+        specs, big_spec = resolve_specs(cfg, task)
+
+        def network(spec, name: str, role: str) -> nn.Module:
+            net = build_network(spec.model_copy(update={"checkpoint": None}), task, role)
+            net.load_state_dict(load_checkpoint(run / "checkpoints" / f"seed{seed}_{name}.pt"))
+            return net.eval()
+
+        plain = [network(s, f"stage{k}", f"stages.{k}") for k, s in enumerate(specs)]
+        big = network(big_spec, "big", "big") if mode == Mode.WHITE_BOX.value else None
+        entry = next(e for e in build_methods(cfg.methods, task.criterion.kind) if e.label == method)
+        if issubclass(entry.cls, TrainedMethod):
+            oracle = WhiteBoxOracle(big) if big is not None else BlackBoxOracle(metrics["last_stage_mflops"][mode])
+            ctx = CascadeContext(task=task, mode=Mode(mode), pretrained=plain, plain=plain, oracle=oracle,
+                                 stage_mflops=[], data=None, finetune=cfg.finetune, device=torch.device("cpu"),
+                                 fit=None, with_oracle_outputs=None)
+            systems = {s.variant: s for s in entry.instance().build(ctx)}
+            system = systems[variant]
+            name = "_".join(p for p in (method, variant, mode) if p)
+            system.module().load_state_dict(load_checkpoint(run / "checkpoints" / f"seed{seed}_{name}.pt"))
+            stages = system.stages
+        else:
+            train = None
+            stages = []
+            for net in plain:
+                scorer = entry.instance()
+                if type(scorer).prepare is not Predictor.prepare:  # it fits itself: again, as the run did
+                    train = train or task.build_splits(seed).train
+                    scorer.prepare(net, MethodContext(task=task, train=train, seed=seed, device=torch.device("cpu"),
+                                                      fit=_plain_fit(seed)))
+                stages.append(ScoredStage(net, scorer))
+        return cls(stages, threshold, big)
+
+
+def _choose(value: Any, known: list, what: str, run: Path) -> Any:
+    if value not in known:
+        raise CascadeError(f"{run / 'metrics.json'}: {what} {value!r} is not in this run; it has "
+                           f"{', '.join(map(str, known))}")
+    return value
+
+
+def _plain_fit(seed: int):
+    """``MethodContext.fit`` outside a run: the shared trainer, no checkpoints or progress."""
+    from cascade.building import build_optimizer, make_loader, phase_seed
+    from cascade.trainer import Trainer
+
+    def fit(model, objective, data, oc, desc):
+        opt, sched = build_optimizer(model.parameters(), oc)
+        loader = make_loader(data, oc.batch_size, shuffle=True, seed=phase_seed(seed, "post_hoc"))
+        Trainer(model, objective, opt, loader, oc.epochs, [], sched, "cpu", name=desc).train()
+
+    return fit

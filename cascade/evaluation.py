@@ -1,4 +1,8 @@
-"""Operating points of a K-stage cascade from per-sample arrays: sort once, cumulative sums.
+"""Operating points of a cascade from per-sample arrays: sort once, cumulative sums.
+
+The per-sample table (``samples.csv``) is the single source of truth: every operating
+point is computed from it alone, so anyone can recompute them. A two-stage system
+(AppealNet's case) is the cascade with K = 2.
 
 A cascade routes with one score per decision point, ``scores [N, K-1]`` (higher = stop
 here), and a threshold ``t`` shared by every stage: input ``i`` exits at the first stage
@@ -17,7 +21,7 @@ comes out in ``O(N K log(N K))`` with no Python loop over thresholds.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -242,26 +246,182 @@ def select_by_accuracy(sweeps: Sequence[CascadeSweep], min_correct: float) -> Se
 
 @dataclass(frozen=True)
 class Variant:
-    """One trained cascade a method routes with: the ``samples.csv`` columns it reads.
+    """One routed system of one method in one mode: the ``samples.csv`` columns it reads.
 
     Attributes:
-        system: column prefix of its stages (``plain``, ``appealnet``, ``reinforce_a0.1``).
-        score: name of its stop score (``msp``, ``appealnet``, ``reinforce``...).
-        stage_mflops: the cost of each of its K stages (with heads), first to last.
-        alpha: the REINFORCE cost weight it was trained with (None for the others).
+        method: the method's label (``msp``, ``appealnet``...).
+        mode: ``white_box`` or ``black_box``.
+        variant: names one of several systems a method trained (``a0.01``), else ``""``.
+        score_columns: ``[K-1]`` the score column after each routed stage.
+        correct_columns: ``[K]`` each stage's correctness column; None for a black-box
+            oracle (always right).
+        stage_mflops: ``[K]`` each stage's cost (routed ones with their heads).
+        fixed_threshold: the method's own threshold (REINFORCE's greedy 0.5), else None.
     """
 
-    system: str
-    score: str
+    method: str
+    mode: str
+    variant: str
+    score_columns: tuple[str, ...]
+    correct_columns: tuple[str | None, ...]
     stage_mflops: tuple[float, ...]
-    alpha: float | None = None
+    fixed_threshold: float | None = None
 
 
-def variant_arrays(frame: pd.DataFrame, v: Variant, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``scores [N, K-1]`` and ``correct [N, K]`` of one variant from the per-sample table.
-
-    Columns: ``<system>_s<k>_score_<score>`` for ``k < K-1`` and ``<system>_s<k>_correct``.
-    """
-    scores = np.stack([frame[f"{v.system}_s{j}_score_{v.score}"].to_numpy(np.float64) for j in range(k - 1)], axis=1)
-    correct = np.stack([frame[f"{v.system}_s{j}_correct"].to_numpy(bool) for j in range(k)], axis=1)
+def variant_arrays(frame: pd.DataFrame, v: Variant) -> tuple[np.ndarray, np.ndarray]:
+    """``scores [N, K-1]`` and ``correct [N, K]`` of one variant from the per-sample table."""
+    n = len(frame)
+    scores = np.stack([frame[c].to_numpy(np.float64) for c in v.score_columns], axis=1)
+    correct = np.stack([np.ones(n, bool) if c is None else frame[c].to_numpy(bool) for c in v.correct_columns], axis=1)
     return scores, correct
+
+
+def sweep_costs(v: Variant) -> tuple[float, ...]:
+    """The costs to sweep with: an unknown oracle cost (None, only ever the last stage) is
+    taken as 1, which ranks a two-stage system's points exactly as any positive cost
+    would; the points' costs are then reported as unknown."""
+    return tuple(1.0 if c is None else c for c in v.stage_mflops)
+
+
+_BASE = {"target_ad": None, "budget_fraction": None, "target_mflops": None, "anchor": None}
+
+
+def operating_points(samples: pd.DataFrame, variants: Sequence[Variant], targets: dict[str, list[float]],
+                     budgets: Sequence[float] = ()) -> list[dict]:
+    """Every operating point of every variant, per seed, from the per-sample table.
+
+    Selections (the ``selection`` field), each with thresholds read off the test split
+    (``threshold_source = test``, as the papers) and chosen on the calibration split
+    (``val``) then applied to test:
+
+    - ``target_ad``: the cheapest point with accuracy degradation ``AD = acc(last stage
+      alone) - acc(system)`` at or under each target of the mode (black-box: ``1 - acc``);
+    - ``budget``: the most accurate point whose mean cost is at most each fraction of
+      the last stage's cost;
+    - ``fixed``: a variant's own threshold (``threshold_source = fixed``); and
+      ``matched_cost``: every other method at that point's mean cost (``anchor`` names it).
+
+    A method with several variants is judged by the best of them at each selection.
+
+    Returns:
+        One dict per (seed, mode, method, selection, source, target / budget / anchor).
+    """
+    by_method: dict[tuple[str, str], list[Variant]] = {}
+    for v in variants:
+        by_method.setdefault((v.mode, v.method), []).append(v)
+    rows: list[dict] = []
+    for seed, frame in samples.groupby("seed", sort=True):
+        split = {name: part for name, part in frame.groupby("split")}
+        arrays = {s: {v: variant_arrays(split[s], v) for v in variants} for s in ("cal", "test")}
+        sweeps = {s: {v: cascade_sweep(*arrays[s][v], sweep_costs(v)) for v in variants} for s in ("cal", "test")}
+
+        def point(vs: list[Variant], sel: Selection, **fields: Any) -> dict:
+            v = vs[sel.variant]
+            sc, co = arrays["test"][v]
+            p = cascade_point(sel.threshold, sc, co, sweep_costs(v))
+            ref = float(co[:, -1].mean())
+            known = v.stage_mflops[-1] is not None
+            return {
+                "seed": int(seed), "mode": v.mode, "method": v.method, **(_BASE | fields), "variant": v.variant,
+                "feasible": sel.feasible, "threshold": p.threshold, "system_accuracy": p.system_accuracy,
+                "cost_mflops": p.cost_mflops if known else None,
+                "relative_cost": p.cost_mflops / v.stage_mflops[-1] if known else None,
+                "ad": ref - p.system_accuracy, "skipping_rate": 1.0 - p.exit_fractions[-1],
+                "appeal_rate": p.exit_fractions[-1], "exit_fractions": p.exit_fractions,
+            }
+
+        for (mode, method), vs in by_method.items():
+            for source in ("test", "val"):
+                split_name = "cal" if source == "val" else "test"
+                sw = [sweeps[split_name][v] for v in vs]
+                for t in targets[mode]:
+                    ref = float(arrays[split_name][vs[0]][1][:, -1].mean())
+                    sel = select_by_accuracy(sw, sw[0].n * (ref - t))
+                    rows.append(point(vs, sel, selection="target_ad", threshold_source=source, target_ad=t))
+                for b in budgets:
+                    sel = select_by_cost(sw, b * vs[0].stage_mflops[-1])
+                    rows.append(point(vs, sel, selection="budget", threshold_source=source, budget_fraction=b,
+                                      target_mflops=b * vs[0].stage_mflops[-1]))
+        for v in variants:
+            if v.fixed_threshold is None:
+                continue
+            fixed = point([v], Selection(0, v.fixed_threshold, True), selection="fixed", threshold_source="fixed",
+                          anchor=v.variant)
+            rows.append(fixed)
+            if fixed["cost_mflops"] is None:
+                continue  # no cost to match
+            cal_cost = cascade_point(v.fixed_threshold, *arrays["cal"][v], sweep_costs(v)).cost_mflops
+            anchor = f"{v.method} {v.variant}".strip()
+            for (mode, method), others in by_method.items():
+                if mode != v.mode or method == v.method:
+                    continue
+                for source, budget in (("test", fixed["cost_mflops"]), ("val", cal_cost)):
+                    sw = [sweeps["cal" if source == "val" else "test"][o] for o in others]
+                    rows.append(point(others, select_by_cost(sw, budget), selection="matched_cost",
+                                      threshold_source=source, anchor=anchor, target_mflops=budget))
+    return rows
+
+
+KEYS = ("mode", "method", "selection", "threshold_source", "target_ad", "budget_fraction", "anchor")
+VALUES = ("threshold", "target_mflops", "system_accuracy", "cost_mflops", "relative_cost", "ad", "skipping_rate",
+          "appeal_rate")
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean over seeds of each operating point, ``*_std`` (ddof=1) when several seeds.
+
+    ``exit_fractions`` is averaged stage by stage; ``variants`` lists each seed's chosen
+    variant; ``feasible`` is True only if it held for every seed.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in KEYS), []).append(r)
+    n_seeds = len({r["seed"] for r in rows})
+    out = []
+    for key, group in groups.items():
+        row: dict[str, Any] = dict(zip(KEYS, key))
+        for v in VALUES:
+            vals = [g[v] for g in group if g[v] is not None]
+            row[v] = float(np.mean(vals)) if vals else None
+            if n_seeds > 1 and vals:
+                row[f"{v}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        exits = np.array([g["exit_fractions"] for g in group])  # [seeds, K]
+        row["exit_fractions"] = exits.mean(axis=0).tolist()
+        row["variants"] = [g["variant"] for g in group]
+        row["feasible"] = all(g["feasible"] for g in group)
+        out.append(row)
+    return out
+
+
+def value_field(mode: str) -> str:
+    """What a target-AD point is judged on: mean cost (white-box, Table 1) or appeal
+    rate (black-box, Table 2)."""
+    return "cost_mflops" if mode == "white_box" else "appeal_rate"
+
+
+def comparisons(points: list[dict], trained: Sequence[str], post_hoc: Sequence[str]) -> list[dict]:
+    """Each trained method against the best post-hoc method at each target-AD point.
+
+    ``ratio = best post-hoc value / the method's value`` (cost white-box, appeal rate
+    black-box): > 1 means the trained method is cheaper. ``targets_met`` says whether
+    both points reached their AD target on the test split (a val-tuned threshold may
+    miss it: the ratio then compares points of different accuracy).
+    """
+    index = {(p["mode"], p["method"], p["threshold_source"], p["target_ad"]): p
+             for p in points if p["selection"] == "target_ad"}
+    out = []
+    for (mode, method, source, target), p in index.items():
+        if method not in trained:
+            continue
+        field = value_field(mode)
+        rivals = [index[(mode, b, source, target)] for b in post_hoc if (mode, b, source, target) in index]
+        rivals = [r for r in rivals if r[field] is not None]
+        if not rivals or p[field] is None:
+            continue
+        best = min(rivals, key=lambda r: r[field])
+        value = p[field]
+        ratio = best[field] / value if value > 0 else (1.0 if best[field] == 0 else None)
+        met = all(q["ad"] <= target + 1e-9 for q in (p, best))
+        out.append({"mode": mode, "threshold_source": source, "target_ad": target, "method": method,
+                    "best_post_hoc": best["method"], "field": field, "ratio": ratio, "targets_met": met})
+    return out

@@ -61,8 +61,11 @@ The choices METHOD.md leaves *open*, and what this module does:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Annotated, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import torch
 import torch.nn.functional as F
@@ -70,10 +73,11 @@ from torch import Tensor, nn
 
 from cascade.cost import measure_cost
 from cascade.errors import CascadeError
-from cascade.networks import CLASSIFICATION_INPUTS, HEAD_INPUTS, PredictorHead, head_input, head_input_width
+from cascade.methods import CascadeContext, RoutedSystem, TrainedMethod
+from cascade.networks import CLASSIFICATION_INPUTS, HEAD_INPUTS, HeadInput, PredictorHead, head_input, head_input_width
 from cascade.objectives import Batch, Objective
 from cascade.registry import METHODS
-from cascade.roles import BlackBoxOracle, Predictor, StageOutput, TaskLoss
+from cascade.roles import MethodOptions, Oracle, StageOutput, Task, TaskKind, TaskLoss
 
 
 @dataclass
@@ -93,6 +97,9 @@ class CascadeOutput:
 
 #: what a stopping policy may read from its stage (the AppealNet head's inputs)
 POLICY_INPUTS = HEAD_INPUTS
+#: what the policy reads when the config does not say
+DEFAULT_POLICY_INPUTS = {TaskKind.CLASSIFICATION: ["sorted_log_probs", "confidence"],
+                         TaskKind.REGRESSION: ["features", "output"]}
 
 
 class StoppingPolicy(nn.Module):
@@ -135,12 +142,12 @@ class StoppingPolicy(nn.Module):
         unknown = [i for i in inputs if i not in POLICY_INPUTS]
         if unknown or not inputs:
             raise CascadeError(
-                f"cascade.policy.inputs must be a non-empty subset of {POLICY_INPUTS}, got {list(inputs)}")
+                f"policy.inputs must be a non-empty subset of {POLICY_INPUTS}, got {list(inputs)}")
         if not classification and CLASSIFICATION_INPUTS & set(inputs):
-            raise CascadeError("cascade.policy.inputs: a regression stage has no label probabilities; "
+            raise CascadeError("policy.inputs: a regression stage has no label probabilities; "
                                "use [output] or [features, output]")
         if shared and "features" in inputs:
-            raise CascadeError("cascade.policy: a shared policy cannot read features (their width differs by stage)")
+            raise CascadeError("policy: a shared policy cannot read features (their width differs by stage)")
         self.num_decisions = len(feature_dims)
         self.inputs = tuple(inputs)
         self.shared = shared
@@ -177,137 +184,71 @@ class StoppingPolicy(nn.Module):
 
 
 class MultiStageCascade(nn.Module):
-    """Network stages of rising cost, a stopping policy, optionally a black-box oracle last.
+    """Routed network stages of rising cost, a stopping policy, and an oracle last.
 
-    ``forward`` runs every network stage on the whole batch (training, and evaluation
-    that records every stage); :meth:`route` is deployment: each stage only sees the
-    inputs that reached it.
+    ``forward`` runs every routed stage on the whole batch (training); :meth:`route` is
+    deployment: each stage only sees the inputs that reached it. The oracle (the frozen
+    big network, white-box, or a black-box one) is the last stage, the same for every
+    method of a run.
 
     Args:
-        stages: the network stages, cheapest first (``FeatureNet``-like: their forward
-            returns a :class:`StageOutput` with ``features``).
-        policy: the stopping policy (None: a plain list of stages, e.g. for baselines).
-        oracle: a black-box oracle as the last stage, or None (the last network is last).
+        stages: the routed stages, cheapest first (:class:`~cascade.roles.Approximator`).
+        policy: the stopping policy, deciding after each routed stage.
+        oracle: the last stage.
 
     Raises:
-        CascadeError: fewer than 2 stages, or a policy with the wrong number of decisions.
+        CascadeError: no routed stage, or a policy with the wrong number of decisions.
     """
 
-    def __init__(self, stages: Sequence[nn.Module], policy: StoppingPolicy | None = None,
-                 oracle: BlackBoxOracle | None = None):
+    def __init__(self, stages: Sequence[nn.Module], policy: StoppingPolicy, oracle: Oracle):
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.policy = policy
         self.oracle = oracle
-        if self.num_stages < 2:
-            raise CascadeError("a cascade needs at least 2 stages (networks, plus the oracle if any)")
-        if policy is not None and policy.num_decisions != self.num_stages - 1:
+        if not self.stages:
+            raise CascadeError("a cascade needs at least one routed stage before its oracle")
+        if policy.num_decisions != len(self.stages):
             raise CascadeError(f"the policy decides after {policy.num_decisions} stages, the cascade needs "
-                               f"{self.num_stages - 1}")
+                               f"{len(self.stages)}")
 
     @property
     def num_stages(self) -> int:
-        """K: the network stages, plus one for the black-box oracle."""
-        return len(self.stages) + (self.oracle is not None)
+        """K: the routed stages plus the oracle."""
+        return len(self.stages) + 1
 
     def forward(self, x: Tensor) -> CascadeOutput:
         outs: list[StageOutput] = []
-        p_stop = []
         for k, stage in enumerate(self.stages):
             out = stage(x)
-            out = out if isinstance(out, StageOutput) else StageOutput(output=out)
-            if self.policy is not None and k < self.num_stages - 1:
-                out.q = self.policy(k, out)  # [B]
-                p_stop.append(out.q)
+            out.q = self.policy(k, out)  # [B]
             outs.append(out)
-        return CascadeOutput(stages=outs, p_stop=torch.stack(p_stop, dim=1) if p_stop else None)
-
-    @torch.no_grad()
-    def route(self, x: Tensor, threshold: float = 0.5) -> tuple[Tensor, Tensor]:
-        """Routed inference: stage ``k`` runs only on the inputs that did not stop before it.
-
-        Args:
-            x: a batch of inputs ``[B, ...]``.
-            threshold: stop where ``P(stop) >= threshold`` (0.5: the greedy policy).
-
-        Returns:
-            ``(output, exit)``: the answering stage's output ``[B, C]`` (NaN rows for the
-            inputs that reach a black-box oracle: its answer is not ours to compute) and
-            the exit stage of each input, ``[B]`` long in ``0 .. K-1``.
-
-        Raises:
-            CascadeError: the cascade has no policy.
-        """
-        if self.policy is None:
-            raise CascadeError("route needs a stopping policy")
-        self.eval()
-        n = len(x)
-        exit_stage = torch.full((n,), self.num_stages - 1, dtype=torch.long, device=x.device)
-        active = torch.arange(n, device=x.device)  # rows still travelling down the cascade
-        output: Tensor | None = None
-        for k, stage in enumerate(self.stages):
-            out = stage(x[active])
-            out = out if isinstance(out, StageOutput) else StageOutput(output=out)
-            if output is None:
-                output = torch.full((n, *out.output.shape[1:]), float("nan"), device=x.device)
-            last = k == self.num_stages - 1
-            stop = torch.ones(len(active), dtype=torch.bool, device=x.device) if last else (
-                self.policy(k, out) >= threshold)
-            output[active[stop]] = out.output[stop].to(output.dtype)
-            exit_stage[active[stop]] = k
-            active = active[~stop]
-            if len(active) == 0:
-                break
-        return output, exit_stage
+        return CascadeOutput(stages=outs, p_stop=torch.stack([o.q for o in outs], dim=1))
 
 
-class _StageWithPolicy(nn.Module):
-    """A stage followed by its policy head, so that ``measure_cost`` counts both."""
+class PolicyStage(nn.Module):
+    """Routed stage ``k`` followed by its policy decision: ``forward`` gives the stage's
+    :class:`StageOutput` with ``q = P(stop)`` (what the evaluator and ``measure_cost`` see)."""
 
     def __init__(self, stage: nn.Module, policy: StoppingPolicy, k: int):
         super().__init__()
         self.stage, self.policy, self.k = stage, policy, k
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> StageOutput:
         out = self.stage(x)
-        return self.policy(self.k, out)
+        out.q = self.policy(self.k, out)
+        return out
 
 
 def stage_costs(model: MultiStageCascade, input_shape: tuple[int, ...]) -> list[float]:
-    """MFLOPs (MACs) of each stage, first to last, including its policy head when one follows.
-
-    Args:
-        model: the cascade.
-        input_shape: one input's shape, no batch dimension.
-
-    Returns:
-        ``K`` costs; the black-box oracle's is its declared ``cost_mflops``.
+    """MFLOPs (MACs) of each stage, first to last, each routed one with its policy head.
 
     Raises:
         CascadeError: the oracle's cost is unknown.
     """
-    costs = []
-    for k, stage in enumerate(model.stages):
-        decides = model.policy is not None and k < model.num_stages - 1
-        module = _StageWithPolicy(stage, model.policy, k) if decides else stage
-        costs.append(measure_cost(module, input_shape).mflops)
-    if model.oracle is not None:
-        if model.oracle.cost_mflops is None:
-            raise CascadeError("the black-box oracle's cost is unknown; set cascade.oracle_mflops")
-        costs.append(float(model.oracle.cost_mflops))
-    return costs
-
-
-@METHODS.register("reinforce")
-class ReinforceStopScore(Predictor):
-    """The stopping policy's ``P(stop | s_k)``, read from a :class:`MultiStageCascade`'s stage."""
-
-    name = "reinforce"
-
-    def score(self, stage: StageOutput) -> Tensor:
-        if stage.q is None:
-            raise CascadeError("reinforce scores come from a cascade's stopping policy: use a config with cascade:")
-        return stage.q
+    costs = [measure_cost(PolicyStage(s, model.policy, k), input_shape).mflops for k, s in enumerate(model.stages)]
+    if model.oracle.cost_mflops is None:
+        raise CascadeError("the oracle's cost is unknown; set oracle_mflops")
+    return costs + [float(model.oracle.cost_mflops)]
 
 
 def trajectory(p_stop: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
@@ -420,9 +361,8 @@ class ReinforceObjective(Objective):
         losses = [crit.per_sample(s.output, y) for s in out.stages]
         wrong = [~crit.correct(s.output, y) for s in out.stages]
         n_net = len(losses)
-        if model.oracle is not None:
-            losses.append(model.oracle.per_sample_loss(x, y, crit))
-            wrong.append(~model.oracle.correct(x, y, crit))
+        losses.append(model.oracle.per_sample_loss(x, y, crit))
+        wrong.append(~model.oracle.correct(x, y, crit))
         loss = torch.stack(losses, dim=1)  # [B, K]
         if loss.shape[1] != len(self.relative_paid):
             raise CascadeError(f"the objective has {len(self.relative_paid)} stage costs, the cascade "
@@ -457,3 +397,90 @@ class ReinforceObjective(Objective):
         for k, frac in enumerate(exits):
             logged[f"exit_{k}"] = frac
         return logged
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PolicyOptions(_Strict):
+    """The stopping policy: what each head reads (default: sorted log-probabilities and
+    confidence for classification, features and output for regression), its hidden
+    widths, one head shared by every stage, and whether its gradient stops at its inputs."""
+
+    inputs: list[HeadInput] | None = Field(default=None, min_length=1)
+    hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [16])
+    shared: bool = False
+    detach: bool = True
+
+    def resolved_inputs(self, kind: TaskKind) -> list[str]:
+        return list(self.inputs) if self.inputs is not None else DEFAULT_POLICY_INPUTS[kind]
+
+
+class ReinforceOptions(MethodOptions):
+    """``{name: reinforce, alphas: [...], policy: {...}, ...}``: one cascade per ``alphas``
+    value (the cost weight of the reward), used at ``threshold`` (0.5: the greedy policy)
+    and with that threshold swept; the rest as :class:`ReinforceObjective`'s arguments.
+    ``policy_lr``: the policy's learning rate (default: ``finetune.lr``)."""
+
+    alphas: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [0.1], min_length=1)
+    threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    reward: Literal["loss", "error"] = "loss"
+    baseline: Literal["batch_mean", "moving_average", "self_critical", "sample_mean"] = "batch_mean"
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    samples: Annotated[int, Field(ge=1)] = 1
+    policy_lr: Annotated[float, Field(gt=0)] | None = None
+    aux_weight: Annotated[float, Field(ge=0)] = 1.0
+    entropy_weight: Annotated[float, Field(ge=0)] = 0.0
+    policy: PolicyOptions = Field(default_factory=PolicyOptions)
+
+    @model_validator(mode="after")
+    def _samples_for_sample_mean(self) -> "ReinforceOptions":
+        if self.baseline == "sample_mean" and self.samples < 2:
+            raise ValueError("baseline: sample_mean needs samples >= 2 (trajectories per input)")
+        if self.policy.shared and self.policy.inputs and "features" in self.policy.inputs:
+            raise ValueError("policy: a shared policy cannot read features (their width differs by stage)")
+        return self
+
+
+@METHODS.register("reinforce")
+class Reinforce(TrainedMethod):
+    """A stopping policy trained by REINFORCE jointly with the routed stages, one per alpha."""
+
+    Options = ReinforceOptions
+
+    def problems(self, task: Task) -> list[str]:
+        wrong = [i for i in self.options.policy.inputs or [] if i in CLASSIFICATION_INPUTS]
+        if task.criterion.kind == TaskKind.REGRESSION and wrong:
+            return [f"policy.inputs: {wrong} need class probabilities, which a regression task has not; "
+                    f"use {DEFAULT_POLICY_INPUTS[TaskKind.REGRESSION]}"]
+        return []
+
+    def build(self, context: CascadeContext) -> list[RoutedSystem]:
+        o, pc = self.options, self.options.policy
+        systems = []
+        for alpha in o.alphas:
+            policy = StoppingPolicy([s.feature_dim for s in context.pretrained], context.task.num_outputs,
+                                    pc.resolved_inputs(context.kind), pc.hidden, pc.shared, pc.detach,
+                                    classification=context.kind == TaskKind.CLASSIFICATION)
+            model = MultiStageCascade([copy.deepcopy(s) for s in context.pretrained], policy, context.oracle)
+            model.to(context.device)
+            stages = [PolicyStage(s, model.policy, k) for k, s in enumerate(model.stages)]
+            systems.append(RoutedSystem(stages, variant=f"a{alpha:g}", fixed_threshold=o.threshold,
+                                        info={"alpha": alpha}, model=model))
+        return systems
+
+    def train(self, systems: list[RoutedSystem], context: CascadeContext) -> None:
+        o = self.options
+        for system in systems:
+            model = system.model
+            objective = ReinforceObjective(context.task.criterion, stage_costs(model, context.task.input_shape),
+                                           system.info["alpha"], o.reward, o.baseline, o.momentum, o.samples,
+                                           o.aux_weight, o.entropy_weight)
+            in_policy = {id(p) for p in model.policy.parameters()}
+            groups = [{"params": [p for p in model.parameters() if id(p) not in in_policy]},
+                      {"params": list(model.policy.parameters()), "lr": o.policy_lr or context.finetune.lr}]
+            context.fit(model, objective, context.data, system.variant, groups)
