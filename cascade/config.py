@@ -437,9 +437,13 @@ def _cascade_errors(cfg: ExperimentConfig, task_cls: Any) -> list[str]:
         errors.append(f"little: the task {task_cls.__name__} has no default_little; set little: or stages:")
     if "white_box" in cfg.modes and cfg.big is None and task_cls.default_big is None:
         errors.append("modes: white_box needs a big network; the task has none (set big: or use modes: [black_box])")
-    if "black_box" in cfg.modes and cfg.oracle_mflops is None and task_cls.oracle_mflops is None \
-            and cfg.big is None and task_cls.default_big is None:
-        errors.append("oracle_mflops: the black-box oracle's cost is unknown; set it (MFLOPs per input)")
+    unknown_cost = cfg.oracle_mflops is None and task_cls.oracle_mflops is None and cfg.big is None \
+        and task_cls.default_big is None
+    several = cfg.stages is not None and len(cfg.stages) > 1
+    if "black_box" in cfg.modes and unknown_cost and (several or cfg.evaluation.budgets):
+        # two stages rank their points by appeal rate alone; more stages, or budgets, need the cost
+        errors.append("oracle_mflops: the black-box oracle's cost is unknown, and routing "
+                      f"{'several stages' if several else 'within budgets'} needs it; set it (MFLOPs per input)")
     return errors
 
 

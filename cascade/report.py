@@ -28,9 +28,11 @@ MISSED = "✗"
 
 
 def sig(x: float | None, digits: int = 3) -> str:
-    """``x`` to ``digits`` significant digits, without exponent for everyday magnitudes."""
+    """``x`` to ``digits`` significant digits, without exponent for everyday magnitudes
+    (``0.00237``, ``1.00``, ``12.2``, ``1,234``)."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
+    x = float(f"{x:.{digits}g}")  # round first: 0.99996 is 1.00, not 1.000
     if x == 0:
         return "0"
     magnitude = math.floor(math.log10(abs(x)))
