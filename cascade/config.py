@@ -378,7 +378,7 @@ def _method_errors(cfg: ExperimentConfig) -> list[str]:
             cls.Options.model_validate(spec.options())
         except ValidationError as exc:
             errors += _pydantic_errors(exc, prefix=f"methods.{i}", model=cls.Options)
-        label = spec.options().get("label") or spec.name
+        label = spec.options().get("label") or spec.name.rpartition(".")[2]
         if label in seen:
             errors.append(f"methods.{i}: {label!r} is listed twice (give one of them a label:)")
         seen.add(label)

@@ -174,6 +174,12 @@ class MethodEntry:
         return self.cls(self.options)
 
 
+def default_label(name: str) -> str:
+    """What results call a method listed without ``label``: its registry key, or the last
+    part of its dotted path (``my_methods.DeferralHead`` -> ``DeferralHead``)."""
+    return name.rpartition(".")[2]
+
+
 def build_methods(specs: Sequence[MethodSpec] | None, kind: TaskKind) -> list[MethodEntry]:
     """The run's methods: ``specs`` in order, or every registered default that suits ``kind``
     (trained ones first)."""
@@ -185,7 +191,7 @@ def build_methods(specs: Sequence[MethodSpec] | None, kind: TaskKind) -> list[Me
     for spec in specs:
         cls = method_class(spec.name)
         options = cls.Options.model_validate(spec.options())
-        entries.append(MethodEntry(options.label or spec.name, cls, options))
+        entries.append(MethodEntry(options.label or default_label(spec.name), cls, options))
     return entries
 
 
