@@ -32,9 +32,7 @@ class SupervisedObjective(Objective):
 
     def __call__(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         x, y = batch[0], batch[1]
-        out = model(x)
-        output = out.output if isinstance(out, StageOutput) else out
-        return {"loss": self.criterion.per_sample(output, y).mean()}
+        return {"loss": self.criterion.per_sample(model(x).output, y).mean()}
 
 
 class AppealNetObjective(Objective):

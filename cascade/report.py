@@ -260,9 +260,9 @@ def write_figures(samples: pd.DataFrame, variants: list[Variant], metrics: dict[
         else:
             ax.set_xscale("log")
             ax.set_xlabel("mean MFLOPs (MACs) per input")
-            for k, c in enumerate(mine[0].correct_columns[:-1] if mine else []):
-                ax.plot(mine[0].stage_mflops[k], test[c].mean(), "s", color="k", ms=5,
-                        label="plain stages alone" if k == 0 else None)
+            for k in range(metrics["num_stages"] - 1):  # each plain stage alone: its own cost, its accuracy
+                ax.plot(metrics["networks"][f"stage{k}"]["mflops"], test[f"stage{k}_correct"].mean(), "s", color="k",
+                        ms=5, label="plain stages alone" if k == 0 else None)
         ax.set_ylabel("system accuracy")
         ax.set_title(f"{metrics['task']} {mode.replace('_', '-')}, seed {seed}, test")
         ax.legend(fontsize=7, loc="lower right")

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from cascade import NETWORKS, TASKS, DataError, FeatureNet, MaskedL2TaskLoss, Splits, Task, TaskOptions
+from cascade.checkpoint import atomic_path
 from tasks.data import DATA_ENV, resolve_data_root
 from tasks.faces import GENERATOR_VERSION, IMAGE_COLUMN, IMAGE_SIZE, KEYPOINT_COLUMNS, write_faces_csv
 
@@ -294,7 +295,7 @@ class KeypointTask(Task):
 
     @torch.no_grad()
     def write_routing_figure(self, path: Path, network: nn.Module, dataset: Dataset, kept: np.ndarray, caption: str,
-                             per_group: int = 8) -> None:
+                             per_group: int = 8) -> bool:
         """Sample faces with their true (green) and predicted (red) keypoints, kept vs appealed.
 
         Args:
@@ -304,6 +305,9 @@ class KeypointTask(Task):
             kept: bool ``[N]``, True where the input stays on the little network.
             caption: the figure's title (which network and threshold).
             per_group: faces drawn from each group, chosen at random (seed 0).
+
+        Returns:
+            True: the figure is written (atomically).
         """
         import matplotlib
 
@@ -323,8 +327,7 @@ class KeypointTask(Task):
                 row[0].text(0, 0.5, f"no input {label}", fontsize=8)
             for ax, i in zip(row, pick):
                 x, y = dataset[int(i)]
-                out = network(x.unsqueeze(0).to(device))
-                pred = (out.output if hasattr(out, "output") else out).float().cpu()
+                pred = network(x.unsqueeze(0).to(device)).output.float().cpu()
                 rmse = float(self.criterion.rmse(pred, y.unsqueeze(0))[0])
                 ax.imshow(x[0].numpy(), cmap="gray", vmin=0, vmax=1)
                 true, guess = (y.numpy() * _HALF + _HALF).reshape(15, 2), (pred[0].numpy() * _HALF + _HALF).reshape(15, 2)
@@ -333,8 +336,10 @@ class KeypointTask(Task):
                 ax.set_title(f"{label}\nRMSE {rmse:.1f} px", fontsize=7)
         fig.suptitle(caption, fontsize=8)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
+        return True
 
 
 # ----------------------------------------------------------------------------- the network
