@@ -344,9 +344,21 @@ def _task_errors(task: Any, resolve_data: bool) -> tuple[Any, list[str]]:
     return task_cls, [f"task.{p}" for p in task_cls.data_problems(options, configured_only=not resolve_data)]
 
 
-def _network_errors(cfg: ExperimentConfig) -> list[str]:
+def _spec_alone(model: type[BaseModel], value: Any) -> Any:
+    """``value`` validated as ``model`` on its own, or None (the schema reports why), so that
+    names and options are checked even while another key of the config is wrong."""
+    try:
+        return model.model_validate(value)
+    except ValidationError:
+        return None
+
+
+def _network_errors(data: dict[str, Any]) -> list[str]:
     """Unknown network names and builder options of ``little``, ``stages`` and ``big``."""
-    specs = [("little", cfg.little), ("big", cfg.big)] + [(f"stages.{i}", s) for i, s in enumerate(cfg.stages or [])]
+    stages = data.get("stages")
+    raw = [("little", data.get("little")), ("big", data.get("big"))] + \
+        [(f"stages.{i}", s) for i, s in enumerate(stages if isinstance(stages, list) else [])]
+    specs = [(key, _spec_alone(NetworkSpec, value)) for key, value in raw if value is not None]
     errors = []
     for key, spec in specs:
         if spec is None or spec.name is None:
@@ -363,12 +375,16 @@ def _network_errors(cfg: ExperimentConfig) -> list[str]:
     return errors
 
 
-def _method_errors(cfg: ExperimentConfig) -> list[str]:
+def _method_errors(data: dict[str, Any]) -> list[str]:
     """Unknown method names and invalid method options (each method's own schema)."""
     from cascade.methods import method_class
 
     errors, seen = [], set()
-    for i, spec in enumerate(cfg.methods or []):
+    methods = data.get("methods")
+    for i, value in enumerate(methods if isinstance(methods, list) else []):
+        spec = _spec_alone(MethodSpec, _method_spec(value))
+        if spec is None:
+            continue
         try:
             cls = method_class(spec.name)
         except CascadeError as exc:
@@ -419,11 +435,9 @@ def validate(data: dict[str, Any], path: str = "<config>", resolve_data: bool = 
     except ValidationError as exc:
         errors += _pydantic_errors(exc, model=ExperimentConfig)
     task_cls, task_errors = _task_errors(data.get("task"), resolve_data)
-    errors += task_errors
-    if cfg is not None:
-        errors += _network_errors(cfg) + _method_errors(cfg)
-        if task_cls is not None:
-            errors += _cascade_errors(cfg, task_cls)
+    errors += task_errors + _network_errors(data) + _method_errors(data)
+    if cfg is not None and task_cls is not None:
+        errors += _cascade_errors(cfg, task_cls)
     if errors:
         raise ConfigError(str(path), errors)
     assert cfg is not None  # no schema error means a config

@@ -459,10 +459,12 @@ class Experiment:
             errors = crit.errors(output, y)
             self.error_names.update(errors)
             cols.update(errors)
+            # scores stay float64 (samples.csv round-trips them exactly): a float32 MSP of a
+            # confident network saturates at 1.0 and ties inputs its logits still separate
             if out.q is not None:
-                cols["score"] = out.q.float().cpu()
+                cols["score"] = out.q.double().cpu()
             for name, scorer in (scorers or {}).items():
-                cols[f"score_{name}"] = scorer.score_batch(module, x).float().cpu()
+                cols[f"score_{name}"] = scorer.score_batch(module, x).double().cpu()
             for key, value in cols.items():
                 parts.setdefault(f"{prefix}_{key}", []).append(value)
             targets.append(y)

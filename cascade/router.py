@@ -85,7 +85,9 @@ class Router(nn.Module):
             out = stage(x[active])
             if output is None:
                 output = torch.full((n, *out.output.shape[1:]), float("nan"), device=x.device)
-            stop = out.q >= self.threshold
+            # compared in float64, the precision the run stored its scores in and chose the
+            # thresholds on
+            stop = out.q.double() >= self.threshold
             output[active[stop]] = out.output[stop].to(output.dtype)
             exit_stage[active[stop]] = k
             active = active[~stop]

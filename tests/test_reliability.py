@@ -25,7 +25,7 @@ from torch.utils.data import TensorDataset
 
 from cascade import DataError, FeatureNet, Splits
 from cascade.cli import main
-from cascade.experiment import check_splits
+from cascade.checks import check_splits
 from tasks.data import read_image
 from tasks.digits import DigitsOptions, DigitsTask
 from tasks.faces import IMAGE_COLUMN, KEYPOINT_COLUMNS
@@ -35,12 +35,14 @@ from tasks.mnist import MnistTask
 # a tiny experiment: 7 steps per epoch on digits' ~900 training inputs
 TINY = """\
 seeds: [0]
+threads: 1
 modes: [black_box]
 little: {name: mlp, hidden: [8]}
 pretrain: {epochs: 1, batch_size: 128, lr: 0.003}
-appealnet: {finetune: {epochs: 1, batch_size: 128, lr: 0.003}}
-evaluation: {methods: [msp]}
+finetune: {epochs: 1, batch_size: 128, lr: 0.003}
+methods: [appealnet, msp]
 """
+TINY_REGRESSION = TINY.replace("[appealnet, msp]", "[appealnet]")  # msp needs class probabilities
 
 
 def _config(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
@@ -76,7 +78,8 @@ modes: [grey_box]
 little: {name: mpl}
 pretrain: {lr: -0.1, epocs: 3}
 big_train: {epochs: ten}
-evaluation: {methods: [msp, msq], white_box_targets: [0.0, 1.0]}
+methods: [msp, msq, {name: appealnet, predictor: {hiden: [8]}}]
+evaluation: {white_box_targets: [0.0, 1.0]}
 """)
     expected = [
         "task.name: unknown task 'digts' (did you mean 'digits'?); known: ",
@@ -86,8 +89,9 @@ evaluation: {methods: [msp, msq], white_box_targets: [0.0, 1.0]}
         "pretrain.lr: Input should be greater than 0",
         "pretrain.epocs: unknown key (did you mean 'epochs'?)",
         "big_train.epochs: Input should be a valid integer",
-        "evaluation.methods.1: unknown method 'msq'",
         "evaluation.white_box_targets.1: Input should be less than 1",
+        "methods.1.name: unknown method 'msq' (did you mean 'msp'?); known: appealnet, ",
+        "methods.2.predictor.hiden: unknown key (did you mean 'hidden'?)",
     ]
     for command in ("validate", "run"):
         code, err = _cli(capsys, command, bad, *(["--out", tmp_path / "out"] if command == "run" else []))
@@ -98,10 +102,18 @@ evaluation: {methods: [msp, msq], white_box_targets: [0.0, 1.0]}
 
 def test_set_overrides_go_through_the_same_checks_and_are_named(tmp_path, capsys):
     cfg = _config(tmp_path, "task: {name: digits}\n" + TINY)
-    code, err = _cli(capsys, "validate", cfg, "--set", "pretrain.lr=-1", "--set", "appealnet.finetune.epcohs=2")
-    _assert_user_error(code, err, f"{cfg}: pretrain.lr: Input should be greater than 0 (from --set pretrain.lr=-1)",
-                       "appealnet.finetune.epcohs: unknown key (did you mean 'epochs'?) "
-                       "(from --set appealnet.finetune.epcohs=2)")
+    code, err = _cli(capsys, "validate", cfg, "--set", "pretrain.lr=-1", "--set", "finetune.epcohs=2",
+                     "--set", "methods.0.lambda.budgte=0.2")
+    lines = _assert_user_error(
+        code, err, f"{cfg}: pretrain.lr: Input should be greater than 0 (from --set pretrain.lr=-1)",
+        f"{cfg}: finetune.epcohs: unknown key (did you mean 'epochs'?) (from --set finetune.epcohs=2)",
+        f"{cfg}: methods.0.lambda.budgte: unknown key (did you mean 'budget'?) (from --set methods.0.lambda.budgte=0.2)")
+    assert len(lines) == 3
+    # a key of the configs before the single pipeline, set on the command line: how to migrate it
+    code, err = _cli(capsys, "validate", cfg, "--set", "appealnet.finetune.epochs=2")
+    lines = _assert_user_error(code, err, f"{cfg}: appealnet: AppealNet is a routing method now: list it under "
+                                          "methods: as {name: appealnet, ...}", "(from --set appealnet.finetune.epochs=2)")
+    assert len(lines) == 1
     code, err = _cli(capsys, "validate", cfg, "--set", "pretrain")
     _assert_user_error(code, err, "--set 'pretrain': expected key=value")
 
@@ -137,17 +149,19 @@ def test_missing_data_paths_are_found_before_any_work(tmp_path, capsys, monkeypa
     _assert_user_error(code, err, f"task.data_root: {empty / 'MNIST' / 'raw'}: missing train-images-idx3-ubyte")
 
     csv = tmp_path / "faces" / "training.csv"
-    keypoints = _config(tmp_path, f"task: {{name: keypoints, csv: {csv}}}\n" + TINY, "kp.yaml")
+    keypoints = _config(tmp_path, f"task: {{name: keypoints, csv: {csv}}}\n" + TINY_REGRESSION, "kp.yaml")
     code, err = _cli(capsys, "run", keypoints, "--out", tmp_path / "out")
     _assert_user_error(code, err, f"{keypoints}: task.csv: {csv}: keypoints file not found")
 
-    # a root from the environment: `validate` checks the config alone (it holds on any
-    # machine); `run` also checks where the data will be read from, before any work
+    # a root from the environment: `validate --config-only` checks the config alone (it
+    # holds on any machine); `validate` and `run` also check where the data will be read
+    # from, before any work
     monkeypatch.setenv("CASCADE_DATA", str(absent))
     mnist = _config(tmp_path, "task: {name: mnist}\n" + TINY, "mnist.yaml")
-    assert _cli(capsys, "validate", mnist)[0] == 0
-    code, err = _cli(capsys, "run", mnist, "--out", tmp_path / "out")
-    _assert_user_error(code, err, f"{mnist}: task.data_root: {absent}: no such folder ($CASCADE_DATA)")
+    assert _cli(capsys, "validate", "--config-only", mnist)[0] == 0
+    for command in (["validate"], ["run", "--out", tmp_path / "out"]):
+        code, err = _cli(capsys, command[0], mnist, *command[1:])
+        _assert_user_error(code, err, f"{mnist}: task.data_root: {absent}: no such folder ($CASCADE_DATA)")
     assert not (tmp_path / "out").exists()
 
 
@@ -284,7 +298,7 @@ def _damaged_keypoints(path: Path, kind: str) -> str:
 def test_damaged_keypoints_csv_named_with_its_line(tmp_path, capsys, kind):
     csv = tmp_path / "training.csv"
     message = _damaged_keypoints(csv, kind)
-    cfg = _config(tmp_path, f"task: {{name: keypoints, csv: {csv}}}\n" + TINY)
+    cfg = _config(tmp_path, f"task: {{name: keypoints, csv: {csv}}}\n" + TINY_REGRESSION)
     code, err = _cli(capsys, "run", cfg, "--out", tmp_path / "out")
     lines = _assert_user_error(code, err, f"{csv}: {message}")
     assert len(lines) == 1
@@ -323,17 +337,41 @@ class PoisonedDigitsTask(DigitsTask):
 
 
 @pytest.mark.parametrize("poison, message", [
-    ("nan", "train split, sample 5: input holds NaN or infinite values; 1 of "),
-    ("inf", "train split, sample 5: input holds NaN or infinite values; 1 of "),
-    ("label", "train split, sample 5: label outside the classes 0..9 (10); 1 of "),
-    ("fractional_label", "train split, sample 5: label outside the classes 0..9 (2.5); 1 of "),
+    ("nan", "task PoisonedDigitsTask, seed 0: train split, sample 5: input holds NaN or infinite values; "
+            "1 of 897 samples"),
+    ("inf", "task PoisonedDigitsTask, seed 0: train split, sample 5: input holds NaN or infinite values; "
+            "1 of 897 samples"),
+    ("label", "task PoisonedDigitsTask, seed 0: train split, sample 5: label outside the classes 0..9 (10); "
+              "1 of 897 samples"),
+    # float labels are refused as such, before any value is looked at
+    ("fractional_label", "task PoisonedDigitsTask: train split: labels are torch.float32; a classification task "
+                         "needs integer class indices (torch.long: y.long())"),
 ])
 def test_nan_inf_inputs_and_bad_labels_of_any_task_stop_before_training(tmp_path, capsys, poison, message):
     name = f"{__name__}.PoisonedDigitsTask"
     cfg = _config(tmp_path, f"task: {{name: {name}, poison: {poison}}}\n" + TINY)
     code, err = _cli(capsys, "run", cfg, "--out", tmp_path / "out")
-    _assert_user_error(code, err, f"error: task {name}, seed 0: {message}")
+    lines = _assert_user_error(code, err, f"error: {message}")
+    assert len(lines) == 1
     assert not list((tmp_path / "out").rglob("*.pt"))  # stopped before any training
+
+
+def test_whole_class_numbers_as_floats_pass_the_data_check_fractional_ones_do_not():
+    # check_splits itself (for tasks whose splits skip the probe): float labels must be
+    # whole class numbers in range
+    class Classification:  # what check_splits reads of a task
+        num_outputs = 3
+
+        class criterion:
+            kind = "classification"
+
+    x = torch.zeros(4, 2)
+    y = torch.tensor([0.0, 2.0, 1.0, 1.0])
+    check_splits(Classification(), Splits(*(TensorDataset(x, y),) * 3), "task c")
+    y[3] = 1.5
+    with pytest.raises(DataError, match=r"^task c: train split, sample 3: label outside the classes 0..2 \(1.5\); "
+                                        r"1 of 4 samples$"):
+        check_splits(Classification(), Splits(*(TensorDataset(x, y),) * 3), "task c")
 
 
 def test_regression_targets_may_be_missing_but_not_infinite():
@@ -426,7 +464,8 @@ def test_collapsed_predictor_flagged_in_the_log_and_metrics(tmp_path, capsys):
     code, err = _cli(capsys, "run", cfg, "--out", out, "--quiet")
     assert code == 0 and "Traceback" not in err
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["predictor_collapsed"] == {"appealnet": [0]}
-    warning = "appealnet: the predictor collapsed on seed(s) 0: all its test scores lie within 0.001 of each other"
+    assert metrics["predictor_collapsed"] == {"appealnet_black_box": [0]}
+    warning = ("appealnet_black_box: the predictor collapsed on seed(s) 0: all its test scores lie within 0.001 of "
+               "each other")
     assert f"warning: {warning}" in err
     assert warning in (out / "run.log").read_text()

@@ -1,9 +1,10 @@
 """Checkpoints, resume and reproducibility (issue 5, items 3 and 4).
 
 One tiny experiment (digits, both oracle modes, five training phases of 7 steps per
-epoch) is run three ways: uninterrupted, twice in-process (the same metrics.json, byte
-for byte); and in a subprocess stopped by a real SIGINT in the middle of an epoch of its
-fourth phase, then resumed with ``--resume`` (again the same metrics.json). The
+epoch: big, little pretrain, plain little, AppealNet white-box, AppealNet black-box) is
+run three ways: uninterrupted, twice in-process (the same metrics.json, byte for byte);
+and in a subprocess stopped by a real SIGINT in the middle of an epoch of its fourth
+phase, then resumed with ``--resume`` (again the same metrics.json). The
 interrupted run's folder also serves the refusal tests (a different config, a fresh run
 over it, damaged or code-carrying checkpoint files).
 """
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cascade import CheckpointError, CheckpointStore, SupervisedObjective, Trainer
+from cascade import CheckpointError, CheckpointStore, FeatureNet, SupervisedObjective, Trainer
 from cascade.cli import main
 from cascade.losses import CrossEntropyTaskLoss
 from cascade.checkpoint import atomic_save, load_checkpoint
@@ -31,16 +32,18 @@ from tests.conftest import REPO
 TINY = """\
 task: {name: digits}
 seeds: [0]
+threads: 1
 modes: [white_box, black_box]
 little: {name: mlp, hidden: [16]}
 big: {name: cnn, channels: [4, 8], hidden: 16}
 big_train: {epochs: 1, batch_size: 128, lr: 0.003}
 pretrain: {epochs: 1, batch_size: 128, lr: 0.003}
-appealnet: {finetune: {epochs: 2, batch_size: 128, lr: 0.003}}
-evaluation: {methods: [msp]}
+finetune: {epochs: 2, batch_size: 128, lr: 0.003}
+methods: [appealnet, msp]
 """
-PHASES = ["seed_0_big", "seed_0_pretrain", "seed_0_little", "seed_0_appealnet"]  # done when interrupted
-STOP_PHASE, STOP_STEP = "seed 0 appealnet", 10  # epoch 2, after its 3rd batch
+# the phases begun when interrupted (their checkpoint files)
+PHASES = ["seed_0_big", "seed_0_little_pretrain", "seed_0_little", "seed_0_appealnet_white_box"]
+STOP_PHASE, STOP_STEP = "seed 0 appealnet white_box", 10  # epoch 2, after its 3rd batch
 
 # Runs the CLI and sends itself SIGINT (what Ctrl-C sends) after step STOP_STEP of phase
 # STOP_PHASE. The trigger wraps a method rather than adding a hook, so the trainers (and
@@ -71,9 +74,9 @@ def work(tmp_path_factory) -> Path:
 
 
 def _run(*argv) -> int:
-    # same thread count as the interrupted subprocess (OMP_NUM_THREADS=2): float sums
-    # depend on it, and the comparison is byte for byte
-    torch.set_num_threads(2)
+    # the configs set `threads: 1`, so the in-process runs and the interrupted subprocess
+    # sum floats in the same order (the comparison is byte for byte); one thread is also
+    # much the faster for networks this small on shared cores
     return main(["run", *map(str, argv), "--quiet"])
 
 
@@ -120,7 +123,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_metrics(work, reference, i
     assert not list(resume_dir.glob("*.tmp")) and not (pristine / "metrics.json").exists()
     finished = load_checkpoint(resume_dir / "seed_0_little.pt")["trainer"]  # as long as the fine-tuning
     assert (finished["epoch"], finished["batch"]) == (2, 0)
-    stopped = load_checkpoint(resume_dir / "seed_0_appealnet.pt")["trainer"]
+    stopped = load_checkpoint(resume_dir / "seed_0_appealnet_white_box.pt")["trainer"]
     assert (stopped["epoch"], stopped["step"], stopped["batch"]) == (1, STOP_STEP, STOP_STEP - 7)  # mid-epoch
 
     out = _copy(pristine, work / "resumed")
@@ -131,10 +134,13 @@ def test_interrupted_run_resumes_to_the_uninterrupted_metrics(work, reference, i
     assert (out / "samples.csv").read_bytes() == (reference / "samples.csv").read_bytes()
     log = (out / "run.log").read_text()
     assert "seed 0 big: resumed from" in log and "(finished, not trained again)" in log
-    assert f"seed 0 appealnet: resumed from {out / 'checkpoints' / 'resume' / 'seed_0_appealnet.pt'} at epoch 1, " \
-           f"step {STOP_STEP} (continuing)" in log
+    resumed = out / "checkpoints" / "resume" / "seed_0_appealnet_white_box.pt"
+    assert f"seed 0 appealnet white_box: resumed from {resumed} at epoch 1, step {STOP_STEP} (continuing)" in log
+    assert "seed 0 appealnet black_box: resumed" not in log  # not begun before the interrupt: trained afresh
     assert not (out / "checkpoints" / "resume").exists()  # finished: only the final weights stay
-    assert (out / "checkpoints" / "seed0_appealnet.pt").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(
+        p.name for p in (reference / "checkpoints").iterdir())
+    assert (out / "checkpoints" / "seed0_appealnet_white_box.pt").is_file()
 
 
 # ============================================================================ item 4: reproducibility
@@ -192,7 +198,7 @@ class _RunsCode:
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "code", "foreign"])
 def test_damaged_or_code_carrying_checkpoint_is_refused(work, interrupted, capsys, damage):
     out = _copy(interrupted[1], work / f"damaged_{damage}")
-    target = out / "checkpoints" / "resume" / "seed_0_pretrain.pt"
+    target = out / "checkpoints" / "resume" / "seed_0_little_pretrain.pt"
     marker = work / f"code_ran_{damage}"
     if damage == "garbage":
         target.write_bytes(b"\x80\x02 not a checkpoint")
@@ -216,7 +222,7 @@ def test_damaged_or_code_carrying_checkpoint_is_refused(work, interrupted, capsy
 
 def _tiny_trainer(width: int, epochs: int = 2) -> Trainer:
     torch.manual_seed(0)
-    model = nn.Linear(4, width)
+    model = FeatureNet(nn.Identity(), nn.Linear(4, width), 4)  # a network returns a StageOutput
     data = TensorDataset(torch.randn(32, 4), torch.randint(0, width, (32,)))
     loader = DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
     return Trainer(model, SupervisedObjective(CrossEntropyTaskLoss()), torch.optim.SGD(model.parameters(), lr=0.1),
@@ -230,7 +236,7 @@ def test_checkpoint_of_a_different_network_is_refused_naming_what_differs(tmp_pa
     with pytest.raises(CheckpointError) as info:
         store.fit(_tiny_trainer(width=5))
     assert str(info.value) == (f"{tmp_path / 'phase.pt'}: phase: the network differs from the checkpoint's: "
-                               "weight [3, 4] in the checkpoint, [5, 4] now; bias [3] in the checkpoint, [5] now")
+                               "head.weight [3, 4] in the checkpoint, [5, 4] now; head.bias [3] in the checkpoint, [5] now")
 
 
 def test_finished_phase_is_loaded_not_retrained_and_continues_the_rng(tmp_path):
@@ -241,7 +247,7 @@ def test_finished_phase_is_loaded_not_retrained_and_continues_the_rng(tmp_path):
     torch.manual_seed(123)  # whatever the RNG holds before, the checkpoint's state wins
     CheckpointStore(tmp_path / "a", {}, resume=True).fit(resumed)
     assert resumed.step == straight.step == 8
-    assert torch.equal(resumed.model.weight, straight.model.weight)
+    assert torch.equal(resumed.model.head.weight, straight.model.head.weight)
     assert torch.equal(torch.rand(3), after_straight)
 
 
@@ -268,19 +274,19 @@ def test_every_torch_load_uses_weights_only():
     assert [where for where, safe in calls if not safe] == []
 
 
-# ============================================================================ the same for a cascade: config
+# ============================================================================ the same for K = 3 stages
 
 TINY_CASCADE = """\
 task: {name: digits}
 seeds: [0]
-threads: 2
+threads: 1
+modes: [white_box]
+stages: [{name: mlp, hidden: [8]}, {name: mlp, hidden: [32]}]
+big: {name: cnn, channels: [4, 8], hidden: 16}
+big_train: {epochs: 1, batch_size: 128, lr: 0.003}
 pretrain: {epochs: 1, batch_size: 128, lr: 0.003}
-appealnet: {finetune: {epochs: 1, batch_size: 128, lr: 0.003}}
-evaluation: {methods: [msp]}
-cascade:
-  stages: [{name: mlp, hidden: [8]}, {name: mlp, hidden: [32]}]
-  appealnet_cascade: false
-  reinforce: {alphas: [0.05], finetune: {epochs: 2, batch_size: 128, lr: 0.003}}
+finetune: {epochs: 2, batch_size: 128, lr: 0.003}
+methods: [{name: reinforce, alphas: [0.05]}, msp]
 """
 
 
@@ -289,14 +295,16 @@ def test_interrupted_cascade_run_resumes_to_the_uninterrupted_metrics(tmp_path):
     assert _run(tmp_path / "c.yaml", "--out", tmp_path / "reference") == 0
     script = tmp_path / "interrupting_cli.py"
     script.write_text(INTERRUPTING_CLI)
-    # 899 training inputs / 128 = 7 steps an epoch (the ragged batch dropped): step 12 is
+    # 897 training inputs / 128 = 7 steps an epoch (the ragged batch dropped): step 12 is
     # inside the policy's second epoch
-    env = {**os.environ, "STOP_PHASE": "seed 0 reinforce_a0.05", "STOP_STEP": "12", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "STOP_PHASE": "seed 0 reinforce white_box a0.05", "STOP_STEP": "12", "OMP_NUM_THREADS": "2"}
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(script), "run", str(tmp_path / "c.yaml"), "--out", str(out), "--quiet"],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert proc.returncode == 130, proc.stderr
-    assert not (out / "metrics.json").exists() and list((out / "checkpoints" / "resume").glob("*.pt"))
+    assert not (out / "metrics.json").exists()
+    stopped = load_checkpoint(out / "checkpoints" / "resume" / "seed_0_reinforce_white_box_a0.05.pt")["trainer"]
+    assert (stopped["epoch"], stopped["step"]) == (1, 12)
     assert _run(tmp_path / "c.yaml", "--out", out, "--resume") == 0
     assert (out / "metrics.json").read_bytes() == (tmp_path / "reference" / "metrics.json").read_bytes()
     assert not (out / "checkpoints" / "resume").exists()
