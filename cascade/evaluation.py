@@ -338,7 +338,7 @@ def operating_points(samples: pd.DataFrame, variants: Sequence[Variant], targets
                     ref = float(arrays[split_name][vs[0]][1][:, -1].mean())
                     sel = select_by_accuracy(sw, sw[0].n * (ref - t))
                     rows.append(point(vs, sel, selection="target_ad", threshold_source=source, target_ad=t))
-                for b in budgets:
+                for b in budgets if vs[0].stage_mflops[-1] is not None else ():  # no cost, no budget
                     sel = select_by_cost(sw, b * vs[0].stage_mflops[-1])
                     rows.append(point(vs, sel, selection="budget", threshold_source=source, budget_fraction=b,
                                       target_mflops=b * vs[0].stage_mflops[-1]))

@@ -1,9 +1,9 @@
-"""Property tests (hypothesis) of the evaluator's invariants, through its entry point.
+"""Property tests (hypothesis) of the evaluation's invariants, through its entry point.
 
-tests/test_properties.py checks item 6 of issue 5 on the threshold functions with a few
-distinct scores; this checks the same invariants on what ``operating_points`` reports
-from a random per-sample table (continuous scores with ties, several seeds, both modes
-and both threshold sources), as ``cascade run`` computes them.
+tests/test_properties.py checks the invariants on the sweep and selection functions with a
+few distinct scores; this checks them on what ``operating_points`` reports from a random
+per-sample table (continuous scores with ties, several seeds, both modes, both threshold
+sources, budgets), as ``cascade run`` computes them, for a two-stage system (K = 2).
 """
 
 import numpy as np
@@ -11,10 +11,13 @@ import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cascade.evaluator import Route, operating_points
+from cascade.evaluation import Variant, aggregate, operating_points
 
 C0, C1 = 2.0, 30.0
 TARGETS = [0.0, 0.001, 0.01, 0.05, 0.2]
+BUDGETS = [0.1, 0.3, 0.6]
+WHITE = Variant("m", "white_box", "", ("stage0_score_m",), ("stage0_correct", "big_correct"), (C0, C1))
+BLACK = Variant("m", "black_box", "", ("stage0_score_m",), ("stage0_correct", None), (C0, C1))
 
 
 @st.composite
@@ -28,8 +31,8 @@ def samples_table(draw) -> pd.DataFrame:
             if draw(st.booleans()):  # many ties
                 score = np.round(score, 1)
             frames.append(pd.DataFrame({
-                "seed": seed, "split": split, "index": np.arange(n), "score": score,
-                "little_correct": rng.random(n) < draw(st.floats(0, 1)),
+                "seed": seed, "split": split, "index": np.arange(n), "stage0_score_m": score,
+                "stage0_correct": rng.random(n) < draw(st.floats(0, 1)),
                 "big_correct": rng.random(n) < draw(st.floats(0, 1)),
             }))
     return pd.concat(frames, ignore_index=True)
@@ -38,21 +41,42 @@ def samples_table(draw) -> pd.DataFrame:
 @settings(max_examples=60, deadline=None)
 @given(samples_table())
 def test_reported_operating_points_keep_their_invariants(samples):
-    routes = {
-        ("white_box", "m"): Route("score", "little_correct", "big_correct", C0, C1),
-        ("black_box", "m"): Route("score", "little_correct", None, C0, C1),
-    }
-    points = operating_points(samples, routes, {"white_box": TARGETS, "black_box": TARGETS})
-    assert len(points) == samples["seed"].nunique() * 2 * 2 * len(TARGETS)
+    rows = operating_points(samples, [WHITE, BLACK], {"white_box": TARGETS, "black_box": TARGETS}, BUDGETS)
+    points = pd.DataFrame(rows)
+    seeds = samples["seed"].nunique()
+    assert len(points) == seeds * 2 * 2 * (len(TARGETS) + len(BUDGETS))  # seeds x modes x sources x selections
     # cost between the little network alone and both networks on every input
     assert ((points["cost_mflops"] >= C0 - 1e-9) & (points["cost_mflops"] <= C0 + C1 + 1e-9)).all()
-    # read off the test split and applied to it: the target holds
-    test_tuned = points[points["threshold_source"] == "test"]
-    assert (test_tuned["ad"] <= test_tuned["target_ad"] + 1e-12).all()
+    assert np.allclose(points["relative_cost"], points["cost_mflops"] / C1)
+    assert np.allclose(points["skipping_rate"] + points["appeal_rate"], 1.0)
+    target = points[points["selection"] == "target_ad"]
+    budget = points[points["selection"] == "budget"]
+    # read off the test split and applied to it: the target holds (keeping nothing meets any)
+    test_tuned = target[target["threshold_source"] == "test"]
+    assert (test_tuned["ad"] <= test_tuned["target_ad"] + 1e-12).all() and test_tuned["feasible"].all()
+    # black-box AD is 1 - accuracy
+    black = points[points["mode"] == "black_box"]
+    assert np.allclose(black["ad"], 1 - black["system_accuracy"])
     # white-box, nothing kept on the little network: the system is the big one, AD exactly 0
     white = points[(points["mode"] == "white_box") & (points["skipping_rate"] == 0)]
     assert (white["ad"] == 0).all()
-    # a looser target never keeps fewer inputs on the little network (same split, same seed)
+    # a budget read off the test split is met there (C0 = 2 fits every budget >= 2 / 30)
+    test_budget = budget[budget["threshold_source"] == "test"]
+    assert (test_budget["cost_mflops"] <= test_budget["target_mflops"] + 1e-9).all() and test_budget["feasible"].all()
+    assert np.allclose(test_budget["target_mflops"], test_budget["budget_fraction"] * C1)
+    # a looser target never keeps fewer inputs on the little network (same split, same seed),
+    # and a larger budget never gives a less accurate point
     for _, group in test_tuned.groupby(["seed", "mode"]):
         sr = group.sort_values("target_ad")["skipping_rate"].to_numpy()
         assert (np.diff(sr) >= 0).all()
+    for _, group in test_budget.groupby(["seed", "mode"]):
+        acc = group.sort_values("budget_fraction")["system_accuracy"].to_numpy()
+        assert (np.diff(acc) >= -1e-12).all()
+    # the aggregate over seeds is the mean of the per-seed rows
+    agg = pd.DataFrame(aggregate(rows))
+    assert len(agg) == 2 * 2 * (len(TARGETS) + len(BUDGETS))
+    means = points.groupby(["mode", "selection", "threshold_source", "target_ad", "budget_fraction"],
+                           dropna=False)["cost_mflops"].mean().reset_index()
+    merged = agg.merge(means, on=["mode", "selection", "threshold_source", "target_ad", "budget_fraction"],
+                       suffixes=("", "_mean"))
+    assert len(merged) == len(agg) and np.allclose(merged["cost_mflops"], merged["cost_mflops_mean"])
