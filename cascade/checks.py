@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 
 from cascade.building import build_network, make_loader, tensors_of
 from cascade.errors import CascadeError, DataError
-from cascade.methods import method_problems
+from cascade.methods import build_methods, method_problems
+from cascade.registry import METHODS
 from cascade.roles import Splits, StageOutput, Task, TaskKind, TaskLoss
 
 if TYPE_CHECKING:
@@ -68,7 +69,8 @@ def check_task(experiment: "Experiment", seed: int) -> Splits:
     problems = task_attribute_problems(task)
     if problems:
         raise CascadeError(problems[0])
-    problems = method_problems(experiment.methods, task, len(experiment.stage_specs))
+    problems = _unsuited_methods(experiment.methods, task) or \
+        method_problems(experiment.methods, task, len(experiment.stage_specs))
     if problems:
         raise CascadeError(f"{experiment.source or 'config'}: {problems[0]}")
     try:
@@ -91,6 +93,22 @@ def check_task(experiment: "Experiment", seed: int) -> Splits:
         for split, (x, y) in batches.items():
             _check_network(task, net, role, spec.name, split, x.to(experiment.device), y.to(experiment.device))
     return splits
+
+
+def _unsuited_methods(methods: list, task: Task) -> list[str]:
+    """The methods listed that do not suit the task's kind, all in one line, with the fix."""
+    kind = task.criterion.kind
+    unsuited = [(i, m.label) for i, m in enumerate(methods) if kind not in m.cls.task_kinds]
+    if not unsuited:
+        return []
+    suits = [n for n in METHODS.names() if kind in getattr(METHODS.get(n), "task_kinds", ())]
+    defaults = [m.label for m in build_methods(None, kind)]
+    keys = ", ".join(f"methods.{i}" for i, _ in unsuited)
+    labels = ", ".join(repr(label) for _, label in unsuited)
+    verb = "does" if len(unsuited) == 1 else "do"
+    return [f"{keys}: {labels} {verb} not suit a {kind.value} task (methods for {kind.value}: {', '.join(suits)}); "
+            f"remove {'it' if len(unsuited) == 1 else 'them'}, or leave methods: out for the {kind.value} defaults "
+            f"({', '.join(defaults)})"]
 
 
 def _probe_batch(task: Task, dataset: Any, split: str) -> tuple[Tensor, Tensor]:
@@ -120,7 +138,7 @@ def _probe_batch(task: Task, dataset: Any, split: str) -> tuple[Tensor, Tensor]:
                            "(numpy arrays are float64 by default)")
     if tuple(x.shape[1:]) != tuple(task.input_shape):
         raise CascadeError(f"{where}: one input is shaped {list(x.shape[1:])}, but {name}.input_shape is "
-                           f"{tuple(task.input_shape)}")
+                           f"{tuple(task.input_shape)}; set input_shape = {tuple(x.shape[1:])} (one input, no batch)")
     kind = task.criterion.kind
     if kind == TaskKind.CLASSIFICATION:
         if y.is_floating_point() or y.dtype == torch.bool:
@@ -129,6 +147,9 @@ def _probe_batch(task: Task, dataset: Any, split: str) -> tuple[Tensor, Tensor]:
         if y.dim() != 1:
             raise CascadeError(f"{where}: labels are shaped {list(y.shape)}; classification needs one class index "
                                "per input, shaped [N]")
+        if y.dtype != torch.long:
+            raise CascadeError(f"{where}: labels are {y.dtype}; class indices must be torch.long (y.long(); numpy "
+                               "int32 arrays give torch.int32)")
     else:
         if not y.is_floating_point():
             raise CascadeError(f"{where}: regression targets are {y.dtype}; they must be float (y.float())")
@@ -161,7 +182,14 @@ def _check_network(task: Task, net: Any, role: str, spec_name: str | None, split
     if out.features is None or tuple(out.features.shape) != (b, net.feature_dim):
         got = None if out.features is None else list(out.features.shape)
         raise CascadeError(f"network {name}: its features are {got}, but it declares feature_dim {net.feature_dim}")
-    loss = task.criterion.per_sample(out.output.float(), y)
+    crit = type(task.criterion).__name__
+    try:
+        loss = task.criterion.per_sample(out.output.float(), y)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CascadeError(f"task {type(task).__name__}: criterion {crit}.per_sample failed on network {name}'s "
+                           f"outputs {list(out.output.shape)} and a {split} batch's targets {list(y.shape)} "
+                           f"({y.dtype}): {type(exc).__name__}: {first}") from None
     if tuple(loss.shape) != (b,):
         raise CascadeError(f"task {type(task).__name__}: criterion {type(task.criterion).__name__}.per_sample gave "
                            f"{list(loss.shape)} for a batch of {b}; it must give one loss per input, [B]")

@@ -553,12 +553,18 @@ class Experiment:
 
 def _construct_task(cfg: ExperimentConfig) -> Task:
     """The config's task, or a one-line error naming the class when its constructor fails."""
+    from cascade.checks import task_attribute_problems
+
     try:
-        return build_task(cfg)
+        task = build_task(cfg)
     except CascadeError:
         raise
     except Exception as exc:
         raise CascadeError(f"task {cfg.task.name}: the constructor failed: {type(exc).__name__}: {exc}") from None
+    problems = task_attribute_problems(task)  # before anything reads its criterion or shapes
+    if problems:
+        raise CascadeError(problems[0])
+    return task
 
 
 def _error_means(test: pd.DataFrame, names: list[str]) -> dict[str, dict]:

@@ -277,8 +277,9 @@ def write_figures(samples: pd.DataFrame, variants: list[Variant], metrics: dict[
         right = test[v.correct_columns[0]].to_numpy(bool)
         score = test[v.score_columns[0]].to_numpy(float)
         bins = np.linspace(score.min(), score.max() + 1e-9, 30)
-        ax.hist(score[right], bins=bins, alpha=0.6, density=True, label="stage 0 right")
-        ax.hist(score[~right], bins=bins, alpha=0.6, density=True, label="stage 0 wrong")
+        for group, label in ((right, "stage 0 right"), (~right, "stage 0 wrong")):
+            if group.any():  # a stage right on every input has no "wrong" histogram to draw
+                ax.hist(score[group], bins=bins, alpha=0.6, density=True, label=label)
         ax.set_title(v.method)
         ax.set_xlabel("score")
     axes[0][0].legend(fontsize=8)

@@ -50,7 +50,10 @@ class ScoredStage(nn.Module):
 
     def forward(self, x: Tensor) -> StageOutput:
         out = self.network(x)
-        out.q = self.predictor.score_batch(self.network, x)
+        if type(self.predictor).score_batch is Predictor.score_batch:
+            out.q = self.predictor.score(out)  # one pass: score the output just computed
+        else:  # the method needs its own passes (MC dropout)
+            out.q = self.predictor.score_batch(self.network, x)
         return out
 
 
@@ -117,8 +120,12 @@ class Router(nn.Module):
             threshold_source: ``val`` or ``test``.
             seed: one of the run's seeds (default: its first).
 
+        A method that trains several systems (a REINFORCE policy per alpha) has one point
+        per target: the system the run chose there (``points.csv``'s ``variant``).
+
         Raises:
-            CascadeError: missing files, or no such method, mode, seed or operating point.
+            CascadeError: missing files, or no such method, mode, seed or operating point
+                (naming what the run has).
         """
         import pandas as pd
 
@@ -144,13 +151,17 @@ class Router(nn.Module):
         if method is None:
             method = next((m for m, v in kinds.items() if v["kind"] == MethodKind.TRAINED.value), next(iter(kinds)))
         _choose(method, list(kinds), "method", run)
+        if threshold_source not in ("val", "test"):
+            raise CascadeError(f"threshold_source {threshold_source!r}: use val (chosen on the calibration split) "
+                               "or test")
 
         points = pd.read_csv(run / "points.csv")
-        row = points[(points["seed"] == seed) & (points["mode"] == mode) & (points["method"] == method)
-                     & (points["selection"] == "target_ad") & (points["threshold_source"] == threshold_source)
+        points = points[(points["seed"] == seed) & (points["mode"] == mode) & (points["method"] == method)
+                        & (points["selection"] == "target_ad")]
+        row = points[(points["threshold_source"] == threshold_source)
                      & ((points["target_ad"] - target_ad).abs() < 1e-12)]
         if row.empty:
-            have = sorted(points.loc[points["selection"] == "target_ad", "target_ad"].unique())
+            have = sorted(points.loc[points["threshold_source"] == threshold_source, "target_ad"].unique())
             raise CascadeError(f"{run / 'points.csv'}: no {threshold_source} point of {method} ({mode}) at target AD "
                                f"{target_ad:g}; the run has targets {', '.join(f'{t:g}' for t in have)}")
         threshold = float(row["threshold"].iloc[0])
