@@ -515,7 +515,8 @@ class Experiment:
             "modes": [m.value for m in self.modes],
             "num_stages": len(self.stage_specs) + 1,
             "flops_unit": "MFLOPs = millions of multiply-accumulates (the AppealNet paper's FLOPs)",
-            "networks": costs,
+            # the big network is listed only where it runs (white-box); black-box runs may use its cost alone
+            "networks": {k: v for k, v in costs.items() if k != BIG or Mode.WHITE_BOX in self.modes},
             "last_stage_mflops": oracle_cost,
             "methods": {m.label: {"kind": m.kind.value} for m in self.methods},
             "systems": systems,

@@ -10,12 +10,23 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cascade import DataError, FeatureNet, MaskedL2TaskLoss, MethodContext, StageOutput, Trainer
+from cascade import (
+    CascadeError,
+    DataError,
+    FeatureNet,
+    MaskedL2TaskLoss,
+    MethodContext,
+    StageOutput,
+    TaskKind,
+    Trainer,
+)
 from cascade.cli import main
 from cascade.cost import measure_cost
+from cascade.methods import MethodKind, build_methods
 from tasks.faces import IMAGE_COLUMN, KEYPOINT_COLUMNS, KEYPOINT_NAMES, generate_faces, write_faces_csv
 from tasks.keypoints import KeypointTask, build_keypoint_cnn, read_keypoints_csv
 from baselines.regression import ErrorHeadScore, McDropoutScore
+from tests.conftest import REPO
 
 PIXELS = 96 * 96
 
@@ -100,7 +111,7 @@ def test_loader_requires_kaggle_columns(tmp_path):
 
 
 def test_cli_turns_a_malformed_row_into_exit_2_without_traceback(small_csv, tmp_path, capsys):
-    code = main(["run", "configs/keypoints.yaml", "--quick", "--out", str(tmp_path / "out"),
+    code = main(["run", str(REPO / "configs" / "keypoints.yaml"), "--quick", "--out", str(tmp_path / "out"),
                  "--set", f"task.csv={small_csv}"])
     err = capsys.readouterr().err
     assert code == 2
@@ -166,6 +177,19 @@ def test_masked_l2_and_rmse_known_answers():
     torch.testing.assert_close(crit.rmse(output, target), torch.tensor([2 * math.sqrt(20 / 3), 0.0, 2.0]))
     assert crit.correct(output, target).tolist() == [False, True, True]
     torch.testing.assert_close(crit.errors(output, target)["rmse"], crit.rmse(output, target))
+
+
+def test_keypoint_task_is_regression_with_a_black_box_oracle_of_unknown_cost():
+    task = KeypointTask()
+    assert isinstance(task.criterion, MaskedL2TaskLoss) and task.criterion.kind == TaskKind.REGRESSION
+    assert task.input_shape == (1, 96, 96) and task.num_outputs == 30
+    # App. D: no big network; the oracle answers the truth and its cost is not known
+    assert task.default_big is None and task.oracle_mflops is None
+    # a config listing no methods gets the regression defaults: AppealNet, then the error head
+    defaults = build_methods(None, task.criterion.kind)
+    assert [(m.label, m.kind) for m in defaults] == [("appealnet", MethodKind.TRAINED),
+                                                     ("error_head", MethodKind.POST_HOC)]
+    assert all(task.criterion.kind in m.cls.task_kinds for m in defaults)
 
 
 def test_keypoint_task_criterion_is_4_pixels_on_normalized_targets():
@@ -249,7 +273,7 @@ def test_mc_dropout_samples_dropout_and_leaves_the_network_in_eval():
     assert not any(m.training for m in net.modules())
     deterministic = build_keypoint_cnn((1, 96, 96), 30, dropout=0.0)
     ctx = MethodContext(task=KeypointTask(), train=None, seed=0, device=torch.device("cpu"), fit=None)
-    with pytest.raises(Exception, match="mc_dropout needs a little network with dropout"):
+    with pytest.raises(CascadeError, match=r"mc_dropout needs stage networks with dropout \(e\.g\. little: "):
         McDropoutScore().prepare(deterministic, ctx)
 
 

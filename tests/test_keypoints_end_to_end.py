@@ -1,4 +1,5 @@
-"""A --quick run of configs/keypoints.yaml through the CLI: the output contract for regression."""
+"""A --quick run of configs/keypoints.yaml through the CLI: the output contract for regression
+with a black-box oracle of unknown cost (AppealNet App. D, Table 5: appeal rates, no MFLOPs)."""
 
 import json
 import subprocess
@@ -9,6 +10,9 @@ import pandas as pd
 import pytest
 
 from tests.conftest import REPO
+
+METHODS = ["appealnet", "mc_dropout", "error_head"]  # configs/keypoints.yaml, in order
+TARGETS = [0.005, 0.01, 0.02, 0.05]
 
 
 @pytest.fixture(scope="module")
@@ -24,49 +28,104 @@ def keypoints_run(tmp_path_factory):
     return out, proc, data_root
 
 
+def _metrics(out) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
 @pytest.mark.slow
 def test_keypoints_run_writes_the_contract_files(keypoints_run):
     out, proc, data_root = keypoints_run
-    for name in ("config.yaml", "metrics.json", "table.md", "table.csv", "samples.csv"):
+    for name in ("config.yaml", "metrics.json", "points.csv", "table.md", "table.csv", "samples.csv", "run.log"):
         assert (out / name).is_file(), name
-    for fig in ("accuracy_vs_skipping_black_box.png", "score_histograms.png", "routed_samples_black_box.png"):
-        assert (out / "figures" / fig).is_file(), fig
-    assert {p.name for p in (out / "checkpoints").glob("*.pt")} == {"seed0_little.pt", "seed0_appealnet.pt"}
+    assert sorted(p.name for p in (out / "figures").iterdir()) == [
+        "accuracy_vs_cost_black_box.png", "routed_samples_black_box.png", "score_histograms.png"]
+    # no big network (black-box only): the plain stage and AppealNet's two-head network
+    assert {p.name for p in (out / "checkpoints").glob("*.pt")} == {"seed0_stage0.pt", "seed0_appealnet_black_box.pt"}
     assert list((data_root / "synthetic_faces").glob("*.csv"))
-    assert "mean rmse" in proc.stdout and "Black-box" in proc.stdout
+    assert "mean rmse" in proc.stdout and "Black-box: appeal rate" in proc.stdout
+    md = (out / "table.md").read_text()
+    assert md.startswith("# keypoints: 2-stage cascade, seeds [0]")
+    # the oracle's cost is unknown: printed as such, never as a number
+    assert "| black-box oracle | n/a | | 100 % (by definition) | |" in md
+    assert "White-box" not in md and "budget" not in md
 
 
 @pytest.mark.slow
 def test_keypoints_samples_have_rmse_next_to_correctness(keypoints_run):
     out, _, _ = keypoints_run
     samples = pd.read_csv(out / "samples.csv")
-    for net in ("little", "appealnet"):
+    assert set(samples["split"]) == {"cal", "test"} and set(samples["seed"]) == {0}
+    assert samples["target"].isna().all()  # regression: the targets are 30 coordinates, not one label
+    for net in ("stage0", "appealnet_black_box_stage0"):
         assert {f"{net}_correct", f"{net}_rmse"} <= set(samples.columns)
+        assert f"{net}_pred" not in samples.columns
         # correct means RMSE under the configured 4 pixels, row by row
         assert (samples[f"{net}_correct"] == (samples[f"{net}_rmse"] < 4.0)).all()
-    for method in ("mc_dropout", "error_head", "appealnet"):
-        score = samples[f"score_{method}"]
-        assert score.between(0, 1).all() and score.notna().all()
+    assert not any(c.startswith("big_") for c in samples.columns)
+    for column in ("stage0_score_mc_dropout", "stage0_score_error_head", "appealnet_black_box_stage0_score"):
+        score = samples[column]
+        assert score.between(0, 1).all() and score.notna().all(), column
 
 
 @pytest.mark.slow
 def test_keypoints_metrics_have_table5_fields(keypoints_run):
     out, _, _ = keypoints_run
-    m = json.loads((out / "metrics.json").read_text())
+    m = _metrics(out)
     samples = pd.read_csv(out / "samples.csv")
     test = samples[samples["split"] == "test"]
-    assert m["task"] == "keypoints" and m["modes"] == ["black_box"]
-    for net in ("little", "appealnet"):
+    assert m["task"] == "keypoints" and m["kind"] == "regression"
+    assert m["modes"] == ["black_box"] and m["num_stages"] == 2
+    assert m["last_stage_mflops"] == {"black_box": None}  # unknown oracle cost
+    assert m["methods"] == {"appealnet": {"kind": "trained"}, "mc_dropout": {"kind": "post_hoc"},
+                            "error_head": {"kind": "post_hoc"}}
+    for net in ("stage0", "appealnet_black_box_stage0"):
         assert m["errors"][net]["rmse"] == pytest.approx(test[f"{net}_rmse"].mean())
         assert m["accuracy"][net] == pytest.approx(test[f"{net}_correct"].mean())
-    points = {(p["method"], p["threshold_source"], p["target_ad"]) for p in m["operating_points"]}
-    for method in ("mc_dropout", "error_head", "appealnet"):
-        for source in ("test", "val"):
-            for target in (0.005, 0.01, 0.02, 0.05):
-                assert (method, source, target) in points
-    # the black-box oracle is always right, so AD = 1 - system accuracy
-    for p in m["operating_points"]:
+    # AppealNet's head (App. D): one linear layer on [features (128), coordinates (30)], its
+    # inputs batch-normalized: 158 MACs (batch norm is no multiply-accumulate here), and
+    # 158 + 1 weights plus 2 * 158 batch-norm parameters = 475
+    (system,) = m["systems"].values()
+    assert system["method"] == "appealnet" and system["mode"] == "black_box"
+    assert system["head_mflops"] == [pytest.approx(158e-6)] and system["head_params"] == 475
+    assert system["stage_mflops"] == [pytest.approx(m["networks"]["stage0"]["mflops"] + 158e-6)]
+    for v in m["variants"]:
+        assert v["correct_columns"][-1] is None and v["stage_mflops"][-1] is None
+    points = m["operating_points"]
+    keys = sorted((p["method"], p["selection"], p["threshold_source"], p["target_ad"]) for p in points)
+    assert keys == sorted((me, "target_ad", s, t) for me in METHODS for s in ("test", "val") for t in TARGETS)
+    for p in points:
+        # the black-box oracle is always right, so AD = 1 - system accuracy; its cost is
+        # unknown, so the points report appeal rates and no MFLOPs
         assert p["ad"] == pytest.approx(1 - p["system_accuracy"])
+        assert p["cost_mflops"] is None and p["relative_cost"] is None
+        assert 0 <= p["appeal_rate"] <= 1 and p["appeal_rate"] == pytest.approx(p["exit_fractions"][-1])
         if p["threshold_source"] == "test":
-            assert p["ad"] <= p["target_ad"] + 1e-9
-    assert np.isfinite(m["predictor_head"]["params"])
+            assert p["feasible"] and p["ad"] <= p["target_ad"] + 1e-9
+    assert {(c["field"], c["method"]) for c in m["comparisons"]} == {("appeal_rate", "appealnet")}
+    assert len(m["comparisons"]) == 2 * len(TARGETS)
+
+
+@pytest.mark.slow
+def test_keypoints_points_recomputed_from_samples_csv(keypoints_run):
+    """Plain numpy over samples.csv: each point's appeal rate and accuracy at its threshold
+    (appealed inputs are answered by the oracle, right by definition), and each test-tuned
+    point is the lowest appeal rate within its AD target."""
+    out, _, _ = keypoints_run
+    m = _metrics(out)
+    s = pd.read_csv(out / "samples.csv")
+    test = s[s["split"] == "test"]
+    variants = {v["method"]: v for v in m["variants"]}
+
+    def route(method: str, t: float) -> tuple[float, float]:
+        v = variants[method]
+        score, right = test[v["score_columns"][0]].to_numpy(np.float64), test[v["correct_columns"][0]].to_numpy(bool)
+        kept = score >= t
+        return float(np.mean(~kept)), float(np.mean(np.where(kept, right, True)))
+
+    for p in m["operating_points"]:
+        appeal, acc = route(p["method"], p["threshold"])
+        assert p["appeal_rate"] == pytest.approx(appeal) and p["system_accuracy"] == pytest.approx(acc)
+        if p["threshold_source"] == "test":
+            candidates = np.append(np.unique(test[variants[p["method"]]["score_columns"][0]]), np.inf)
+            best = min(a for a, c in (route(p["method"], t) for t in candidates) if 1 - c <= p["target_ad"] + 1e-9)
+            assert p["appeal_rate"] == pytest.approx(best)

@@ -1,15 +1,22 @@
-"""--quick runs of the cascade configs through the CLI, and the cascade's output contract."""
+"""--quick runs of the cascade configs through the CLI (one pipeline for every K), and the
+K-stage output contract: files, metrics.json, table.md, operating points recomputed from
+samples.csv with plain numpy, and cascade.Router reading the run back."""
 
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+import yaml
 
 from cascade.cli import main
 from tests.conftest import REPO, mnist_root
 
-CASCADE_METHODS = {"reinforce", "msp_cascade", "gap_cascade", "entropy_cascade", "appealnet_cascade"}
+METHODS = ["reinforce", "appealnet", "msp", "gap", "entropy"]  # configs/digits_cascade.yaml, in order
+ALPHAS = [0.005, 0.01, 0.02, 0.05]
+TARGETS = [0.0, 0.005, 0.01]
+BUDGETS = [0.05, 0.1, 0.2, 0.5]
 
 
 @pytest.fixture(scope="module")
@@ -20,78 +27,259 @@ def digits_cascade_run(tmp_path_factory):
     return out
 
 
+def _metrics(out) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _test_split(out, seed: int = 0) -> pd.DataFrame:
+    s = pd.read_csv(out / "samples.csv")
+    return s[(s["seed"] == seed) & (s["split"] == "test")]
+
+
+def _route(scores: np.ndarray, correct: np.ndarray, costs, t: float):
+    """Plain numpy: each input exits at the first routed stage whose score is >= t, else
+    at the last; accuracy, mean cumulative cost, exit fractions and the exits."""
+    n, k = correct.shape
+    stop = scores >= t
+    tau = np.where(stop.any(axis=1), stop.argmax(axis=1), k - 1)
+    return (correct[np.arange(n), tau].mean(), np.cumsum(costs)[tau].mean(), np.bincount(tau, minlength=k) / n, tau)
+
+
+def _arrays(test: pd.DataFrame, v: dict):
+    scores = np.stack([test[c].to_numpy(np.float64) for c in v["score_columns"]], axis=1)
+    correct = np.stack([np.ones(len(test), bool) if c is None else test[c].to_numpy(bool)
+                        for c in v["correct_columns"]], axis=1)
+    return scores, correct
+
+
 @pytest.mark.slow
 def test_cascade_run_writes_contract_files(digits_cascade_run):
     out = digits_cascade_run
-    for name in ("config.yaml", "metrics.json", "table.md", "table.csv", "samples.csv"):
-        assert (out / name).is_file(), name
-    assert (out / "figures" / "accuracy_vs_mflops.png").is_file()
-    assert (out / "figures" / "exit_fractions.png").is_file()
-    assert (out / "checkpoints" / "seed0_plain.pt").is_file()
-    assert "REINFORCE policy" in (out / "table.md").read_text()
+    for name in ("config.yaml", "metrics.json", "points.csv", "table.md", "table.csv", "samples.csv", "run.log"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert sorted(p.name for p in (out / "figures").iterdir()) == ["accuracy_vs_cost_white_box.png",
+                                                                  "score_histograms.png"]
+    systems = [f"reinforce_a{a:g}_white_box" for a in ALPHAS] + ["appealnet_white_box"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(
+        f"seed0_{n}.pt" for n in ["big", "stage0", "stage1", *systems])
+    assert not list(out.rglob("*.tmp"))
+    # run.log: one line per phase, each trained system's included
+    log = (out / "run.log").read_text()
+    for phase in ("seed 0 big", "seed 0 stage 0 pretrain", "seed 0 stage 1 pretrain", "seed 0 stage 0:",
+                  "seed 0 reinforce white_box a0.005", "seed 0 appealnet white_box", "report"):
+        assert f"phase {phase}" in log, phase
+    # the K-stage report (cascade/report.py): its networks, the target-AD tables and the
+    # REINFORCE policies at their own greedy threshold
+    md = (out / "table.md").read_text()
+    assert md.startswith("# digits: 3-stage cascade, seeds [0]")
+    for line in ("| stage0 | 0.00118 | 1,210 |", "| stage1 |", "| big |",
+                 "- reinforce_a0.005_white_box: routing heads add 224, 224 MACs and 482 params.",
+                 "## White-box: mean cost in MFLOPs (MACs) at each accuracy-degradation target",
+                 "## white-box: accuracy within a mean-cost budget", "## white-box: methods at their own threshold"):
+        assert line in md, line
+    for a in ALPHAS:
+        assert f"| reinforce | a{a:g} | 0.500 |" in md
+        assert f"| reinforce a{a:g} (" in md  # the others at that policy's cost
+    # the tables are views of metrics.json
+    from cascade.report import render_markdown, table_rows
+
+    m = _metrics(out)
+    assert md == render_markdown(m) + "\n"
+    table = pd.read_csv(out / "table.csv")
+    assert len(table) == len(m["operating_points"]) == len(table_rows(m))
+    assert table["system_accuracy"].to_numpy() == pytest.approx([p["system_accuracy"] for p in m["operating_points"]])
 
 
 @pytest.mark.slow
 def test_cascade_metrics_contract(digits_cascade_run):
-    m = json.loads((digits_cascade_run / "metrics.json").read_text())
-    assert m["task"] == "digits" and m["num_stages"] == 3
-    costs = m["stage_costs"]
-    assert len(costs) == 3 and costs == sorted(costs) and costs[-1] >= 10 * costs[0]
-    for k in range(3):
-        assert 0 <= m["accuracy"][f"stage_{k}"] <= 1
-        assert m["networks"][f"stage_{k}"]["mflops"] == costs[k]
+    m = _metrics(digits_cascade_run)
+    assert m["task"] == "digits" and m["kind"] == "classification" and m["num_stages"] == 3
+    assert m["modes"] == ["white_box"] and m["seeds"] == [0]
+    nets = m["networks"]
+    costs = [nets["stage0"]["mflops"], nets["stage1"]["mflops"], nets["big"]["mflops"]]
+    assert costs == sorted(costs) and costs[-1] >= 10 * costs[0]
+    # stage 0 is mlp hidden [16] on 8x8 digits, 10 classes: 64*16 + 16*10 = 1184 MACs, 1184 + 16 + 10 params
+    assert nets["stage0"] == {"mflops": pytest.approx(1184e-6), "params": 1210}
+    assert m["last_stage_mflops"] == {"white_box": nets["big"]["mflops"]}
+    assert m["methods"] == {"reinforce": {"kind": "trained"}, "appealnet": {"kind": "trained"},
+                            "msp": {"kind": "post_hoc"}, "gap": {"kind": "post_hoc"}, "entropy": {"kind": "post_hoc"}}
+    assert set(m["systems"]) == {f"reinforce_a{a:g}_white_box" for a in ALPHAS} | {"appealnet_white_box"}
+    for name, system in m["systems"].items():
+        # both heads read 10 (log-)probabilities and 3 confidence stats, hidden [16]:
+        # 13*16 + 16*1 = 224 MACs and 241 params, one head after each routed stage
+        assert system["head_mflops"] == [pytest.approx(224e-6)] * 2 and system["head_params"] == 2 * 241
+        assert system["stage_mflops"] == pytest.approx([c + 224e-6 for c in costs[:2]])
+        if system["method"] == "reinforce":
+            assert name == f"reinforce_a{system['alpha']:g}_white_box" and system["variant"] == f"a{system['alpha']:g}"
+    for net in ("stage0", "stage1", "big", *(f"{s}_stage{k}" for s in m["systems"] for k in range(2))):
+        assert 0 <= m["accuracy"][net] <= 1, net
+    assert m["predictor_collapsed"].keys() == m["systems"].keys()
+    # variants: one per post-hoc method, one per trained system, each K = 3 stages
+    variants = m["variants"]
+    assert [v["method"] for v in variants] == ["reinforce"] * len(ALPHAS) + METHODS[1:]
+    for v in variants:
+        assert len(v["score_columns"]) == 2 and len(v["correct_columns"]) == 3 and len(v["stage_mflops"]) == 3
+        assert v["correct_columns"][-1] == "big_correct" and v["stage_mflops"][-1] == costs[-1]
+        assert v["fixed_threshold"] == (0.5 if v["method"] == "reinforce" else None)
+
     points = m["operating_points"]
-    assert {p["method"] for p in points} == CASCADE_METHODS
+    assert {p["method"] for p in points} == set(METHODS)
     fields = {"mode", "method", "selection", "threshold_source", "threshold", "system_accuracy", "cost_mflops",
-              "exit_fractions", "skipping_rate", "appeal_rate", "ad", "target_ad"}
+              "relative_cost", "exit_fractions", "skipping_rate", "appeal_rate", "ad", "target_ad", "budget_fraction",
+              "anchor", "variants", "feasible"}
     for p in points:
         assert fields <= set(p)
         assert len(p["exit_fractions"]) == 3 and sum(p["exit_fractions"]) == pytest.approx(1.0)
         assert p["skipping_rate"] + p["appeal_rate"] == pytest.approx(1.0)
-    selections = {(p["method"], p["selection"]) for p in points}
-    assert ("reinforce", "greedy") in selections and ("msp_cascade", "matched_cost") in selections
+        assert p["appeal_rate"] == pytest.approx(p["exit_fractions"][-1])
+        assert p["relative_cost"] == pytest.approx(p["cost_mflops"] / costs[-1])
+        assert p["ad"] == pytest.approx(m["accuracy"]["big"] - p["system_accuracy"])
+    keys = [(p["method"], p["selection"], p["threshold_source"], p["target_ad"], p["budget_fraction"], p["anchor"])
+            for p in points]
+    anchors = [f"reinforce a{a:g}" for a in ALPHAS]
+    expected = [(me, "target_ad", s, t, None, None) for me in METHODS for s in ("test", "val") for t in TARGETS] + \
+        [(me, "budget", s, None, b, None) for me in METHODS for s in ("test", "val") for b in BUDGETS] + \
+        [("reinforce", "fixed", "fixed", None, None, f"a{a:g}") for a in ALPHAS] + \
+        [(me, "matched_cost", s, None, None, an) for an in anchors for me in METHODS[1:] for s in ("test", "val")]
+    assert sorted(keys, key=repr) == sorted(expected, key=repr)  # each point once
+    assert {c["method"] for c in m["comparisons"]} == {"reinforce", "appealnet"}
+    assert len(m["comparisons"]) == 2 * 2 * len(TARGETS)  # trained methods x sources x targets
 
 
 @pytest.mark.slow
-def test_greedy_point_recomputed_from_samples_csv(digits_cascade_run):
-    """samples.csv alone gives the greedy policy's numbers (plain numpy, no cascade code)."""
+def test_fixed_and_matched_cost_points_recomputed_from_samples_csv(digits_cascade_run):
+    """samples.csv alone gives each REINFORCE policy's greedy point, and every other method's
+    most accurate point within that cost (plain numpy over every candidate threshold)."""
     out = digits_cascade_run
-    m = json.loads((out / "metrics.json").read_text())
-    s = pd.read_csv(out / "samples.csv")
-    test = s[(s["seed"] == 0) & (s["split"] == "test")]
-    g = next(p for p in m["operating_points"] if p["selection"] == "greedy")
-    system = f"reinforce_a{g['alpha']:g}"
-    costs = np.cumsum(m["system_stage_costs"][system])
-    stop = np.stack([test[f"{system}_s{k}_score_reinforce"] >= m["greedy_threshold"] for k in range(2)], axis=1)
-    exits = np.where(stop[:, 0], 0, np.where(stop[:, 1], 1, 2))
-    right = np.stack([test[f"{system}_s{k}_correct"].to_numpy(bool) for k in range(3)], axis=1)
-    assert g["system_accuracy"] == pytest.approx(right[np.arange(len(exits)), exits].mean())
-    assert g["cost_mflops"] == pytest.approx(costs[exits].mean())
-    assert g["exit_fractions"] == pytest.approx(np.bincount(exits, minlength=3) / len(exits))
+    m = _metrics(out)
+    test = _test_split(out)
+    by_key = {(v["method"], v["variant"]): v for v in m["variants"]}
+    fixed = [p for p in m["operating_points"] if p["selection"] == "fixed"]
+    assert len(fixed) == len(ALPHAS)
+    for g in fixed:
+        v = by_key[("reinforce", g["anchor"])]
+        assert v["score_columns"] == [f"reinforce_{g['anchor']}_white_box_stage{k}_score" for k in range(2)]
+        scores, correct = _arrays(test, v)
+        acc, cost, exits, _ = _route(scores, correct, v["stage_mflops"], v["fixed_threshold"])
+        assert g["threshold"] == v["fixed_threshold"] == 0.5
+        assert g["system_accuracy"] == pytest.approx(acc)
+        assert g["cost_mflops"] == pytest.approx(cost)
+        assert g["exit_fractions"] == pytest.approx(exits.tolist())
+        # the others at that cost, thresholds read off the test split
+        for method in METHODS[1:]:
+            q = next(p for p in m["operating_points"] if p["selection"] == "matched_cost" and p["method"] == method
+                     and p["threshold_source"] == "test" and p["anchor"] == f"reinforce {g['anchor']}")
+            assert q["target_mflops"] == pytest.approx(cost)
+            sc, co = _arrays(test, by_key[(method, "")])
+            candidates = np.append(np.unique(sc), np.inf)
+            routed = [_route(sc, co, by_key[(method, "")]["stage_mflops"], t)[:2] for t in candidates]
+            within = [(a, c) for a, c in routed if c <= cost + 1e-9]
+            if within:
+                best = max(a for a, _ in within)
+                assert q["feasible"] and q["system_accuracy"] == pytest.approx(best)
+                assert q["cost_mflops"] == pytest.approx(min(c for a, c in within if a == best))
+            else:
+                assert not q["feasible"]
+
+
+@pytest.mark.slow
+def test_target_ad_points_recomputed_from_samples_csv(digits_cascade_run):
+    """Test-tuned target-AD points of a K = 3 cascade: the cheapest threshold within the AD
+    target (the best of the four policies for REINFORCE), by brute force in numpy."""
+    out = digits_cascade_run
+    m = _metrics(out)
+    test = _test_split(out)
+    ref = test["big_correct"].mean()
+    for p in m["operating_points"]:
+        if p["selection"] != "target_ad" or p["threshold_source"] != "test":
+            continue
+        best = None
+        for v in m["variants"]:
+            if v["method"] != p["method"]:
+                continue
+            sc, co = _arrays(test, v)
+            for t in np.append(np.unique(sc), np.inf):
+                acc, cost, _, _ = _route(sc, co, v["stage_mflops"], t)
+                if ref - acc <= p["target_ad"] + 1e-9 and (best is None or cost < best[1] - 1e-12):
+                    best = (acc, cost)
+        assert p["feasible"] and p["ad"] <= p["target_ad"] + 1e-9
+        assert p["cost_mflops"] == pytest.approx(best[1]), (p["method"], p["target_ad"])
+
+
+@pytest.mark.slow
+def test_router_reads_a_reinforce_policy_back_from_the_run(digits_cascade_run):
+    """cascade.Router.from_run rebuilds a REINFORCE cascade (stages, policy, big network)
+    from checkpoints/ and the val-tuned threshold from points.csv; it routes the test split
+    exactly as samples.csv says."""
+    from cascade import Router
+    from cascade.building import build_task
+    from cascade.config import load_config
+
+    out = digits_cascade_run
+    m = _metrics(out)
+    router = Router.from_run(out, method="reinforce", target_ad=0.005, threshold_source="val")
+    point = pd.read_csv(out / "points.csv").query(
+        "method == 'reinforce' and selection == 'target_ad' and threshold_source == 'val' and target_ad == 0.005")
+    assert len(point) == 1 and router.threshold == float(point["threshold"].iloc[0])
+    assert router.num_stages == 3 and router.big is not None
+    v = next(v for v in m["variants"] if v["method"] == "reinforce" and v["variant"] == point["variant"].iloc[0])
+    test = _test_split(out)
+    _, _, _, tau = _route(*_arrays(test, v), v["stage_mflops"], router.threshold)
+    splits = build_task(load_config(out / "config.yaml")).build_splits(0)
+    x = splits.test.tensors[0]
+    routed = router(x)
+    assert routed.exit_stage.tolist() == tau.tolist()
+    pred = routed.output.argmax(-1).numpy()
+    columns = [f"reinforce_{v['variant']}_white_box_stage0_pred", f"reinforce_{v['variant']}_white_box_stage1_pred",
+               "big_pred"]
+    expected = np.stack([test[c].to_numpy() for c in columns], axis=1)[np.arange(len(tau)), tau]
+    assert (pred == expected).all()
+    assert torch.equal(splits.test.tensors[1], torch.as_tensor(test["target"].to_numpy().copy()))
 
 
 @pytest.mark.slow
 def test_two_stage_cascade_with_a_black_box_oracle(tmp_path):
     """K = 2 (one network, then the oracle): AppealNet's black-box setting on the same code path."""
     rc = main(["run", str(REPO / "configs" / "digits_cascade.yaml"), "--quick", "--quiet", "--out", str(tmp_path),
-               "--set", "cascade.stages=[{name: mlp, hidden: [16]}]", "--set", "cascade.oracle=black_box",
-               "--set", "cascade.oracle_mflops=0.5", "--set", "cascade.budgets=[0.1]"])
+               "--set", "stages=[{name: mlp, hidden: [16]}]", "--set", "modes=[black_box]",
+               "--set", "oracle_mflops=0.5", "--set", "evaluation.budgets=[0.1]", "--set", "methods.0.alphas=[0.02]"])
     assert rc == 0
-    m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["num_stages"] == 2 and m["modes"] == ["black_box"]
-    assert m["stage_costs"][-1] == 0.5 and m["accuracy"]["stage_1"] == 1.0
+    m = _metrics(tmp_path)
+    assert m["num_stages"] == 2 and m["modes"] == ["black_box"] and m["last_stage_mflops"] == {"black_box": 0.5}
+    # no big network runs in black-box mode (the task's default big is only measured)
+    assert "big" not in m["accuracy"] and not any(c.startswith("big_") for c in pd.read_csv(
+        tmp_path / "samples.csv", nrows=1).columns)
+    assert not (tmp_path / "checkpoints" / "seed0_big.pt").exists()
+    variants = {(v["method"], v["variant"]): v for v in m["variants"]}
+    for v in variants.values():
+        assert v["correct_columns"][-1] is None and v["stage_mflops"][-1] == 0.5  # the oracle: always right
+    test = _test_split(tmp_path)
     for p in m["operating_points"]:
         assert p["ad"] == pytest.approx(1.0 - p["system_accuracy"])
         # AppealNet's Eq. 17: every input pays the network, the appealed ones the oracle too
-        c0, c1 = m["variants"][p["method"]][0]["stage_mflops"]
+        c0, c1 = variants[(p["method"], p["variants"][0])]["stage_mflops"]
         assert p["cost_mflops"] == pytest.approx(c0 + p["appeal_rate"] * c1)
+        # and the appeal rate is the share of test scores under the threshold
+        v = variants[(p["method"], p["variants"][0])]
+        assert p["appeal_rate"] == pytest.approx(np.mean(test[v["score_columns"][0]] < p["threshold"]))
+    assert "| black-box oracle | 0.500 | | 100 % (by definition) |" in (tmp_path / "table.md").read_text()
 
 
 def test_cascade_run_bad_override_exits_2(tmp_path, capsys):
     rc = main(["run", str(REPO / "configs" / "digits_cascade.yaml"), "--quick", "--out", str(tmp_path),
-               "--set", "cascade.stages=[]"])
+               "--set", "stages=[]"])
     assert rc == 2
-    assert "cascade.stages" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "stages: List should have at least 1 item" in err and "(from --set stages=[])" in err
+    assert "Traceback" not in err and not (tmp_path / "metrics.json").exists()
+
+
+def test_old_cascade_override_gets_the_migration_error(tmp_path, capsys):
+    rc = main(["run", str(REPO / "configs" / "digits_cascade.yaml"), "--quick", "--out", str(tmp_path),
+               "--set", "cascade.oracle=black_box"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "cascade: a K-stage cascade is stages: [...]" in err and "Traceback" not in err
 
 
 @pytest.mark.slow
@@ -100,9 +288,11 @@ def test_mnist_cascade_quick(tmp_path, monkeypatch):
     monkeypatch.setenv("CASCADE_DATA", str(mnist_root()))
     rc = main(["run", str(REPO / "configs" / "mnist_cascade.yaml"), "--quick", "--quiet", "--out", str(tmp_path)])
     assert rc == 0
-    m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["task"] == "mnist" and m["stage_costs"][-1] >= 10 * m["stage_costs"][0]
-    assert m["accuracy"]["stage_2"] > 0.8
+    m = _metrics(tmp_path)
+    assert m["task"] == "mnist" and m["num_stages"] == 3
+    assert m["networks"]["big"]["mflops"] >= 10 * m["networks"]["stage0"]["mflops"]
+    assert m["accuracy"]["big"] > 0.8
+    assert set(m["systems"]) == {"reinforce_a0.02_white_box", "appealnet_white_box"}  # quick: one alpha
 
 
 @pytest.mark.slow
@@ -112,9 +302,19 @@ def test_regression_cascade_on_synthetic_faces_quick(tmp_path, monkeypatch):
     out = tmp_path / "out"
     rc = main(["run", str(REPO / "configs" / "keypoints_cascade.yaml"), "--quick", "--quiet", "--out", str(out)])
     assert rc == 0
-    m = json.loads((out / "metrics.json").read_text())
-    assert m["task"] == "keypoints" and m["num_stages"] == 3
-    assert {p["method"] for p in m["operating_points"]} == {
-        "reinforce", "mc_dropout_cascade", "error_head_cascade", "appealnet_cascade"}
-    samples = pd.read_csv(out / "samples.csv", nrows=5)
-    assert "plain_s0_rmse" in samples.columns and "plain_s0_pred" not in samples.columns
+    assert list((tmp_path / "data" / "synthetic_faces").glob("*.csv"))
+    m = _metrics(out)
+    assert m["task"] == "keypoints" and m["kind"] == "regression" and m["num_stages"] == 3
+    assert {p["method"] for p in m["operating_points"]} == {"reinforce", "mc_dropout", "error_head", "appealnet"}
+    assert m["methods"]["mc_dropout"] == {"kind": "post_hoc"} and m["methods"]["reinforce"] == {"kind": "trained"}
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["methods"][0]["policy"]["inputs"] == ["features", "output"]
+    samples = pd.read_csv(out / "samples.csv")
+    # regression: each network's RMSE next to its correctness, and no class prediction
+    for net in ("big", "stage0", "stage1", "reinforce_a0.05_white_box_stage0", "appealnet_white_box_stage1"):
+        assert {f"{net}_correct", f"{net}_rmse"} <= set(samples.columns), net
+        assert f"{net}_pred" not in samples.columns
+        assert (samples[f"{net}_correct"] == (samples[f"{net}_rmse"] < 4.0)).all()
+        test = samples[samples["split"] == "test"]
+        assert m["errors"][net]["rmse"] == pytest.approx(test[f"{net}_rmse"].mean())
+    assert "| mean rmse |" in (out / "table.md").read_text()
