@@ -89,6 +89,7 @@ __all__ = [
     "TaskOptions",
     "TrainedMethod",
     "Trainer",
+    "TrainingError",
     "TwoHeadNetwork",
     "WhiteBoxOracle",
     "cascade_point",

@@ -19,8 +19,7 @@ from torch.utils.data import Dataset
 
 from cascade.building import build_network, make_loader, tensors_of
 from cascade.errors import CascadeError, DataError
-from cascade.methods import build_methods, method_problems
-from cascade.registry import METHODS
+from cascade.methods import method_problems
 from cascade.roles import Splits, StageOutput, Task, TaskKind, TaskLoss
 
 if TYPE_CHECKING:
@@ -69,8 +68,7 @@ def check_task(experiment: "Experiment", seed: int) -> Splits:
     problems = task_attribute_problems(task)
     if problems:
         raise CascadeError(problems[0])
-    problems = _unsuited_methods(experiment.methods, task) or \
-        method_problems(experiment.methods, task, len(experiment.stage_specs))
+    problems = method_problems(experiment.methods, task)
     if problems:
         raise CascadeError(f"{experiment.source or 'config'}: {problems[0]}")
     try:
@@ -93,22 +91,6 @@ def check_task(experiment: "Experiment", seed: int) -> Splits:
         for split, (x, y) in batches.items():
             _check_network(task, net, role, spec.name, split, x.to(experiment.device), y.to(experiment.device))
     return splits
-
-
-def _unsuited_methods(methods: list, task: Task) -> list[str]:
-    """The methods listed that do not suit the task's kind, all in one line, with the fix."""
-    kind = task.criterion.kind
-    unsuited = [(i, m.label) for i, m in enumerate(methods) if kind not in m.cls.task_kinds]
-    if not unsuited:
-        return []
-    suits = [n for n in METHODS.names() if kind in getattr(METHODS.get(n), "task_kinds", ())]
-    defaults = [m.label for m in build_methods(None, kind)]
-    keys = ", ".join(f"methods.{i}" for i, _ in unsuited)
-    labels = ", ".join(repr(label) for _, label in unsuited)
-    verb = "does" if len(unsuited) == 1 else "do"
-    return [f"{keys}: {labels} {verb} not suit a {kind.value} task (methods for {kind.value}: {', '.join(suits)}); "
-            f"remove {'it' if len(unsuited) == 1 else 'them'}, or leave methods: out for the {kind.value} defaults "
-            f"({', '.join(defaults)})"]
 
 
 def _probe_batch(task: Task, dataset: Any, split: str) -> tuple[Tensor, Tensor]:

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cascade.errors import CascadeError, ConfigError
-from cascade.registry import METHODS, NETWORKS, TASKS
+from cascade.registry import NETWORKS, TASKS
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 

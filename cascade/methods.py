@@ -195,16 +195,19 @@ def build_methods(specs: Sequence[MethodSpec] | None, kind: TaskKind) -> list[Me
     return entries
 
 
-def method_problems(entries: Sequence[MethodEntry], task: Task, num_routed: int) -> list[str]:
-    """Methods that do not suit ``task``, one ``"methods.<i>: ..."`` line each."""
-    kind = task.criterion.kind
-    out = []
-    for i, e in enumerate(entries):
-        if kind not in e.cls.task_kinds:
-            suits = [n for n in METHODS.names() if kind in getattr(METHODS.get(n), "task_kinds", ())]
-            out.append(f"methods.{i}: {e.label!r} does not suit a {kind.value} task "
-                       f"(methods for {kind.value}: {', '.join(suits)})")
-            continue
-        if issubclass(e.cls, TrainedMethod):
-            out += [f"methods.{i}.{p}" for p in e.instance().problems(task)]
-    return out
+def method_problems(entries: Sequence[MethodEntry], task: Task) -> list[str]:
+    """Why the methods do not suit ``task``: those of the wrong task kind, all in one line
+    with the fix, then each trained method's own problems (``"methods.<i>.<option>: ..."``)."""
+    kind = TaskKind(task.criterion.kind)
+    unsuited = [(i, e.label) for i, e in enumerate(entries) if kind not in e.cls.task_kinds]
+    if unsuited:
+        suits = [n for n in METHODS.names() if kind in getattr(METHODS.get(n), "task_kinds", ())]
+        defaults = [e.label for e in build_methods(None, kind)]
+        keys = ", ".join(f"methods.{i}" for i, _ in unsuited)
+        labels = ", ".join(repr(label) for _, label in unsuited)
+        one = len(unsuited) == 1
+        return [f"{keys}: {labels} {'does' if one else 'do'} not suit a {kind.value} task (methods for "
+                f"{kind.value}: {', '.join(suits)}); remove {'it' if one else 'them'}, or leave methods: out for "
+                f"the {kind.value} defaults ({', '.join(defaults)})"]
+    return [f"methods.{i}.{p}" for i, e in enumerate(entries) if issubclass(e.cls, TrainedMethod)
+            for p in e.instance().problems(task)]

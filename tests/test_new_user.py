@@ -308,7 +308,7 @@ def test_labels_outside_the_classes_are_refused_naming_the_sample(user, capsys):
 
 
 def test_splits_of_numpy_arrays_are_refused_with_the_conversion(user, capsys):
-    line = refused(capsys, user.config("NumpySplits"), "NumpySplits", "train split", "tuple", "torch Dataset",
+    refused(capsys, user.config("NumpySplits"), "NumpySplits", "train split", "tuple", "torch Dataset",
                    "TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y))")
 
 
@@ -319,7 +319,7 @@ def test_float64_inputs_from_numpy_are_refused_with_the_conversion(user, capsys)
 
 def test_a_builder_returning_a_plain_sequential_is_refused_before_pretraining(user, capsys):
     config = user.config("Blobs", f"little: {{name: {user.module}.sequential}}\n")
-    line = refused(capsys, config, "little", f"{user.module}.sequential", "Sequential", "cascade.Approximator",
+    refused(capsys, config, "little", f"{user.module}.sequential", "Sequential", "cascade.Approximator",
                    "cascade.FeatureNet(features, head, feature_dim)")
     # as the big network too
     config = user.config("Blobs", f"big: {{name: {user.module}.sequential}}\n")
