@@ -68,8 +68,9 @@ class McDropoutScore(Predictor):
         spread = samples.var(dim=0, unbiased=True).mean(dim=-1).sqrt() * self.scale  # [B]
         return 1.0 / (1.0 + spread)
 
-    def score_batch(self, network: nn.Module, x: Tensor) -> Tensor:
-        """``passes`` forward passes with only the dropout layers in training mode."""
+    def score_batch(self, network: nn.Module, x: Tensor, out: StageOutput | None = None) -> Tensor:
+        """``passes`` forward passes with only the dropout layers in training mode (``out``,
+        the deterministic pass, is not used)."""
         dropouts = [m for m in network.modules() if isinstance(m, nn.Dropout)]
         modes = [m.training for m in dropouts]
         try:

@@ -16,6 +16,20 @@ from cascade.errors import CascadeError, CheckpointError
 from cascade.registry import NETWORKS, TASKS
 from cascade.roles import Approximator, Oracle, Task
 
+#: checkpoint and column name of the white-box last stage
+BIG = "big"
+
+
+def stage_name(k: int) -> str:
+    """Checkpoint, column and ``networks`` name of plain routed stage ``k``."""
+    return f"stage{k}"
+
+
+def system_name(method: str, mode: str, variant: str) -> str:
+    """Checkpoint name and column prefix of a trained method's system in one mode."""
+    return "_".join(p for p in (method, variant, mode) if p)
+
+
 #: where each training phase's random numbers start, per seed (see :func:`phase_seed`)
 _PHASE_OFFSETS = {"big": 1, "pretrain": 2, "plain": 3, "trained": 10, "post_hoc": 50}
 

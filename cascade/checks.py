@@ -54,8 +54,9 @@ def task_attribute_problems(task: Task) -> list[str]:
     return out
 
 
-def check_task(experiment: "Experiment", seed: int) -> Splits:
-    """Check ``experiment``'s task, data, networks and methods on one batch per split.
+def check_task(experiment: "Experiment", seed: int, networks: bool = True) -> Splits:
+    """Check ``experiment``'s task, data, networks and methods on one batch per split
+    (the networks only with ``networks``: they are the same for every seed).
 
     Returns:
         The seed's splits (built once, used by the run).
@@ -83,10 +84,10 @@ def check_task(experiment: "Experiment", seed: int) -> Splits:
     batches = {split: _probe_batch(task, getattr(splits, split), split) for split in ("train", "cal", "test")}
     check_splits(task, splits, f"task {name}, seed {seed}")
     _check_class_coverage(task, splits)
-    networks = [(experiment._stage_key(k), spec) for k, spec in enumerate(experiment.stage_specs)]
+    specs = [(experiment._stage_key(k), spec) for k, spec in enumerate(experiment.stage_specs)]
     if experiment.big_spec is not None and "white_box" in [m.value for m in experiment.modes]:
-        networks.append(("big", experiment.big_spec))
-    for role, spec in networks:
+        specs.append(("big", experiment.big_spec))
+    for role, spec in specs if networks else ():
         net = build_network(spec, task, role).to(experiment.device).eval()
         for split, (x, y) in batches.items():
             _check_network(task, net, role, spec.name, split, x.to(experiment.device), y.to(experiment.device))

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from cascade.building import (
+    BIG,
     build_network,
     build_optimizer,
     build_task,
@@ -46,6 +47,8 @@ from cascade.building import (
     phase_seed,
     resolve_device,
     resolve_specs,
+    stage_name,
+    system_name,
     with_oracle_outputs,
 )
 from cascade.checkpoint import CheckpointStore
@@ -67,19 +70,6 @@ COLLAPSE_RANGE = 1e-3
 #: config keys that cannot change what training computes: a run may be resumed with them
 #: changed (``seeds`` is not one: the files of the seeds left out would be lost at the end)
 RESUME_IGNORES = ("name", "quick")
-
-BIG = "big"
-
-
-def stage_name(k: int) -> str:
-    """Column and ``networks`` key of plain routed stage ``k``."""
-    return f"stage{k}"
-
-
-def system_name(method: str, mode: str, variant: str) -> str:
-    """Column prefix of a trained method's system in one mode."""
-    return "_".join(p for p in (method, variant, mode) if p)
-
 
 def training_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
     """The resolved config without :data:`RESUME_IGNORES`: what a training checkpoint
@@ -154,9 +144,9 @@ class Experiment:
 
     # -- checks -------------------------------------------------------------------------
 
-    def check(self, seed: int | None = None) -> Splits:
-        """Check the task, its data and its networks on one batch of each split, before
-        any training (:func:`cascade.checks.check_task`); the seed's splits.
+    def check(self, seed: int | None = None, networks: bool = True) -> Splits:
+        """Check the task, its data and (with ``networks``) its networks on one batch of
+        each split, before any training (:func:`cascade.checks.check_task`); the seed's splits.
 
         Raises:
             CascadeError: the first problem, in one line naming the class, key or split.
@@ -164,7 +154,7 @@ class Experiment:
         from cascade.checks import check_task
 
         seed = self.cfg.seeds[0] if seed is None else seed
-        return check_task(self, seed)
+        return check_task(self, seed, networks)
 
     # -- training -----------------------------------------------------------------------
 
@@ -248,7 +238,7 @@ class Experiment:
         return BlackBoxOracle(mflops)
 
     def context(self, seed: int, mode: Mode, job: int, pretrained: list, plain: list, oracle: Oracle,
-                data: Dataset, method: str) -> CascadeContext:
+                data: Dataset, method: str, costs: dict[str, dict]) -> CascadeContext:
         """What trained method number ``job`` gets; its phases are ``seed S <method> <mode> ...``."""
         calls = [0]
 
@@ -258,7 +248,7 @@ class Experiment:
                       phase_seed(seed, "trained", index=job, stage=calls[0]), name, tuple(hooks), param_groups)
             calls[0] += 1
 
-        plain_costs = [measure_cost(n, self.task.input_shape).mflops for n in plain]
+        plain_costs = [costs[stage_name(k)]["mflops"] for k in range(len(plain))]
         return CascadeContext(
             task=self.task, mode=mode, pretrained=pretrained, plain=plain, oracle=oracle,
             stage_mflops=plain_costs + [oracle.cost_mflops], data=data, finetune=self.cfg.finetune,
@@ -305,7 +295,7 @@ class Experiment:
         first_seed: dict[str, Any] = {}
         for seed in cfg.seeds:
             with timed_phase(f"seed {seed} checks"):
-                splits = self.check(seed)
+                splits = self.check(seed, networks=seed == cfg.seeds[0])  # the networks once per run
             torch.manual_seed(seed)
             pre_data, tune_data = splits.train, splits.train
             if cfg.finetune_data == "holdout":
@@ -366,7 +356,7 @@ class Experiment:
         for mode in self.modes:
             oracle = self.oracle(mode, big, costs)
             for entry in self.trained_methods:
-                ctx = self.context(seed, mode, job, pretrained, plain, oracle, data, entry.label)
+                ctx = self.context(seed, mode, job, pretrained, plain, oracle, data, entry.label, costs)
                 method = entry.instance()
                 built = method.build(ctx)
                 method.train(built, ctx)
@@ -464,7 +454,7 @@ class Experiment:
             if out.q is not None:
                 cols["score"] = out.q.double().cpu()
             for name, scorer in (scorers or {}).items():
-                cols[f"score_{name}"] = scorer.score_batch(module, x).double().cpu()
+                cols[f"score_{name}"] = scorer.score_batch(module, x, out).double().cpu()
             for key, value in cols.items():
                 parts.setdefault(f"{prefix}_{key}", []).append(value)
             targets.append(y)

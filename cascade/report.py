@@ -113,6 +113,17 @@ def _networks(metrics: dict) -> list[str]:
     return lines + [""]
 
 
+def _axes(part: dict[tuple[str, float], dict]) -> tuple[list[float], list[str]]:
+    """The columns (targets or budgets, ascending) and rows (methods, in run order) of a grid."""
+    return sorted({t for _, t in part}), list(dict.fromkeys(m for m, _ in part))
+
+
+def _header(title: str, labels: list[str], columns: list[str]) -> list[str]:
+    """A section title and a markdown table head: text ``labels`` first, numeric ``columns`` after."""
+    return [f"## {title}", "", "| " + " | ".join(labels + columns) + " |",
+            "|" + "---|" * len(labels) + "---:|" * len(columns)]
+
+
 def _target_tables(metrics: dict, mode: str, points: list[dict]) -> list[str]:
     field = value_field(mode)
     fmt = pct if field == "appeal_rate" else value
@@ -124,11 +135,9 @@ def _target_tables(metrics: dict, mode: str, points: list[dict]) -> list[str]:
                 if p["selection"] == "target_ad" and p["threshold_source"] == source}
         if not part:
             continue
-        targets = sorted({t for _, t in part})
-        methods = list(dict.fromkeys(m for m, _ in part))
-        lines += [f"## {_MODE_TITLE[mode]}; {_SOURCE[source]}", "",
-                  "| method | kind | " + " | ".join(f"AD {sig(t * 100)} %" for t in targets) + " |",
-                  "|---|---|" + "---:|" * len(targets)]
+        targets, methods = _axes(part)
+        lines += _header(f"{_MODE_TITLE[mode]}; {_SOURCE[source]}", ["method", "kind"],
+                         [f"AD {sig(t * 100)} %" for t in targets])
         for m in methods:
             cells = []
             for t in targets:
@@ -154,12 +163,9 @@ def _budget_tables(mode: str, points: list[dict]) -> list[str]:
                 if p["selection"] == "budget" and p["threshold_source"] == source}
         if not part:
             continue
-        budgets = sorted({b for _, b in part})
-        methods = list(dict.fromkeys(m for m, _ in part))
-        lines += [f"## {mode.replace('_', '-')}: accuracy within a mean-cost budget (fraction of the last stage's "
-                  f"MFLOPs); {_SOURCE[source]}", "",
-                  "| method | " + " | ".join(f"<= {sig(b * 100)} %" for b in budgets) + " |",
-                  "|---|" + "---:|" * len(budgets)]
+        budgets, methods = _axes(part)
+        lines += _header(f"{mode.replace('_', '-')}: accuracy within a mean-cost budget (fraction of the last "
+                         f"stage's MFLOPs); {_SOURCE[source]}", ["method"], [f"<= {sig(b * 100)} %" for b in budgets])
         for m in methods:
             cells = []
             for b in budgets:

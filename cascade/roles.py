@@ -130,12 +130,18 @@ class Predictor(ABC):
         The default does nothing; e.g. a post-hoc error predictor trains itself here.
         """
 
-    def score_batch(self, network: nn.Module, x: Tensor) -> Tensor:
-        """Score ``[B]`` of a batch of inputs; the default runs ``network`` once.
+    def score_batch(self, network: nn.Module, x: Tensor, out: StageOutput | None = None) -> Tensor:
+        """Score ``[B]`` of a batch of inputs.
 
-        Methods that need more than one pass (MC dropout) override this.
+        Args:
+            network: the stage network.
+            x: the batch.
+            out: ``network(x)`` when the caller already has it; the default scores it
+                instead of running the network again.
+
+        Methods that need passes of their own (MC dropout) override this.
         """
-        return self.score(network(x))
+        return self.score(network(x) if out is None else out)
 
     def route(self, stage: StageOutput, threshold: float) -> Tensor:
         """Bool ``[B]``: True where the input stays on this stage (``score >= threshold``)."""

@@ -50,10 +50,7 @@ class ScoredStage(nn.Module):
 
     def forward(self, x: Tensor) -> StageOutput:
         out = self.network(x)
-        if type(self.predictor).score_batch is Predictor.score_batch:
-            out.q = self.predictor.score(out)  # one pass: score the output just computed
-        else:  # the method needs its own passes (MC dropout)
-            out.q = self.predictor.score_batch(self.network, x)
+        out.q = self.predictor.score_batch(self.network, x, out)
         return out
 
 
@@ -129,7 +126,7 @@ class Router(nn.Module):
         """
         import pandas as pd
 
-        from cascade.building import build_network, build_task, resolve_specs
+        from cascade.building import BIG, build_network, build_task, resolve_specs, stage_name, system_name
         from cascade.checkpoint import load_checkpoint
         from cascade.config import validate
         from cascade.methods import CascadeContext, MethodKind, TrainedMethod, build_methods
@@ -176,8 +173,8 @@ class Router(nn.Module):
             net.load_state_dict(load_checkpoint(run / "checkpoints" / f"seed{seed}_{name}.pt"))
             return net.eval()
 
-        plain = [network(s, f"stage{k}", f"stages.{k}") for k, s in enumerate(specs)]
-        big = network(big_spec, "big", "big") if mode == Mode.WHITE_BOX.value else None
+        plain = [network(s, stage_name(k), f"stages.{k}") for k, s in enumerate(specs)]
+        big = network(big_spec, BIG, "big") if mode == Mode.WHITE_BOX.value else None
         entry = next(e for e in build_methods(cfg.methods, task.criterion.kind) if e.label == method)
         if issubclass(entry.cls, TrainedMethod):
             oracle = WhiteBoxOracle(big) if big is not None else BlackBoxOracle(metrics["last_stage_mflops"][mode])
@@ -186,7 +183,7 @@ class Router(nn.Module):
                                  fit=None, with_oracle_outputs=None)
             systems = {s.variant: s for s in entry.instance().build(ctx)}
             system = systems[variant]
-            name = "_".join(p for p in (method, variant, mode) if p)
+            name = system_name(method, mode, variant)
             system.module().load_state_dict(load_checkpoint(run / "checkpoints" / f"seed{seed}_{name}.pt"))
             stages = system.stages
         else:
