@@ -48,16 +48,21 @@ class McDropoutScore(Predictor):
         super().__init__(options)
         self.scale = 1.0
 
+    def network_problems(self, network: nn.Module) -> list[str]:
+        """The network must have a dropout layer with a positive rate to sample."""
+        if any(isinstance(m, nn.Dropout) and m.p > 0 for m in network.modules()):
+            return []
+        return ["methods: mc_dropout needs stage networks with dropout (e.g. little: {..., dropout: 0.1})"]
+
     def prepare(self, network: nn.Module, context: MethodContext) -> None:
         """Check that the network has dropout to sample, and read the output scale.
 
         Raises:
             CascadeError: the network has no dropout layer with a positive rate.
         """
-        if not any(isinstance(m, nn.Dropout) and m.p > 0 for m in network.modules()):
-            raise CascadeError(
-                "methods: mc_dropout needs stage networks with dropout (e.g. little: {..., dropout: 0.1})"
-            )
+        problems = self.network_problems(network)
+        if problems:
+            raise CascadeError(problems[0])
         self.scale = float(getattr(context.task.criterion, "scale", 1.0))
 
     def score(self, stage: StageOutput) -> Tensor:

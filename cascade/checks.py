@@ -91,6 +91,11 @@ def check_task(experiment: "Experiment", seed: int, networks: bool = True) -> Sp
         net = build_network(spec, task, role).to(experiment.device).eval()
         for split, (x, y) in batches.items():
             _check_network(task, net, role, spec.name, split, x.to(experiment.device), y.to(experiment.device))
+        if role != "big":  # the post-hoc methods score the routed stages
+            for entry in experiment.post_hoc_methods:
+                problems = entry.instance().network_problems(net)
+                if problems:
+                    raise CascadeError(f"{experiment.source or 'config'}: {problems[0]} ({role})")
     return splits
 
 

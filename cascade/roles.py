@@ -124,6 +124,11 @@ class Predictor(ABC):
     def score(self, stage: StageOutput) -> Tensor:
         """Score of each input, ``[B]`` in [0, 1]."""
 
+    def network_problems(self, network: nn.Module) -> list[str]:
+        """Why ``network`` (a routed stage, built but not trained) cannot be scored by this
+        method, with the fix (``"<key>: <message>"``); checked before any training. Default: none."""
+        return []
+
     def prepare(self, network: nn.Module, context: "MethodContext") -> None:
         """Fit whatever the method needs once the plain stage network is trained.
 

@@ -247,6 +247,13 @@ def test_regression_without_methods_runs_with_the_regression_defaults(user, caps
     assert {p["method"] for p in metrics["operating_points"]} == {"appealnet", "error_head"}
 
 
+def test_mc_dropout_on_stages_without_dropout_is_refused_before_training(user, capsys):
+    # it used to surface only after every network had trained, when the method prepared itself
+    line = refused(capsys, user.config("Line", methods="[mc_dropout]"), "mc_dropout", "dropout", "little")
+    assert line == ("error: my.yaml: methods: mc_dropout needs stage networks with dropout "
+                    "(e.g. little: {..., dropout: 0.1}) (little)")
+
+
 def test_classification_scores_on_a_regression_task_are_refused_naming_what_suits(user, capsys):
     line = refused(capsys, user.config("Line", methods="[msp, gap, entropy]"), "'msp'", "'gap'", "'entropy'")
     assert line == ("error: my.yaml: methods.0, methods.1, methods.2: 'msp', 'gap', 'entropy' do not suit a "
