@@ -43,6 +43,7 @@ class McDropoutScore(Predictor):
     """
 
     Options = McDropoutOptions
+    deterministic = False
 
     def __init__(self, options: McDropoutOptions | None = None) -> None:
         super().__init__(options)

@@ -23,6 +23,7 @@ from cascade.roles import (
     Mode,
     Oracle,
     Predictor,
+    Preprocessing,
     Splits,
     StageOutput,
     Task,
@@ -35,6 +36,7 @@ from cascade.evaluation import CascadePoint, CascadeSweep, cascade_point, cascad
 from cascade.checkpoint import CheckpointHook, CheckpointStore
 from cascade.pipeline import Experiment
 from cascade.router import RoutedOutput, Router
+from cascade.bundle import Bundle, RoutedBatch
 from cascade.trainer import HistoryHook, HookBase, LambdaControllerHook, ProgressHook, Trainer
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "AppealNetObjective",
     "Approximator",
     "BlackBoxOracle",
+    "Bundle",
     "CascadeContext",
     "CascadeError",
     "CascadePoint",
@@ -71,10 +74,12 @@ __all__ = [
     "Oracle",
     "Predictor",
     "PredictorHead",
+    "Preprocessing",
     "ProgressHook",
     "Registry",
     "Reinforce",
     "ReinforceObjective",
+    "RoutedBatch",
     "RoutedOutput",
     "RoutedSystem",
     "Router",

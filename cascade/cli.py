@@ -1,4 +1,4 @@
-"""The command line: ``cascade run | validate | list``. A thin layer over the library.
+"""The command line: ``cascade run | validate | list | export | route``. A thin layer over the library.
 
 User errors (config, data, checkpoint, argument, an unwritable output folder) print one
 line per problem to stderr and exit with code 2, without a traceback. Ctrl-C during
@@ -44,6 +44,20 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("--config-only", action="store_true",
                      help="check the config alone, not the task's data and networks (valid on any machine)")
     sub.add_parser("list", help="registered tasks, networks and methods (with their kind)")
+    exp = sub.add_parser("export", help="write a finished run's router as a bundle (torch.export, manifest)")
+    exp.add_argument("run_dir", help="the output folder of `cascade run`")
+    exp.add_argument("--out", required=True, help="the bundle folder to write")
+    exp.add_argument("--method", help="a method of the run (default: its first trained one)")
+    exp.add_argument("--mode", help="white_box or black_box (default: the run's first)")
+    exp.add_argument("--target-ad", type=float, default=0.005, help="the operating point's AD target (default 0.005)")
+    exp.add_argument("--source", default="val", help="where the threshold was chosen: guaranteed, val (default) or test")
+    exp.add_argument("--seed", type=int, help="one of the run's seeds (default: its first)")
+    exp.add_argument("--no-onnx", action="store_true", help="write no ONNX files")
+    route = sub.add_parser("route", help="route inputs through a bundle into a CSV of predictions")
+    route.add_argument("bundle", help="a folder written by `cascade export`")
+    route.add_argument("inputs", help="a .npy array, a .csv of features (one input per row) or a folder of images")
+    route.add_argument("--out", required=True, help="the CSV to write")
+    route.add_argument("--batch", type=int, default=256, help="inputs per batch (default 256)")
     return p
 
 
@@ -101,6 +115,63 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from cascade.export import export_bundle
+
+    out = export_bundle(args.run_dir, args.out, method=args.method, mode=args.mode, target_ad=args.target_ad,
+                        source=args.source, seed=args.seed, onnx=not args.no_onnx)
+    import json
+
+    m = json.loads((out / "manifest.json").read_text())
+    p, e = m["operating_point"], m["operating_point"]["expected"]
+    files = ", ".join(f for s in m["stages"] for f in (s["file"], s.get("onnx")) if f)
+    print(f"{out}: {p['method']} ({p['mode']}, seed {p['seed']}), threshold {m['thresholds'][0]:.6g} "
+          f"({p['threshold_source']}, target AD {p['target_ad']:g}); on the run's test split: skipping rate "
+          f"{e['skipping_rate']:.3g}, AD {e['ad']:.3g}; files: manifest.json, {files}")
+    return 0
+
+
+def _cmd_route(args: argparse.Namespace) -> int:
+    import pandas as pd
+    from tqdm import tqdm
+
+    from cascade.bundle import Bundle, load_inputs
+
+    if args.batch < 1:
+        raise CascadeError(f"--batch {args.batch}: must be at least 1")
+    bundle = Bundle.load(args.bundle)
+    names, raw = load_inputs(args.inputs, bundle)
+    if len(names) == 0:
+        raise CascadeError(f"{args.inputs}: no inputs")
+    rows = []
+    for start in tqdm(range(0, len(names), args.batch), desc="route", unit="batch", file=sys.stderr,
+                      disable=not sys.stderr.isatty()):
+        try:
+            r = bundle.route(raw[start:start + args.batch])
+        except CascadeError as exc:  # name the file and the rows of the batch
+            raise CascadeError(f"{args.inputs}: inputs {start}-{start + len(raw[start:start + args.batch]) - 1}: "
+                               f"{exc}") from None
+        preds = bundle.predictions(r.output)
+        for i in range(len(r)):
+            row = {"input": names[start + i]}
+            pending = bool(r.pending[i])
+            if bundle.kind == "classification":
+                row["prediction"] = None if pending else preds[i]
+            else:
+                row.update({n: (None if pending else v) for n, v in zip(bundle.output_names, preds[i])})
+            row.update(stage=int(r.stage[i]), score=float(r.score[i]), mflops=float(r.mflops[i]), pending=pending)
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out, index=False)
+    last = bundle.num_stages - 1
+    print(f"{out}: {len(frame)} inputs; answered before the last stage: {(frame['stage'] < last).mean():.3g}; "
+          f"pending (for the oracle): {int(frame['pending'].sum())}; mean MFLOPs here: {frame['mflops'].mean():.3g}",
+          file=sys.stderr)
+    return 0
+
+
 def _resume_command(argv: list[str]) -> str:
     """The command line that continues an interrupted ``run``."""
     args = [a for a in argv if a != "--resume"]
@@ -123,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    command = {"run": _cmd_run, "validate": _cmd_validate, "list": _cmd_list}[args.command]
+    command = {"run": _cmd_run, "validate": _cmd_validate, "list": _cmd_list, "export": _cmd_export,
+               "route": _cmd_route}[args.command]
     log_handler = _log_warnings_to_stderr()
     try:
         return command(args)

@@ -8,10 +8,11 @@ features and, when it carries a predictor head, the head's score.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -116,6 +117,9 @@ class Predictor(ABC):
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     task_kinds: ClassVar[frozenset[TaskKind]] = frozenset(TaskKind)
     default_for: ClassVar[frozenset[TaskKind]] = frozenset()
+    #: False when scores draw random numbers (MC dropout): an exported bundle could not
+    #: reproduce the run's decisions, so ``cascade export`` refuses the method
+    deterministic: ClassVar[bool] = True
 
     def __init__(self, options: MethodOptions | None = None):
         self.options = options if options is not None else self.Options()
@@ -129,7 +133,7 @@ class Predictor(ABC):
         method, with the fix (``"<key>: <message>"``); checked before any training. Default: none."""
         return []
 
-    def prepare(self, network: nn.Module, context: "MethodContext") -> None:
+    def prepare(self, network: nn.Module, context: MethodContext) -> None:
         """Fit whatever the method needs once the plain stage network is trained.
 
         The default does nothing; e.g. a post-hoc error predictor trains itself here.
@@ -220,7 +224,7 @@ class MethodContext:
             trainer with the experiment's progress and logging hooks.
     """
 
-    task: "Task"
+    task: Task
     train: Dataset
     seed: int
     device: torch.device
@@ -234,6 +238,24 @@ class Splits:
     train: Dataset
     cal: Dataset
     test: Dataset
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Raw input to network input: ``x = (raw / raw_max - mean[c]) / std[c]``.
+
+    ``raw`` is in the task's own units, ``[0, raw_max]`` (grey levels 0-16 for digits,
+    pixel values 0-255 for MNIST); ``mean`` and ``std`` hold one value, or one per channel
+    (the first axis of ``input_shape``). An image file's pixels (0-255) are first scaled
+    to ``[0, raw_max]``. Plain data (a JSON-able dict) so a bundle's manifest carries it.
+    """
+
+    raw_max: float = 1.0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"raw_max": self.raw_max, "mean": list(self.mean), "std": list(self.std)}
 
 
 class TaskOptions(BaseModel):
@@ -265,6 +287,12 @@ class Task(ABC):
     #: the big side's cost in MFLOPs when it is a black box with no network (None: unknown)
     oracle_mflops: ClassVar[float | None] = None
 
+    #: how a raw input (what a user has: grey levels, pixel values, feature rows) becomes
+    #: the networks' input; an exported bundle carries it. None: inputs are used as given.
+    preprocessing: ClassVar[Preprocessing | None] = None
+    #: class names (classification) or output names (regression); None: "0", "1", ...
+    output_names: ClassVar[tuple[str, ...] | None] = None
+
     input_shape: tuple[int, ...]
     num_outputs: int
     criterion: TaskLoss
@@ -294,7 +322,7 @@ class Task(ABC):
         """
         return []
 
-    def write_routing_figure(self, path: Path, network: nn.Module, dataset: Dataset, kept: "np.ndarray",
+    def write_routing_figure(self, path: Path, network: nn.Module, dataset: Dataset, kept: np.ndarray,
                              caption: str) -> bool:
         """Draw routed test inputs (e.g. faces with their keypoints) into ``path``.
 

@@ -8,6 +8,7 @@ and the big network only on the rest, so the wall-clock speed-up approaches
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,102 +102,160 @@ class Router(nn.Module):
     def from_run(
         cls, run_dir: str | Path, *, method: str | None = None, mode: str | None = None, target_ad: float = 0.005,
         threshold_source: str = "val", seed: int | None = None,
-    ) -> "Router":
+    ) -> Router:
         """The router of a finished run's method at one of its operating points.
 
-        The threshold is the one the run chose for that seed (``points.csv``; by default
-        on the calibration split, the deployable choice); the weights come from
-        ``checkpoints/``, loaded with ``weights_only=True``. A post-hoc method that fits
-        itself (``error_head``) is fitted again on the seed's training split.
-
-        Args:
-            run_dir: the output folder of ``cascade run``.
-            method: a method of the run (default: its first trained one, else its first).
-            mode: ``white_box`` or ``black_box`` (default: the run's first).
-            target_ad: the accuracy-degradation target of the operating point.
-            threshold_source: ``val`` or ``test``.
-            seed: one of the run's seeds (default: its first).
-
-        A method that trains several systems (a REINFORCE policy per alpha) has one point
-        per target: the system the run chose there (``points.csv``'s ``variant``).
-
-        Raises:
-            CascadeError: missing files, or no such method, mode, seed or operating point
-                (naming what the run has).
+        See :func:`load_run_point` for the arguments and errors.
         """
-        import pandas as pd
+        return load_run_point(run_dir, method=method, mode=mode, target_ad=target_ad,
+                              threshold_source=threshold_source, seed=seed).router
 
-        from cascade.building import BIG, build_network, build_task, resolve_specs, stage_name, system_name
-        from cascade.checkpoint import load_checkpoint
-        from cascade.config import validate
-        from cascade.methods import CascadeContext, MethodKind, TrainedMethod, build_methods
-        from cascade.roles import BlackBoxOracle, MethodContext, Mode, WhiteBoxOracle
 
-        run = Path(run_dir)
-        for name in ("config.yaml", "metrics.json", "points.csv"):
-            if not (run / name).is_file():
-                raise CascadeError(f"{run / name}: not found; is {run} the output folder of a finished `cascade run`?")
-        metrics = json.loads((run / "metrics.json").read_text())
-        for folder in (metrics.get("workdir"), str(Path.cwd())):  # where the run found the user's own modules
-            if folder and folder not in sys.path:
-                sys.path.insert(0, folder)
-        cfg = validate(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
-        seed = metrics["seeds"][0] if seed is None else seed
-        _choose(seed, metrics["seeds"], "seed", run)
-        mode = _choose(mode or metrics["modes"][0], metrics["modes"], "mode", run)
-        kinds = metrics["methods"]
-        if method is None:
-            method = next((m for m, v in kinds.items() if v["kind"] == MethodKind.TRAINED.value), next(iter(kinds)))
-        _choose(method, list(kinds), "method", run)
-        if threshold_source not in ("val", "test"):
-            raise CascadeError(f"threshold_source {threshold_source!r}: use val (chosen on the calibration split) "
-                               "or test")
+#: where a run's threshold can come from (``points.csv``'s ``threshold_source``)
+THRESHOLD_SOURCES = {
+    "val": "chosen on the calibration split",
+    "guaranteed": "chosen on the calibration split with AD <= target at probability >= 1 - delta",
+    "test": "read off the test split (as the paper; not deployable)",
+}
 
-        points = pd.read_csv(run / "points.csv")
-        points = points[(points["seed"] == seed) & (points["mode"] == mode) & (points["method"] == method)
-                        & (points["selection"] == "target_ad")]
-        row = points[(points["threshold_source"] == threshold_source)
-                     & ((points["target_ad"] - target_ad).abs() < 1e-12)]
-        if row.empty:
-            have = sorted(points.loc[points["threshold_source"] == threshold_source, "target_ad"].unique())
-            raise CascadeError(f"{run / 'points.csv'}: no {threshold_source} point of {method} ({mode}) at target AD "
-                               f"{target_ad:g}; the run has targets {', '.join(f'{t:g}' for t in have)}")
-        threshold = float(row["threshold"].iloc[0])
-        variant = row["variant"].iloc[0]
-        variant = "" if not isinstance(variant, str) else variant
 
-        task = build_task(cfg)
-        specs, big_spec = resolve_specs(cfg, task)
+@dataclass
+class RunPoint:
+    """A finished run's method at one operating point: what deployment needs.
 
-        def network(spec, name: str, role: str) -> nn.Module:
-            net = build_network(spec.model_copy(update={"checkpoint": None}), task, role)
-            net.load_state_dict(load_checkpoint(run / "checkpoints" / f"seed{seed}_{name}.pt"))
-            return net.eval()
+    Attributes:
+        router: the routed stages, the threshold and the big network (None: black box).
+        task: the run's task (its input shape, preprocessing and output names).
+        run: the run folder.
+        metrics: its ``metrics.json``.
+        point: the seed's row of ``points.csv`` (threshold, AD and skipping rate on test...).
+        method, mode, seed, variant: which system of the run.
+        config_text: its ``config.yaml``, verbatim.
+    """
 
-        plain = [network(s, stage_name(k), f"stages.{k}") for k, s in enumerate(specs)]
-        big = network(big_spec, BIG, "big") if mode == Mode.WHITE_BOX.value else None
-        entry = next(e for e in build_methods(cfg.methods, task.criterion.kind) if e.label == method)
-        if issubclass(entry.cls, TrainedMethod):
-            oracle = WhiteBoxOracle(big) if big is not None else BlackBoxOracle(metrics["last_stage_mflops"][mode])
-            ctx = CascadeContext(task=task, mode=Mode(mode), pretrained=plain, plain=plain, oracle=oracle,
-                                 stage_mflops=[], data=None, finetune=cfg.finetune, device=torch.device("cpu"),
-                                 fit=None, with_oracle_outputs=None)
-            systems = {s.variant: s for s in entry.instance().build(ctx)}
-            system = systems[variant]
-            name = system_name(method, mode, variant)
-            system.module().load_state_dict(load_checkpoint(run / "checkpoints" / f"seed{seed}_{name}.pt"))
-            stages = system.stages
-        else:
-            train = None
-            stages = []
-            for net in plain:
-                scorer = entry.instance()
-                if type(scorer).prepare is not Predictor.prepare:  # it fits itself: again, as the run did
-                    train = train or task.build_splits(seed).train
-                    scorer.prepare(net, MethodContext(task=task, train=train, seed=seed, device=torch.device("cpu"),
-                                                      fit=_plain_fit(seed)))
-                stages.append(ScoredStage(net, scorer))
-        return cls(stages, threshold, big)
+    router: Router
+    task: Any
+    run: Path
+    metrics: dict
+    point: dict
+    method: str
+    mode: str
+    seed: int
+    variant: str
+    config_text: str
+
+
+def load_run_point(
+    run_dir: str | Path, *, method: str | None = None, mode: str | None = None, target_ad: float = 0.005,
+    threshold_source: str = "val", seed: int | None = None,
+) -> RunPoint:
+    """A finished run's method at one of its operating points.
+
+    The threshold is the one the run chose for that seed (``points.csv``; by default on
+    the calibration split, the deployable choice); the weights come from
+    ``checkpoints/``, loaded with ``weights_only=True``. A post-hoc method that fits
+    itself (``error_head``) is fitted again on the seed's training split.
+
+    Args:
+        run_dir: the output folder of ``cascade run``.
+        method: a method of the run (default: its first trained one, else its first).
+        mode: ``white_box`` or ``black_box`` (default: the run's first).
+        target_ad: the accuracy-degradation target of the operating point.
+        threshold_source: ``val``, ``guaranteed`` or ``test`` (:data:`THRESHOLD_SOURCES`).
+        seed: one of the run's seeds (default: its first).
+
+    A method that trains several systems (a REINFORCE policy per alpha) has one point
+    per target: the system the run chose there (``points.csv``'s ``variant``).
+
+    Raises:
+        CascadeError: missing files, or no such method, mode, seed or operating point
+            (naming what the run has).
+    """
+    import pandas as pd
+
+    from cascade.building import (
+        BIG,
+        build_network,
+        build_task,
+        resolve_specs,
+        stage_name,
+        system_name,
+    )
+    from cascade.checkpoint import load_checkpoint
+    from cascade.config import validate
+    from cascade.methods import CascadeContext, MethodKind, TrainedMethod, build_methods
+    from cascade.roles import BlackBoxOracle, MethodContext, Mode, WhiteBoxOracle
+
+    run = Path(run_dir)
+    for name in ("config.yaml", "metrics.json", "points.csv"):
+        if not (run / name).is_file():
+            raise CascadeError(f"{run / name}: not found; is {run} the output folder of a finished `cascade run`?")
+    metrics = json.loads((run / "metrics.json").read_text())
+    for folder in (metrics.get("workdir"), str(Path.cwd())):  # where the run found the user's own modules
+        if folder and folder not in sys.path:
+            sys.path.insert(0, folder)
+    config_text = (run / "config.yaml").read_text()
+    cfg = validate(yaml.safe_load(config_text), str(run / "config.yaml"))
+    seed = metrics["seeds"][0] if seed is None else seed
+    _choose(seed, metrics["seeds"], "seed", run)
+    mode = _choose(mode or metrics["modes"][0], metrics["modes"], "mode", run)
+    kinds = metrics["methods"]
+    if method is None:
+        method = next((m for m, v in kinds.items() if v["kind"] == MethodKind.TRAINED.value), next(iter(kinds)))
+    _choose(method, list(kinds), "method", run)
+    if threshold_source not in THRESHOLD_SOURCES:
+        raise CascadeError(f"threshold source {threshold_source!r}: use "
+                           + ", ".join(f"{k} ({v})" for k, v in THRESHOLD_SOURCES.items()))
+
+    points = pd.read_csv(run / "points.csv")
+    points = points[(points["seed"] == seed) & (points["mode"] == mode) & (points["method"] == method)
+                    & (points["selection"] == "target_ad")]
+    row = points[(points["threshold_source"] == threshold_source)
+                 & ((points["target_ad"] - target_ad).abs() < 1e-12)]
+    if row.empty:
+        have = sorted(points.loc[points["threshold_source"] == threshold_source, "target_ad"].unique())
+        if not have:
+            raise CascadeError(f"{run / 'points.csv'}: no {threshold_source} points of {method} ({mode}); "
+                               f"the run has {', '.join(sorted(points['threshold_source'].unique()))}")
+        raise CascadeError(f"{run / 'points.csv'}: no {threshold_source} point of {method} ({mode}) at target AD "
+                           f"{target_ad:g}; the run has targets {', '.join(f'{t:g}' for t in have)}")
+    point = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.iloc[0].to_dict().items()}
+    threshold = float(point["threshold"])
+    variant = point["variant"] if isinstance(point["variant"], str) else ""
+
+    task = build_task(cfg)
+    specs, big_spec = resolve_specs(cfg, task)
+
+    def network(spec, name: str, role: str) -> nn.Module:
+        net = build_network(spec.model_copy(update={"checkpoint": None}), task, role)
+        net.load_state_dict(load_checkpoint(run / "checkpoints" / f"seed{seed}_{name}.pt"))
+        return net.eval()
+
+    plain = [network(s, stage_name(k), f"stages.{k}") for k, s in enumerate(specs)]
+    big = network(big_spec, BIG, "big") if mode == Mode.WHITE_BOX.value else None
+    entry = next(e for e in build_methods(cfg.methods, task.criterion.kind) if e.label == method)
+    if issubclass(entry.cls, TrainedMethod):
+        oracle = WhiteBoxOracle(big) if big is not None else BlackBoxOracle(metrics["last_stage_mflops"][mode])
+        ctx = CascadeContext(task=task, mode=Mode(mode), pretrained=plain, plain=plain, oracle=oracle,
+                             stage_mflops=[], data=None, finetune=cfg.finetune, device=torch.device("cpu"),
+                             fit=None, with_oracle_outputs=None)
+        systems = {s.variant: s for s in entry.instance().build(ctx)}
+        system = systems[variant]
+        name = system_name(method, mode, variant)
+        system.module().load_state_dict(load_checkpoint(run / "checkpoints" / f"seed{seed}_{name}.pt"))
+        stages = system.stages
+    else:
+        train = None
+        stages = []
+        for net in plain:
+            scorer = entry.instance()
+            if type(scorer).prepare is not Predictor.prepare:  # it fits itself: again, as the run did
+                train = train or task.build_splits(seed).train
+                scorer.prepare(net, MethodContext(task=task, train=train, seed=seed, device=torch.device("cpu"),
+                                                  fit=_plain_fit(seed)))
+            stages.append(ScoredStage(net, scorer))
+    return RunPoint(router=Router(stages, threshold, big), task=task, run=run, metrics=metrics, point=point,
+                    method=method, mode=mode, seed=seed, variant=variant, config_text=config_text)
 
 
 def _choose(value: Any, known: list, what: str, run: Path) -> Any:

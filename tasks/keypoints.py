@@ -17,9 +17,10 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Sequence
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -28,10 +29,26 @@ from pydantic import Field
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from cascade import NETWORKS, TASKS, DataError, FeatureNet, MaskedL2TaskLoss, Splits, Task, TaskOptions
+from cascade import (
+    NETWORKS,
+    TASKS,
+    DataError,
+    FeatureNet,
+    MaskedL2TaskLoss,
+    Preprocessing,
+    Splits,
+    Task,
+    TaskOptions,
+)
 from cascade.checkpoint import atomic_path
 from tasks.data import DATA_ENV, resolve_data_root
-from tasks.faces import GENERATOR_VERSION, IMAGE_COLUMN, IMAGE_SIZE, KEYPOINT_COLUMNS, write_faces_csv
+from tasks.faces import (
+    GENERATOR_VERSION,
+    IMAGE_COLUMN,
+    IMAGE_SIZE,
+    KEYPOINT_COLUMNS,
+    write_faces_csv,
+)
 
 log = logging.getLogger("cascade")
 
@@ -213,6 +230,9 @@ class KeypointTask(Task):
     Options = KeypointOptions
     input_shape = (1, IMAGE_SIZE, IMAGE_SIZE)
     num_outputs = len(KEYPOINT_COLUMNS)
+    preprocessing = Preprocessing(raw_max=255.0)
+    #: the outputs are coordinates scaled to [-1, 1]: (pixel - 48) / 48
+    output_names = KEYPOINT_COLUMNS
     default_little = {"name": "keypoint_cnn"}
     default_big = None  # App. D: the big side is a black-box oracle answering the truth
 

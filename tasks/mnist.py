@@ -10,8 +10,22 @@ import torch
 from pydantic import Field
 from torch.utils.data import TensorDataset
 
-from cascade import TASKS, CrossEntropyTaskLoss, DataError, Splits, Task, TaskOptions
-from tasks.data import check_labels, describe_data_root, read_idx_header, resolve_data_root, stratified_split
+from cascade import (
+    TASKS,
+    CrossEntropyTaskLoss,
+    DataError,
+    Preprocessing,
+    Splits,
+    Task,
+    TaskOptions,
+)
+from tasks.data import (
+    check_labels,
+    describe_data_root,
+    read_idx_header,
+    resolve_data_root,
+    stratified_split,
+)
 
 log = logging.getLogger("cascade")
 
@@ -42,6 +56,7 @@ class MnistTask(Task):
     Options = MnistOptions
     input_shape = (1, 28, 28)
     num_outputs = 10
+    preprocessing = Preprocessing(raw_max=255.0, mean=(_MEAN,), std=(_STD,))
     default_little = {"name": "mlp", "hidden": [32]}
     default_big = {"name": "cnn", "channels": [32, 64], "hidden": 128}
 

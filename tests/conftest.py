@@ -24,3 +24,32 @@ def mnist_root() -> Path | None:
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+def run_quick(folder: Path, config: Path | str, *sets: str) -> Path:
+    """``cascade run CONFIG --quick`` from ``folder`` into ``folder/out``; the output folder."""
+    import sys
+
+    from cascade.cli import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        mp.setattr(sys, "path", list(sys.path))
+        args = ["run", str(config), "--quick", "--quiet", "--out", str(folder / "out")]
+        assert main([*args, *[a for s in sets for a in ("--set", s)]]) == 0
+    return folder / "out"
+
+
+@pytest.fixture(scope="session")
+def quick_digits_run(tmp_path_factory) -> Path:
+    """configs/digits.yaml --quick, shared by the tests that only read it: AppealNet and the
+    confidence scores, two stages, both modes."""
+    return run_quick(tmp_path_factory.mktemp("digits"), REPO / "configs" / "digits.yaml")
+
+
+@pytest.fixture(scope="session")
+def quick_cascade_run(tmp_path_factory) -> Path:
+    """configs/digits_cascade.yaml --quick with two alphas, shared: three stages (two routed,
+    the big last)."""
+    return run_quick(tmp_path_factory.mktemp("cascade"), REPO / "configs" / "digits_cascade.yaml",
+                     "methods.0.alphas=[0.02, 0.05]")

@@ -15,7 +15,7 @@ import torch
 
 from cascade import CascadeError, Router
 from cascade.cli import main
-from tests.conftest import REPO
+from tests.conftest import REPO, run_quick
 from tests.test_new_user import USER_MODULE, one_line_error
 
 DIGITS = REPO / "configs" / "digits.yaml"
@@ -39,25 +39,19 @@ def _cli(*argv) -> int:
 
 
 def _run(folder: Path, config: Path | str, *sets: str) -> Path:
-    """``cascade run CONFIG --quick`` from ``folder`` into ``folder/out``; the output folder."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(folder)
-        mp.setattr(sys, "path", list(sys.path))
-        args = ["run", config, "--quick", "--quiet", "--out", folder / "out"]
-        assert _cli(*args, *[a for s in sets for a in ("--set", s)]) == 0
-    return folder / "out"
+    return run_quick(folder, config, *sets)
 
 
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory) -> Path:
+def digits_run(quick_digits_run) -> Path:
     """configs/digits.yaml --quick: AppealNet and the confidence scores, two stages, both modes."""
-    return _run(tmp_path_factory.mktemp("digits"), DIGITS)
+    return quick_digits_run
 
 
 @pytest.fixture(scope="module")
-def cascade_run(tmp_path_factory) -> Path:
+def cascade_run(quick_cascade_run) -> Path:
     """configs/digits_cascade.yaml --quick, two alphas: three stages (two routed, the big last)."""
-    return _run(tmp_path_factory.mktemp("cascade"), CASCADE, "methods.0.alphas=[0.02, 0.05]")
+    return quick_cascade_run
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +139,7 @@ def test_router_of_a_two_stage_run_reproduces_its_point(digits_run, method, mode
     ({"target_ad": 0.3}, "no val point of reinforce (white_box) at target AD 0.3; the run has targets 0, 0.005, 0.01"),
     ({"method": "msp", "target_ad": 0.02, "threshold_source": "test"},
      "no test point of msp (white_box) at target AD 0.02; the run has targets 0, 0.005, 0.01"),
-    ({"threshold_source": "cal"}, "threshold_source 'cal': use val (chosen on the calibration split) or test"),
+    ({"threshold_source": "cal"}, "threshold source 'cal': use val (chosen on the calibration split), guaranteed"),
 ])
 def test_router_refuses_what_the_run_does_not_have_naming_what_it_has(cascade_run, kwargs, message):
     with pytest.raises(CascadeError) as info:

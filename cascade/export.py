@@ -1,0 +1,186 @@
+"""``cascade export``: a finished run's router at one operating point, as a bundle.
+
+Each stage becomes a ``torch.export`` program from a preprocessed batch to
+``(output, score)`` with a dynamic batch size; the routing branch (which rows go on)
+stays outside the graphs, in :class:`cascade.bundle.Bundle`, so every network exports.
+ONNX files are written beside the programs when ``onnx`` and ``onnxscript`` are
+installed and the exporter supports the network (the manifest records why not
+otherwise). The manifest is described in :mod:`cascade.bundle`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cascade.bundle import FORMAT_VERSION
+from cascade.errors import CascadeError
+
+log = logging.getLogger(__name__)
+
+#: the largest batch the exported programs accept
+MAX_BATCH = 1 << 20
+
+
+class _GraphStage(nn.Module):
+    """A stage as a graph-friendly function: ``x -> (output, score)``; the last stage
+    (which always answers) returns NaN scores."""
+
+    def __init__(self, stage: nn.Module, last: bool = False):
+        super().__init__()
+        self.stage, self.last = stage, last
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.stage(x)
+        if self.last:
+            return out.output, torch.full((x.shape[0],), float("nan"), dtype=out.output.dtype, device=x.device)
+        return out.output, out.q
+
+
+def export_bundle(
+    run_dir: str | Path, out: str | Path, *, method: str | None = None, mode: str | None = None,
+    target_ad: float = 0.005, source: str = "val", seed: int | None = None, onnx: bool = True,
+) -> Path:
+    """Write a bundle of a finished run's method at one operating point.
+
+    Args:
+        run_dir: the output folder of ``cascade run``.
+        out: the bundle folder to write (replaced if it holds an earlier bundle).
+        method, mode, target_ad, source, seed: which system and operating point, as in
+            :func:`cascade.router.load_run_point` (``source`` is its threshold source).
+        onnx: also write ONNX files where the exporter supports the network.
+
+    Returns:
+        The bundle folder.
+
+    Raises:
+        CascadeError: what :func:`~cascade.router.load_run_point` raises; a method whose
+            scores are random (MC dropout); a network torch.export cannot capture; an
+            ``out`` that is a file or a non-empty folder that is not a bundle.
+    """
+    from cascade.cost import measure_cost
+    from cascade.router import ScoredStage, load_run_point
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file())):
+        raise CascadeError(f"{out}: exists and is not a bundle folder; choose a new --out")
+    rp = load_run_point(run_dir, method=method, mode=mode, target_ad=target_ad, threshold_source=source, seed=seed)
+    router, task = rp.router, rp.task
+    for stage in router.stages:
+        if isinstance(stage, ScoredStage) and not type(stage.predictor).deterministic:
+            raise CascadeError(f"{rp.run}: method {rp.method} scores with random numbers, so a bundle could not "
+                               "reproduce the run's decisions; export a deterministic method")
+    shape = tuple(task.input_shape)
+    modules = [_GraphStage(s) for s in router.stages]
+    if router.big is not None:
+        modules.append(_GraphStage(router.big, last=True))
+    example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        stages: list[dict[str, Any]] = []
+        for k, module in enumerate(modules):
+            module.eval()
+            role = "big" if module.last else "routed"
+            try:
+                program = torch.export.export(module, (example,), dynamic_shapes=dynamic)
+            except Exception as exc:  # noqa: BLE001  (torch.export raises many types: all "cannot capture")
+                raise CascadeError(f"{rp.run}: stage {k} ({role}) of {rp.method} could not be exported with "
+                                   f"torch.export: {_first_line(exc)}") from None
+            file = f"stage_{k}.pt2"
+            torch.export.save(program, str(tmp / file))
+            cost = measure_cost(module.stage, shape)
+            entry = {"index": k, "role": role, "file": file, "mflops": cost.mflops, "params": cost.params}
+            if onnx:
+                entry.update(_export_onnx(module, example, dynamic, tmp / f"stage_{k}.onnx"))
+            stages.append(entry)
+        if router.big is None:
+            stages.append({"index": len(stages), "role": "oracle", "file": None,
+                           "mflops": rp.metrics["last_stage_mflops"][rp.mode], "params": None})
+        (tmp / "manifest.json").write_text(json.dumps(_manifest(rp, stages, router.threshold), indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _manifest(rp, stages: list[dict], threshold: float) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("cascade-routing")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        ours = None
+    task, p = rp.task, rp.point
+    kind = task.criterion.kind.value
+    names = task.output_names or tuple(str(i) for i in range(task.num_outputs))
+    expected = {k: p.get(k) for k in ("skipping_rate", "appeal_rate", "ad", "system_accuracy", "cost_mflops",
+                                      "relative_cost")}
+    return {
+        "format_version": FORMAT_VERSION,
+        "task": rp.metrics["task"],
+        "kind": kind,
+        "input": {"shape": list(task.input_shape), "dtype": "float32"},
+        "preprocessing": None if task.preprocessing is None else task.preprocessing.as_dict(),
+        "output_names": list(names),
+        "stages": stages,
+        # one threshold per decision point: stage k answers where its score >= thresholds[k]
+        "thresholds": [threshold] * (len(stages) - 1),
+        "operating_point": {
+            "method": rp.method, "mode": rp.mode, "variant": rp.variant, "seed": rp.seed,
+            "target_ad": p["target_ad"], "threshold_source": p["threshold_source"], "delta": p.get("delta"),
+            "feasible": bool(p["feasible"]),
+            # measured by the run on its test split at this threshold
+            "expected": expected,
+        },
+        "run": {"path": str(rp.run.resolve()), "config": rp.metrics.get("config"),
+                "config_sha256": hashlib.sha256(rp.config_text.encode()).hexdigest()},
+        "versions": {"cascade": ours, "torch": torch.__version__},
+    }
+
+
+def _export_onnx(module: nn.Module, example: Tensor, dynamic: tuple, path: Path) -> dict[str, Any]:
+    """``{"onnx": file}`` when the exporter supports the network, else ``{"onnx": None,
+    "onnx_error": why}``; a failure here never fails the export."""
+    try:
+        import onnx  # noqa: F401  (the exporter needs both)
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return {"onnx": None, "onnx_error": "onnx and onnxscript are not installed (pip install 'cascade-routing[onnx]')"}
+    try:
+        # the exporter prints its progress and warns about its own internals: keep the CLI quiet
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.disable(logging.WARNING)
+            try:
+                torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=["x"],
+                                  output_names=["output", "score"], dynamic_shapes=dynamic,
+                                  external_data=False)  # one file per stage (networks under 2 GB)
+            finally:
+                logging.disable(logging.NOTSET)
+    except Exception as exc:  # noqa: BLE001  (the exporter fails in many types; the .pt2 is what counts)
+        path.unlink(missing_ok=True)
+        log.warning("%s: no ONNX file (%s)", path.name, _first_line(exc))
+        return {"onnx": None, "onnx_error": _first_line(exc)}
+    return {"onnx": path.name}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"

@@ -1,0 +1,261 @@
+"""Exporting a run (``cascade export``) and routing with the bundle alone (``cascade.Bundle``,
+``cascade route``): the round trip reproduces the run's decisions and answers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cascade import Bundle, CascadeError
+from cascade.cli import main
+from cascade.evaluation import exit_stages
+from tests.test_new_user import one_line_error
+
+#: routes a test split in a fresh process that imports nothing but the bundle loader:
+#: argv = bundle, raw inputs (.npy), where to write stage / prediction / score (.npz)
+FRESH_PROCESS = """
+import sys
+import numpy as np
+from cascade.bundle import Bundle
+
+bundle = Bundle.load(sys.argv[1])
+r = bundle.route(np.load(sys.argv[2]))
+np.savez(sys.argv[3], stage=r.stage.numpy(), output=r.output.numpy(), score=r.score.numpy(),
+         mflops=r.mflops.numpy(), pending=r.pending.numpy())
+loaded = sorted(m for m in sys.modules if m.split(".")[0] == "tasks" or m in ("cascade.pipeline", "cascade.trainer"))
+assert not [m for m in loaded if m.split(".")[0] == "tasks"], loaded  # no task code, no plugin
+"""
+
+
+def _export(run: Path, out: Path, **kw) -> Path:
+    args = ["export", str(run), "--out", str(out)]
+    for k, v in kw.items():
+        args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    assert main(args) == 0
+    return out
+
+
+def _raw_test_split(seed: int) -> np.ndarray:
+    """The digits test split as a user has it: grey levels 0-16 (the task divides by 16)."""
+    from tasks.digits import DigitsTask
+
+    test = DigitsTask().build_splits(seed).test
+    return (test.tensors[0] * 16).round().to(torch.uint8).numpy()  # [N, 1, 8, 8]
+
+
+def _route_fresh(bundle: Path, raw: np.ndarray, tmp: Path) -> dict[str, np.ndarray]:
+    np.save(tmp / "raw.npy", raw)
+    script = tmp / "route.py"
+    script.write_text(FRESH_PROCESS)
+    done = subprocess.run([sys.executable, str(script), str(bundle), str(tmp / "raw.npy"), str(tmp / "out.npz")],
+                          check=False, capture_output=True, text=True, cwd=tmp, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return dict(np.load(tmp / "out.npz"))
+
+
+def _test_rows(run: Path, seed: int) -> pd.DataFrame:
+    s = pd.read_csv(run / "samples.csv")
+    return s[(s["seed"] == seed) & (s["split"] == "test")].reset_index(drop=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, mode", [("appealnet", "white_box"), ("msp", "white_box"),
+                                          ("appealnet", "black_box"), ("msp", "black_box")])
+def test_a_bundle_in_a_fresh_process_reproduces_the_runs_decisions_and_answers(quick_digits_run, tmp_path,
+                                                                                method, mode):
+    bundle = _export(quick_digits_run, tmp_path / "bundle", method=method, mode=mode, target_ad=0.01,
+                     source="val", no_onnx=True)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    seed = manifest["operating_point"]["seed"]
+    routed = _route_fresh(bundle, _raw_test_split(seed), tmp_path)
+
+    rows = _test_rows(quick_digits_run, seed)
+    prefix = f"{method}_{mode}_stage0" if method == "appealnet" else "stage0"
+    score = rows[f"{prefix}_score" if method == "appealnet" else f"stage0_score_{method}"].to_numpy()
+    expected_stage = exit_stages(score[:, None], manifest["thresholds"][0])
+    assert (routed["stage"] == expected_stage).all()
+    np.testing.assert_array_equal(routed["score"], score)  # float32 scores, bit for bit
+    kept = expected_stage == 0
+    pred = routed["output"].argmax(axis=1)
+    assert (pred[kept] == rows.loc[kept, f"{prefix}_pred"]).all()
+    if mode == "white_box":
+        assert (pred[~kept] == rows.loc[~kept, "big_pred"]).all()
+        assert not routed["pending"].any()
+    else:  # the oracle is outside the bundle: those rows wait for it, with the little's answer
+        assert (routed["pending"] == ~kept).all()
+        assert (pred[~kept] == rows.loc[~kept, f"{prefix}_pred"]).all()
+    # the skipping rate the manifest promises is the one the run measured at this threshold
+    assert manifest["operating_point"]["expected"]["skipping_rate"] == pytest.approx(kept.mean())
+    costs = [s["mflops"] for s in manifest["stages"]]
+    spent = np.where(kept, costs[0], costs[0] + (costs[1] if mode == "white_box" else 0.0))
+    np.testing.assert_allclose(routed["mflops"], spent)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["reinforce", "msp"])
+def test_a_three_stage_bundle_reproduces_the_runs_exit_stages_and_answers(quick_cascade_run, tmp_path, method):
+    bundle = _export(quick_cascade_run, tmp_path / "bundle", method=method, target_ad=0.01, source="test",
+                     no_onnx=True)
+    b = Bundle.load(bundle)
+    assert b.num_stages == 3 and b.has_last_stage
+    seed = b.manifest["operating_point"]["seed"]
+    routed = _route_fresh(bundle, _raw_test_split(seed), tmp_path)
+
+    rows = _test_rows(quick_cascade_run, seed)
+    variant = b.manifest["operating_point"]["variant"]
+    if method == "reinforce":
+        prefixes = [f"reinforce_{variant}_white_box_stage{k}" for k in range(2)]
+        scores = np.stack([rows[f"{p}_score"] for p in prefixes], axis=1)
+    else:
+        prefixes = ["stage0", "stage1"]
+        scores = np.stack([rows[f"stage{k}_score_msp"] for k in range(2)], axis=1)
+    expected = exit_stages(scores, b.thresholds[0])
+    assert (routed["stage"] == expected).all()
+    # msp's point uses all three stages; the quick policy never stops at stage 0, but at 1 and 2
+    assert set(np.unique(expected)) >= ({0, 1, 2} if method == "msp" else {1, 2})
+    pred = routed["output"].argmax(axis=1)
+    for k, column in enumerate([f"{p}_pred" for p in prefixes] + ["big_pred"]):
+        at = expected == k
+        assert (pred[at] == rows.loc[at, column]).all(), f"stage {k}"
+
+
+@pytest.mark.slow
+def test_the_manifest_describes_the_operating_point_and_the_stages(quick_digits_run, tmp_path):
+    bundle = _export(quick_digits_run, tmp_path / "b", method="msp", target_ad=0.005, source="val")
+    m = json.loads((bundle / "manifest.json").read_text())
+    points = pd.read_csv(quick_digits_run / "points.csv")
+    row = points[(points["seed"] == 0) & (points["mode"] == "white_box") & (points["method"] == "msp")
+                 & (points["selection"] == "target_ad") & (points["threshold_source"] == "val")
+                 & np.isclose(points["target_ad"], 0.005)].iloc[0]
+    assert m["thresholds"] == [row["threshold"]]
+    assert m["operating_point"]["expected"]["ad"] == pytest.approx(row["ad"])
+    assert m["input"] == {"shape": [1, 8, 8], "dtype": "float32"}
+    assert m["preprocessing"] == {"raw_max": 16.0, "mean": [0.0], "std": [1.0]}
+    assert m["output_names"] == [str(i) for i in range(10)]
+    networks = json.loads((quick_digits_run / "metrics.json").read_text())["networks"]
+    assert [s["mflops"] for s in m["stages"]] == pytest.approx([networks["stage0"]["mflops"],
+                                                                networks["big"]["mflops"]])
+    assert len(m["run"]["config_sha256"]) == 64
+
+
+@pytest.mark.slow
+def test_the_onnx_file_gives_the_programs_outputs(quick_digits_run, tmp_path):
+    import onnxruntime
+
+    bundle = _export(quick_digits_run, tmp_path / "b", method="appealnet", target_ad=0.01)
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["stages"][0]["onnx"] == "stage_0.onnx"
+    b = Bundle.load(bundle)
+    x = b.preprocess(_raw_test_split(0)[:37])
+    session = onnxruntime.InferenceSession(str(bundle / "stage_0.onnx"), providers=["CPUExecutionProvider"])
+    output, score = session.run(None, {"x": x.numpy()})
+    program = torch.export.load(str(bundle / "stage_0.pt2")).module()
+    with torch.no_grad():
+        want_output, want_score = program(x)
+    np.testing.assert_allclose(output, want_output.numpy(), atol=1e-5)
+    np.testing.assert_allclose(score, want_score.numpy(), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_cascade_route_writes_one_row_per_input_from_npy_csv_and_images(quick_digits_run, tmp_path, capsys):
+    from PIL import Image
+
+    bundle = _export(quick_digits_run, tmp_path / "b", method="msp", target_ad=0.01, no_onnx=True)
+    raw = _raw_test_split(0)[:12]
+    np.save(tmp_path / "x.npy", raw)
+    assert main(["route", str(bundle), str(tmp_path / "x.npy"), "--out", str(tmp_path / "npy.csv")]) == 0
+    by_npy = pd.read_csv(tmp_path / "npy.csv")
+    assert list(by_npy.columns) == ["input", "prediction", "stage", "score", "mflops", "pending"]
+    assert len(by_npy) == 12
+    direct = Bundle.load(bundle).route(raw)
+    assert (by_npy["stage"].to_numpy() == direct.stage.numpy()).all()
+    assert (by_npy["prediction"].to_numpy() == direct.output.argmax(1).numpy()).all()
+
+    header = ",".join(f"p{i}" for i in range(64))
+    np.savetxt(tmp_path / "x.csv", raw.reshape(12, -1), delimiter=",", fmt="%d", header=header, comments="")
+    assert main(["route", str(bundle), str(tmp_path / "x.csv"), "--out", str(tmp_path / "csv.csv")]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "csv.csv"), by_npy)
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    pixels = (raw[:, 0].astype(np.float64) * 255 / 16).round().astype(np.uint8)  # [N, 8, 8] grey
+    for i, p in enumerate(pixels):
+        Image.fromarray(p, mode="L").save(folder / f"digit_{i:02d}.png")
+    assert main(["route", str(bundle), str(folder), "--out", str(tmp_path / "img.csv")]) == 0
+    by_image = pd.read_csv(tmp_path / "img.csv")
+    assert by_image["input"].tolist() == [f"digit_{i:02d}.png" for i in range(12)]
+    # the same pixels given as an array in the task's raw units (0-16)
+    same = Bundle.load(bundle).route(pixels[:, None].astype(np.float32) * 16 / 255)
+    assert (by_image["stage"].to_numpy() == same.stage.numpy()).all()
+    assert (by_image["prediction"].to_numpy() == same.output.argmax(1).numpy()).all()
+
+
+@pytest.mark.slow
+def test_a_black_box_bundle_leaves_appealed_inputs_pending_for_the_oracle(quick_digits_run, tmp_path):
+    bundle = _export(quick_digits_run, tmp_path / "b", method="msp", mode="black_box", target_ad=0.01, no_onnx=True)
+    b = Bundle.load(bundle)
+    assert not b.has_last_stage and b.manifest["stages"][-1]["role"] == "oracle"
+    np.save(tmp_path / "x.npy", _raw_test_split(0))
+    assert main(["route", str(bundle), str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.csv")]) == 0
+    p = pd.read_csv(tmp_path / "p.csv")
+    assert p["pending"].any() and (~p["pending"]).any()
+    assert p.loc[p["pending"], "prediction"].isna().all()  # no answer is made up for the oracle's rows
+    assert (p.loc[p["pending"], "stage"] == 1).all()
+    with pytest.raises(CascadeError, match="black-box bundle has no last stage"):
+        b.run_last(b.preprocess(_raw_test_split(0)[:2]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("write, expected", [
+    (lambda d: np.save(d / "x.npy", np.zeros((3, 9, 9))), "inputs 0-2: inputs of shape [3, 9, 9]: this bundle takes [1, 8, 8]"),
+    (lambda d: np.save(d / "x.npy", np.full((2, 1, 8, 8), np.nan)), "row 0 has NaN"),
+    (lambda d: (d / "x.csv").write_text("a,b\n1,2\n"), "x.csv: 2 columns; this bundle's input [1, 8, 8] has 64"),
+    (lambda d: (d / "x.csv").write_text(("1," * 63 + "1\n") * 2 + "1," * 63 + "oops\n"), "x.csv: line 3: a cell"),
+    (lambda d: (d / "x.txt").write_text("1"), "x.txt: give a .npy array, a .csv of features, or a folder"),
+    (lambda d: (d / "x.npy").write_bytes(b"not numpy"), "x.npy: not a numpy array file"),
+])
+def test_bad_inputs_to_cascade_route_are_one_line_naming_the_file(quick_digits_run, tmp_path, capsys, write,
+                                                                  expected):
+    bundle = _export(quick_digits_run, tmp_path / "b", method="msp", no_onnx=True)
+    data = tmp_path / "data"
+    data.mkdir()
+    write(data)
+    (path,) = list(data.iterdir())
+    capsys.readouterr()
+    code = main(["route", str(bundle), str(path), "--out", str(tmp_path / "p.csv")])
+    assert expected in one_line_error(code, capsys.readouterr().err)
+    assert not (tmp_path / "p.csv").exists()
+
+
+@pytest.mark.slow
+def test_export_refuses_a_random_score_an_occupied_folder_and_a_broken_bundle_is_one_line(
+        quick_digits_run, tmp_path, capsys, monkeypatch):
+    from baselines.confidence import MaxSoftmaxScore
+
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    code = main(["export", str(quick_digits_run), "--out", str(occupied), "--method", "msp"])
+    assert "exists and is not a bundle folder" in one_line_error(code, capsys.readouterr().err)
+    assert (occupied / "notes.txt").read_text() == "mine"
+
+    monkeypatch.setattr(MaxSoftmaxScore, "deterministic", False)  # as MC dropout
+    code = main(["export", str(quick_digits_run), "--out", str(tmp_path / "b"), "--method", "msp"])
+    assert "scores with random numbers" in one_line_error(code, capsys.readouterr().err)
+    monkeypatch.undo()
+
+    bundle = _export(quick_digits_run, tmp_path / "b", method="msp", no_onnx=True)
+    (bundle / "stage_0.pt2").write_bytes(b"garbage")
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 8, 8)))
+    code = main(["route", str(bundle), str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.csv")])
+    assert "stage_0.pt2: not a torch.export program" in one_line_error(code, capsys.readouterr().err)
+    (bundle / "manifest.json").write_text(json.dumps({"format_version": 99}))
+    code = main(["route", str(bundle), str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.csv")])
+    assert "format_version 99" in one_line_error(code, capsys.readouterr().err)
