@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from cascade.building import build_network, make_loader, tensors_of
 from cascade.errors import CascadeError, DataError
 from cascade.methods import method_problems
-from cascade.roles import Splits, StageOutput, Task, TaskKind, TaskLoss
+from cascade.roles import Preprocessing, Splits, StageOutput, Task, TaskKind, TaskLoss
 
 if TYPE_CHECKING:
     from cascade.pipeline import Experiment
@@ -51,6 +51,21 @@ def task_attribute_problems(task: Task) -> list[str]:
     elif crit.kind == TaskKind.CLASSIFICATION and isinstance(n, int) and n < 2:
         out.append(f"task {name}: num_outputs is {n}, but a classification task needs at least 2 classes "
                    "(for a single real-valued output use cascade.MaskedL2TaskLoss, a regression criterion)")
+    names = getattr(task, "output_names", None)
+    if names is not None and isinstance(n, int) and (isinstance(names, str) or len(names) != n):
+        out.append(f"task {name}: output_names must name each of the {n} outputs (a tuple of {n} strings), "
+                   f"got {names!r}"[:300])
+    pre = getattr(task, "preprocessing", None)
+    if pre is not None:
+        channels = shape[0] if isinstance(shape, (tuple, list)) and shape else None
+        if not isinstance(pre, Preprocessing):
+            out.append(f"task {name}: preprocessing must be a cascade.Preprocessing(raw_max=..., mean=..., std=...), "
+                       f"got a {type(pre).__name__}")
+        elif pre.raw_max <= 0 or any(s <= 0 for s in pre.std):
+            out.append(f"task {name}: preprocessing needs raw_max > 0 and std > 0, got {pre}")
+        elif any(len(v) not in (1, channels) for v in (pre.mean, pre.std)):
+            out.append(f"task {name}: preprocessing mean and std need 1 value or one per channel ({channels}), "
+                       f"got {pre}")
     return out
 
 

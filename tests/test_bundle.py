@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cascade import Bundle, CascadeError
+from cascade import Bundle, CascadeError, Preprocessing
 from cascade.cli import main
 from cascade.evaluation import exit_stages
 from tests.test_new_user import one_line_error
@@ -259,3 +259,18 @@ def test_export_refuses_a_random_score_an_occupied_folder_and_a_broken_bundle_is
     (bundle / "manifest.json").write_text(json.dumps({"format_version": 99}))
     code = main(["route", str(bundle), str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.csv")])
     assert "format_version 99" in one_line_error(code, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("attrs, message", [
+    ({"output_names": ("a", "b")}, "output_names must name each of the 10 outputs"),
+    ({"preprocessing": {"raw_max": 255}}, "preprocessing must be a cascade.Preprocessing"),
+    ({"preprocessing": Preprocessing(mean=(0.1, 0.2))}, "1 value or one per channel (1)"),
+    ({"preprocessing": Preprocessing(std=(0.0,))}, "std > 0"),
+])
+def test_a_task_with_wrong_output_names_or_preprocessing_is_named_before_any_training(attrs, message):
+    from cascade.checks import task_attribute_problems
+    from tasks.digits import DigitsTask
+
+    task = type("MyDigits", (DigitsTask,), attrs)()
+    (problem,) = task_attribute_problems(task)
+    assert problem.startswith("task MyDigits: ") and message in problem
