@@ -90,12 +90,18 @@ class EvaluationConfig(_Strict):
     ``white_box_targets`` / ``black_box_targets``: accuracy-degradation targets, AD against
     the big network alone (white-box) or the always-right oracle (black-box);
     ``budgets``: mean-cost budgets as fractions of the last stage's cost, at which each
-    method's most accurate point is reported (none by default).
+    method's most accurate point is reported (none by default);
+    ``delta``: the ``guaranteed`` thresholds keep AD under each target with probability at
+    least ``1 - delta`` (Learn then Test on the calibration split);
+    ``violation_resplits``: random cal/test re-splits per seed on which to count how often
+    ``val`` and ``guaranteed`` thresholds miss their target (0: skip that simulation).
     """
 
     white_box_targets: list[Fraction] = Field(default_factory=lambda: [0.0, 0.001, 0.005, 0.01], min_length=1)
     black_box_targets: list[Fraction] = Field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05], min_length=1)
     budgets: list[Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=list)
+    delta: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    violation_resplits: Annotated[int, Field(ge=0)] = 200
     batch_size: Annotated[int, Field(gt=0)] = 1024
 
 

@@ -20,6 +20,7 @@ comes out in ``O(N K log(N K))`` with no Python loop over thresholds.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -119,6 +120,45 @@ class CascadeSweep:
         return self.total_mflops / self.n
 
 
+def _sorted_events(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The exit moves of every input as the threshold falls, highest value first.
+
+    Returns:
+        ``(rows, to, frm, value)``, each ``[M]``: input ``rows[e]``'s exit moves from stage
+        ``frm[e]`` to the earlier ``to[e]`` once the threshold reaches ``value[e]``.
+    """
+    n, d = scores.shape
+    # the highest score before each decision; a decision is a record when it beats it
+    before = np.concatenate([np.full((n, 1), -np.inf), np.maximum.accumulate(scores, axis=1)[:, :-1]], axis=1)
+    record = scores > before  # [N, K-1]
+    # exit stage just above each record's value: the next record, or the last stage
+    leaving = np.empty((n, d), dtype=np.int64)
+    nxt = np.full(n, d)
+    for j in reversed(range(d)):  # K is small; the loop is over stages, not thresholds
+        leaving[:, j] = nxt
+        nxt = np.where(record[:, j], j, nxt)
+    rows, to = np.nonzero(record)  # one event per record: the exit moves from leaving to `to`
+    frm = leaving[rows, to]
+    value = scores[rows, to]
+    order = np.argsort(-value, kind="stable")
+    return rows[order], to[order], frm[order], value[order]
+
+
+def _grid(value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The operating points of a sorted event list: ``keep [G]`` indices into the
+    ``M + 1`` running totals (0: before any event) and their thresholds ``[G]``
+    (descending). A threshold between two distinct event values is a point; equal values
+    move together."""
+    m = len(value)
+    boundary = np.concatenate([[True], value[:-1] > value[1:], [True]]) if m else np.array([True])
+    if m:
+        boundary[-1] = True
+    keep = np.flatnonzero(boundary)
+    above_all = np.nextafter(value[0], np.inf) if m else np.inf
+    threshold = np.where(keep == 0, above_all, value[np.maximum(keep - 1, 0)] if m else above_all)
+    return keep, np.asarray(threshold, dtype=np.float64)
+
+
 def cascade_sweep(scores: np.ndarray, correct: np.ndarray, stage_mflops: Sequence[float]) -> CascadeSweep:
     """All operating points of a shared threshold over ``scores``; ties never split.
 
@@ -140,21 +180,7 @@ def cascade_sweep(scores: np.ndarray, correct: np.ndarray, stage_mflops: Sequenc
     cum = cumulative_costs(stage_mflops)
     if len(cum) != k:
         raise ValueError(f"{len(cum)} stage costs for {k} stages")
-    d = k - 1
-    # the highest score before each decision; a decision is a record when it beats it
-    before = np.concatenate([np.full((n, 1), -np.inf), np.maximum.accumulate(scores, axis=1)[:, :-1]], axis=1)
-    record = scores > before  # [N, K-1]
-    # exit stage just above each record's value: the next record, or the last stage
-    leaving = np.empty((n, d), dtype=np.int64)
-    nxt = np.full(n, d)
-    for j in reversed(range(d)):  # K is small; the loop is over stages, not thresholds
-        leaving[:, j] = nxt
-        nxt = np.where(record[:, j], j, nxt)
-    rows, to = np.nonzero(record)  # one event per record: the exit moves from leaving to `to`
-    frm = leaving[rows, to]
-    value = scores[rows, to]
-    order = np.argsort(-value, kind="stable")
-    rows, to, frm, value = rows[order], to[order], frm[order], value[order]
+    rows, to, frm, value = _sorted_events(scores)
     d_correct = correct[rows, to].astype(np.int64) - correct[rows, frm].astype(np.int64)
     d_cost = cum[to] - cum[frm]
     d_counts = np.zeros((len(rows), k), dtype=np.int64)
@@ -165,16 +191,9 @@ def cascade_sweep(scores: np.ndarray, correct: np.ndarray, stage_mflops: Sequenc
     correct_all = np.concatenate([[correct[:, -1].sum()], correct[:, -1].sum() + np.cumsum(d_correct)])
     cost_all = np.concatenate([[n * cum[-1]], n * cum[-1] + np.cumsum(d_cost)])
     counts_all = np.vstack([start_counts, start_counts + np.cumsum(d_counts, axis=0)])
-    # a threshold between two distinct event values is a point; equal values move together
-    m = len(value)
-    boundary = np.concatenate([[True], value[:-1] > value[1:], [True]]) if m else np.array([True])
-    if m:
-        boundary[-1] = True
-    keep = np.flatnonzero(boundary)  # indices into the (m + 1) running totals
-    above_all = np.nextafter(value[0], np.inf) if m else np.inf
-    threshold = np.where(keep == 0, above_all, value[np.maximum(keep - 1, 0)] if m else above_all)
+    keep, threshold = _grid(value)
     return CascadeSweep(
-        threshold=np.asarray(threshold, dtype=np.float64),
+        threshold=threshold,
         system_correct=correct_all[keep],
         total_mflops=cost_all[keep],
         exit_counts=counts_all[keep],
@@ -244,6 +263,128 @@ def select_by_accuracy(sweeps: Sequence[CascadeSweep], min_correct: float) -> Se
     return Selection(int(variant[i]), float(threshold[i]), True)
 
 
+# ---------------------------------------------------------------------------- guaranteed thresholds
+#
+# Learn then Test (Angelopoulos, Bates, Candès, Jordan & Lei 2021, arXiv:2110.01052) with
+# fixed-sequence testing and a binomial-tail p-value; the design is in select_guaranteed.
+
+
+def degradation_scores(scores: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """``[N]`` per input, the highest threshold at which it counts as a degradation.
+
+    The loss controlled by :func:`select_guaranteed`: ``L_i(t) = 1`` when some routed stage
+    ``k < K-1`` at or after input ``i``'s exit stage (at threshold ``t``) is wrong while the
+    last stage is right. ``L_i(t) = 1`` exactly when ``t <= s_i``, where ``s_i`` is the
+    running maximum of ``scores[i]`` at the last such "bad" stage (the input exits at or
+    before it from that threshold down), ``-inf`` when there is none.
+
+    Args:
+        scores: ``[N, K-1]`` stop scores.
+        correct: ``[N, K]`` bool, each stage's correctness.
+
+    Returns:
+        ``s [N]``: the loss count at threshold ``t`` is ``(s >= t).sum()``.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
+    bad = ~correct[:, :-1] & correct[:, -1:]  # [N, K-1]: this stage wrong, the last one right
+    last_bad = bad.shape[1] - 1 - np.argmax(bad[:, ::-1], axis=1)
+    reach = np.maximum.accumulate(scores, axis=1)[np.arange(len(scores)), last_bad]
+    return np.where(bad.any(axis=1), reach, -np.inf)
+
+
+def binomial_p_value(losses: np.ndarray | int, n: int, target: float) -> np.ndarray:
+    """The p-value of "risk > ``target``" given ``losses`` out of ``n``: ``P(Binom(n, target) <= losses)``.
+
+    Valid (super-uniform) under that null: a larger risk makes small counts only rarer.
+    At ``target = 0`` it is 1: no count certifies a zero risk.
+    """
+    from scipy.stats import binom
+
+    return binom.cdf(losses, n, target)
+
+
+@functools.lru_cache(maxsize=256)
+def _certified_losses(n: int, target: float, level: float) -> int:
+    """The largest loss count out of ``n`` whose p-value is ``<= level`` (-1: none)."""
+    p = binomial_p_value(np.arange(n + 1), n, target)  # non-decreasing in the count
+    return int(np.searchsorted(p, level, side="right")) - 1
+
+
+def select_guaranteed(sweeps: Sequence[CascadeSweep], degradations: Sequence[np.ndarray], target: float,
+                      delta: float) -> Selection:
+    """The cheapest threshold certified to keep AD at most ``target`` on new data, with
+    probability at least ``1 - delta`` over the calibration draw.
+
+    Learn then Test (Angelopoulos, Bates, Candès, Jordan & Lei 2021, "Learn then Test:
+    Calibrating Predictive Algorithms to Achieve Risk Control", arXiv:2110.01052), with
+    fixed-sequence testing and an exact binomial-tail p-value:
+
+    - *The loss.* ``AD = acc(last stage alone) - acc(system)`` = degradations (the system
+      wrong, the last stage right) - rescues (the reverse), so the rate of degradations
+      bounds AD from above. We control ``L_i(t)`` of :func:`degradation_scores`: some
+      routed stage at or after input ``i``'s exit stage is wrong while the last one is
+      right. It is at least the degradation indicator (the exit stage is one of those
+      stages). For K = 2 it *is* that indicator (exits at the little network, which is
+      wrong, while the big one is right); for K > 2 it is a conservative bound chosen
+      because it is monotone per input: as ``t`` falls exits only move earlier, so the
+      set of stages at or after the exit only grows. (The plain degradation indicator is
+      not monotone for K > 2: an input may move from a wrong stage 1 to a right stage 0.)
+      A black-box oracle is always right, so there ``L_i`` is "exits at a wrong stage".
+    - *The tests.* For each threshold ``t`` of the calibration sweep, the null ``H_t``:
+      ``risk(t) = E[L(t)] > target``, p-value ``P(Binom(n, target) <= k(t))`` with ``k(t)``
+      the loss count (:func:`binomial_p_value`). Thresholds are tested from the highest
+      (everything to the last stage) downward; testing stops at the first ``p > delta``
+      and the lowest threshold certified is chosen (the cheapest: cost only falls with
+      ``t``).
+    - *Why it holds although the grid comes from the data* (the RCPS argument, Bates et
+      al. 2021, "Distribution-free, risk-controlling prediction sets"): ``risk(t)`` and
+      every ``k(t)`` are non-increasing in ``t``. Let ``t*`` be the highest threshold with
+      ``risk(t*) > target`` (the set of such ``t`` is closed above, since ``risk(t) =
+      P(s >= t)`` is left-continuous). Choosing any ``t`` with ``risk(t) > target`` needs a
+      certified ``t <= t*``, hence ``k(t*) <= k(t)`` small enough for ``p <= delta``: an
+      event of probability at most ``delta`` for the fixed ``t*``.
+    - *Several variants* (a REINFORCE policy per alpha): Bonferroni, each variant tested
+      at ``delta / V``; the cheapest certified point on the calibration split is chosen
+      (ties: the more accurate, then the first variant). The union bound covers the choice.
+    - *Nothing certified* (always at ``target = 0``: no count proves a zero risk): the
+      threshold ``inf``, every input to the last stage, AD = 0 exactly; ``feasible`` stays
+      True since that point meets any target.
+
+    Args:
+        sweeps: one calibration sweep per variant.
+        degradations: each variant's :func:`degradation_scores` on the same split.
+        target: the AD to stay under, a fraction.
+        delta: the allowed probability of exceeding it, in (0, 1).
+
+    Returns:
+        The selection (``feasible`` always True).
+
+    Raises:
+        ValueError: ``delta`` outside (0, 1), or sweeps and degradations that do not match.
+    """
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must lie in (0, 1), got {delta}")
+    if len(sweeps) != len(degradations) or not sweeps:
+        raise ValueError(f"{len(sweeps)} sweeps for {len(degradations)} degradation arrays")
+    level = delta / len(sweeps)
+    best: tuple[float, float, int, float] | None = None  # (cost, -correct, variant, threshold)
+    for i, (sw, s) in enumerate(zip(sweeps, degradations)):
+        if len(s) != sw.n:
+            raise ValueError(f"variant {i}: {len(s)} degradation scores for a sweep of {sw.n} inputs")
+        losses = sw.n - np.searchsorted(np.sort(s), sw.threshold, side="left")  # [M] (s >= t).sum()
+        failed = binomial_p_value(losses, sw.n, target) > level
+        certified = int(np.argmax(failed)) if failed.any() else len(failed)  # fixed sequence: stop at the first
+        if certified:
+            j = certified - 1
+            candidate = (sw.total_mflops[j], -sw.system_correct[j], i, float(sw.threshold[j]))
+        else:
+            candidate = (sw.total_mflops[0], -sw.system_correct[0], i, np.inf)
+        if best is None or candidate[:3] < best[:3]:
+            best = candidate
+    return Selection(best[2], best[3], True)
+
+
 @dataclass(frozen=True)
 class Variant:
     """One routed system of one method in one mode: the ``samples.csv`` columns it reads.
@@ -283,11 +424,10 @@ def sweep_costs(v: Variant) -> tuple[float, ...]:
     return tuple(1.0 if c is None else c for c in v.stage_mflops)
 
 
-_BASE = {"target_ad": None, "budget_fraction": None, "target_mflops": None, "anchor": None}
-
+_BASE = {"target_ad": None, "budget_fraction": None, "target_mflops": None, "anchor": None, "delta": None}
 
 def operating_points(samples: pd.DataFrame, variants: Sequence[Variant], targets: dict[str, list[float]],
-                     budgets: Sequence[float] = ()) -> list[dict]:
+                     budgets: Sequence[float] = (), delta: float = 0.1) -> list[dict]:
     """Every operating point of every variant, per seed, from the per-sample table.
 
     Selections (the ``selection`` field), each with thresholds read off the test split
@@ -296,12 +436,22 @@ def operating_points(samples: pd.DataFrame, variants: Sequence[Variant], targets
 
     - ``target_ad``: the cheapest point with accuracy degradation ``AD = acc(last stage
       alone) - acc(system)`` at or under each target of the mode (black-box: ``1 - acc``);
+      also ``threshold_source = guaranteed``: the cheapest threshold certified on the
+      calibration split to keep AD under the target with probability ``>= 1 - delta``
+      (:func:`select_guaranteed`; the row's ``delta`` field, None on other rows);
     - ``budget``: the most accurate point whose mean cost is at most each fraction of
       the last stage's cost;
     - ``fixed``: a variant's own threshold (``threshold_source = fixed``); and
       ``matched_cost``: every other method at that point's mean cost (``anchor`` names it).
 
     A method with several variants is judged by the best of them at each selection.
+
+    Args:
+        samples: the per-sample table (``seed``, ``split`` cal|test and the variants' columns).
+        variants: every routed system of every method and mode.
+        targets: ``mode -> AD targets`` (fractions).
+        budgets: mean-cost budgets, fractions of the last stage's cost.
+        delta: the guaranteed points' allowed probability of missing their target.
 
     Returns:
         One dict per (seed, mode, method, selection, source, target / budget / anchor).
@@ -342,6 +492,11 @@ def operating_points(samples: pd.DataFrame, variants: Sequence[Variant], targets
                     sel = select_by_cost(sw, b * vs[0].stage_mflops[-1])
                     rows.append(point(vs, sel, selection="budget", threshold_source=source, budget_fraction=b,
                                       target_mflops=b * vs[0].stage_mflops[-1]))
+            cal_sweeps = [sweeps["cal"][v] for v in vs]
+            degradations = [degradation_scores(*arrays["cal"][v]) for v in vs]
+            for t in targets[mode]:
+                rows.append(point(vs, select_guaranteed(cal_sweeps, degradations, t, delta), selection="target_ad",
+                                  threshold_source="guaranteed", target_ad=t, delta=delta))
         for v in variants:
             if v.fixed_threshold is None:
                 continue
@@ -362,7 +517,242 @@ def operating_points(samples: pd.DataFrame, variants: Sequence[Variant], targets
     return rows
 
 
-KEYS = ("mode", "method", "selection", "threshold_source", "target_ad", "budget_fraction", "anchor")
+# ---------------------------------------------------------------------------- violation simulation
+
+
+class _Pool:
+    """One variant's calibration and test rows of one seed pooled, evaluated on many random
+    cal/test splits at once: the events are sorted once, each split is a mask over them.
+
+    Its grid (every distinct event value) holds every split's calibration sweep points,
+    and more: between two calibration events a split's calibration totals stand still.
+    """
+
+    def __init__(self, scores: np.ndarray, correct: np.ndarray, stage_mflops: Sequence[float]):
+        scores = np.asarray(scores, dtype=np.float64)
+        correct = np.asarray(correct, dtype=bool)
+        cum = cumulative_costs(stage_mflops)
+        self.rows, to, frm, value = _sorted_events(scores)
+        self.d_cost = cum[to] - cum[frm]
+        self.keep, self.threshold = _grid(value)  # [G]
+        d_correct = correct[self.rows, to].astype(np.int32) - correct[self.rows, frm].astype(np.int32)
+        # most events leave correctness alone: the running correct counts only need the others
+        self.changes = np.flatnonzero(d_correct)
+        self.d_correct = d_correct[self.changes]
+        self.keep_changes = np.searchsorted(self.changes, self.keep, side="left")  # [G] changes before each point
+        self.reached_changes = np.unique(self.keep_changes)  # the change counts a grid point can have
+        self.all_correct = _padded(np.cumsum(self.d_correct))[self.keep_changes]  # [G] both parts together
+        self.last = correct[:, -1]
+        self.full_cost = float(cum[-1])
+        s = degradation_scores(scores, correct)
+        bad = np.flatnonzero(s > -np.inf)
+        first = np.searchsorted(-self.threshold, -s[bad], side="left")  # first grid point where the loss is 1
+        order = np.argsort(first, kind="stable")
+        self.bad_rows = bad[order]
+        # [G] how many of the sorted bad rows are losses at each grid point
+        self.loss_upto = np.searchsorted(first[order], np.arange(len(self.keep)), side="right")
+
+    def split(self, cal: np.ndarray) -> _Split:
+        """This pool cut by ``cal [N, R]`` (True: calibration), one split per column."""
+        return _Split(self, cal)
+
+
+class _Split:
+    """One pool under ``R`` cal/test splits: the calibration part's totals at any grid
+    point of each split, from running sums over its calibration events only.
+
+    ``[C, R]`` running sums cover the few events that change correctness (and the bad
+    rows); the rest goes through ``flat``: the calibration events' positions ``r M + e``
+    (split ``r``, event ``e``), sorted, so that "calibration events of split ``r`` before
+    event ``e``" is one ``searchsorted``.
+    """
+
+    def __init__(self, pool: _Pool, cal: np.ndarray):
+        self.pool = pool
+        n_events, r = len(pool.rows), cal.shape[1]
+        self.n_cal = int(cal[:, 0].sum())
+        events = cal[pool.rows]  # [M, R]
+        self.flat = np.flatnonzero(events.T)
+        self.base = np.arange(r) * n_events  # [R] where each split's positions start
+        self.first = np.searchsorted(self.flat, self.base)  # [R] each split's first calibration event in flat
+        self.empty = np.searchsorted(self.flat, self.base + n_events) == self.first
+        self.changes = _padded(np.cumsum(events[pool.changes] * pool.d_correct[:, None], axis=0, dtype=np.int32))
+        self.losses = _padded(np.cumsum(cal[pool.bad_rows], axis=0, dtype=np.int32))  # [B + 1, R]
+        self.last_cal = cal[pool.last].sum(axis=0)  # [R]
+        self.last_test = pool.last.sum() - self.last_cal
+        self.cols = np.arange(r)
+        self._costs: np.ndarray | None = None
+
+    def cal_correct(self, g: np.ndarray) -> np.ndarray:
+        """``[R]`` the calibration part's correct answers at grid point ``g [R]``."""
+        return self.last_cal + self.changes[self.pool.keep_changes[g], self.cols]
+
+    def test_correct(self, g: np.ndarray) -> np.ndarray:
+        return self.last_test + self.pool.all_correct[g] - self.changes[self.pool.keep_changes[g], self.cols]
+
+    def cal_cost(self, g: np.ndarray) -> np.ndarray:
+        """``[R]`` the calibration part's total cost at grid point ``g [R]``."""
+        if self._costs is None:
+            events = self.flat - np.repeat(self.base, np.diff(np.append(self.first, len(self.flat))))
+            self._costs = np.concatenate([[0.0], np.cumsum(self.pool.d_cost[events])])
+        end = np.searchsorted(self.flat, self.base + self.pool.keep[g])
+        return self.n_cal * self.pool.full_cost + self._costs[end] - self._costs[self.first]
+
+    def sweep_point(self, j: np.ndarray) -> np.ndarray:
+        """``[R]`` the grid point that routes as the calibration sweep's point holding grid
+        point ``j [R]``: that sweep's threshold is the lowest calibration event value
+        reached, the grid point of the last calibration event up to ``j``; or, before any,
+        just above every calibration score, the grid point just before its first event
+        (test scores above that threshold stop there too)."""
+        keep = self.pool.keep
+        last = np.searchsorted(self.flat, self.base + keep[j]) - 1  # the last calibration event before point j
+        reached = last >= self.first
+        event = self.flat[np.maximum(last, 0)] - self.base
+        first_event = self.flat[np.minimum(self.first, len(self.flat) - 1)] - self.base
+        before_any = np.where(self.empty, len(keep) - 1, np.searchsorted(keep, first_event + 1) - 1)
+        return np.where(reached, np.searchsorted(keep, event + 1), before_any)
+
+    def cheapest_within(self, target: float) -> np.ndarray:
+        """``[R]`` what :func:`select_by_accuracy` picks on each calibration part for AD
+        ``<= target``: the last grid point accurate enough (the cost falls at every
+        calibration event), as the calibration sweep's point."""
+        need = self.n_cal * (self.last_cal / self.n_cal - target) - _TOL
+        reached = self.pool.reached_changes  # [U]
+        ok = self.last_cal + self.changes[reached] >= need  # [U, R]; U[0] = 0: all to the last stage, ok
+        best = reached[len(reached) - 1 - np.argmax(ok[::-1], axis=0)]
+        return self.sweep_point(np.searchsorted(self.pool.keep_changes, best, side="right") - 1)
+
+    def certified(self, most_losses: int) -> np.ndarray:
+        """``[R]`` what :func:`select_guaranteed` picks for one variant when a point is
+        certified with at most ``most_losses`` losses: the last such (losses only grow
+        along the grid), as the calibration sweep's point; 0 (above every score) if none."""
+        bad_ok = (self.losses <= most_losses).sum(axis=0)  # [R] bad-row prefixes within the count
+        count = np.searchsorted(self.pool.loss_upto, bad_ok - 1, side="right")  # grid points certified
+        return np.where(count > 0, self.sweep_point(np.maximum(count - 1, 0)), 0)
+
+
+def _padded(running: np.ndarray) -> np.ndarray:
+    """Running totals (along the first axis) with the total before any event, 0, in front."""
+    return np.concatenate([np.zeros((1, *running.shape[1:]), dtype=running.dtype), running])
+
+
+def _resplit_ads(pools: Sequence[_Pool], cal: np.ndarray, targets: Sequence[float],
+                 delta: float) -> dict[tuple[str, float], tuple[np.ndarray, np.ndarray]]:
+    """The AD reached by the ``val`` and ``guaranteed`` choices of one method (its
+    variants' pools), one cal/test split per column of ``cal [N, R]``.
+
+    Exactly what :func:`select_by_accuracy` and :func:`select_guaranteed` pick on each
+    calibration part (when every stage costs more than nothing, so that the cost falls at
+    every calibration event), applied to its test part and to the whole pool.
+
+    Returns:
+        ``(source, target) -> (AD on the test part [R], AD on the pool [R])``.
+    """
+    n_cal, n = int(cal[:, 0].sum()), cal.shape[0]
+    splits = [p.split(cal) for p in pools]
+    out = {}
+    for t in targets:
+        most = _certified_losses(n_cal, t, delta / len(pools))
+        for source in ("val", "guaranteed"):
+            best = None  # per split: (cost, -correct) on the calibration part, correct on the test part
+            for s in splits:
+                g = s.cheapest_within(t) if source == "val" else s.certified(most)
+                mine = (s.cal_cost(g) if len(splits) > 1 else 0.0, -s.cal_correct(g), s.test_correct(g))
+                if best is None:
+                    best = mine
+                    continue
+                better = (mine[0] < best[0]) | ((mine[0] == best[0]) & (mine[1] < best[1]))  # ties: the first variant
+                best = tuple(np.where(better, a, b) for a, b in zip(mine, best))
+            degraded_test = splits[0].last_test - best[2]
+            degraded_cal = splits[0].last_cal + best[1]
+            out[(source, t)] = (degraded_test / (n - n_cal), (degraded_test + degraded_cal) / n)
+    return out
+
+
+def _resplit_masks(rng: np.random.Generator, n: int, n_cal: int, resplits: int) -> np.ndarray:
+    """``[n, resplits]`` bool: each column marks ``n_cal`` random rows as calibration."""
+    ranks = rng.permuted(np.broadcast_to(np.arange(n), (resplits, n)), axis=1)
+    return np.ascontiguousarray((ranks < n_cal).T)
+
+
+def threshold_violations(samples: pd.DataFrame, variants: Sequence[Variant], targets: dict[str, list[float]],
+                         delta: float, resplits: int = 200, seed: int = 0) -> list[dict]:
+    """How often ``val`` and ``guaranteed`` thresholds miss their AD target on new data.
+
+    Per run seed, that seed's calibration and test rows are pooled and split again at
+    random ``resplits`` times into a calibration and a test part of the original sizes
+    (every method sees the same splits). On each, the thresholds are chosen on the
+    calibration part (:func:`select_by_accuracy` for ``val``, :func:`select_guaranteed`
+    for ``guaranteed``, the best of a method's variants as in :func:`operating_points`)
+    and the AD they reach is measured on the test part and on the whole pool. A violation
+    is an AD over the target (beyond float slack).
+
+    Two rates, because the guarantee and a test set answer different questions:
+
+    - ``violation_rate``, on the test part: what a user sees on one held-out set. It
+      carries the test part's own sampling noise, and in this finite world the test part
+      is the pool minus the calibration part, so a calibration part that looks good
+      leaves a test part that looks correspondingly bad. A threshold whose risk sits
+      just under the target misses here about half the time, so this rate may exceed
+      ``delta`` for guaranteed thresholds too, though far less than for ``val``.
+    - ``pool_violation_rate``, on the pool: the pool is this world's population (the
+      calibration part is drawn from it), so its AD is the *risk* the guarantee is about,
+      ``P(risk > target) <= delta`` (up to drawing without replacement, which
+      concentrates the loss count: the binomial tail then errs on the safe side).
+
+    Args:
+        samples: the per-sample table.
+        variants: every routed system (as for :func:`operating_points`).
+        targets: ``mode -> AD targets``.
+        delta: the guaranteed thresholds' allowed probability of missing.
+        resplits: random splits per run seed.
+        seed: seeds the splits (with each run seed).
+
+    Returns:
+        One dict per (mode, method, target, source ``val`` | ``guaranteed``):
+        ``violation_rate`` and ``pool_violation_rate`` (means over run seeds of the
+        fraction of splits over the target; ``violation_rate_std`` across run seeds when
+        several), ``mean_ad`` (test-part AD averaged over splits and seeds), ``delta``,
+        ``resplits``, ``seeds``.
+
+    Raises:
+        ValueError: ``resplits < 1``, or a seed without both splits.
+    """
+    if resplits < 1:
+        raise ValueError(f"resplits must be at least 1, got {resplits}")
+    by_method: dict[tuple[str, str], list[Variant]] = {}
+    for v in variants:
+        by_method.setdefault((v.mode, v.method), []).append(v)
+    per_seed: dict[tuple[str, str, float, str], list[tuple[float, float, float]]] = {}
+    seeds = sorted(samples["seed"].unique())
+    for run_seed in seeds:
+        frame = samples[samples["seed"] == run_seed]
+        parts = {name: part for name, part in frame.groupby("split")}
+        if set(parts) != {"cal", "test"}:
+            raise ValueError(f"seed {run_seed}: needs a cal and a test split, has {sorted(parts)}")
+        pooled = pd.concat([parts["cal"], parts["test"]], ignore_index=True)
+        cal = _resplit_masks(np.random.default_rng([seed, int(run_seed)]), len(pooled), len(parts["cal"]), resplits)
+        chunk = int(np.clip(4_000_000 // len(pooled), 1, 256))  # splits evaluated together: bounds [events, R] arrays
+        for (mode, method), vs in by_method.items():
+            pools = [_Pool(*variant_arrays(pooled, v), sweep_costs(v)) for v in vs]
+            ads = [_resplit_ads(pools, cal[:, i:i + chunk], targets[mode], delta) for i in range(0, resplits, chunk)]
+            for source, t in ads[0]:
+                test_ad, pool_ad = (np.concatenate([a[(source, t)][k] for a in ads]) for k in (0, 1))
+                per_seed.setdefault((mode, method, t, source), []).append(
+                    (float(np.mean(test_ad > t + _TOL)), float(np.mean(pool_ad > t + _TOL)), float(test_ad.mean())))
+    out = []
+    for (mode, method, t, source), values in per_seed.items():
+        rates, pool_rates, ads = zip(*values)
+        row = {"mode": mode, "method": method, "target_ad": t, "threshold_source": source, "delta": delta,
+               "resplits": resplits, "seeds": len(seeds), "violation_rate": float(np.mean(rates)),
+               "pool_violation_rate": float(np.mean(pool_rates)), "mean_ad": float(np.mean(ads))}
+        if len(rates) > 1:
+            row["violation_rate_std"] = float(np.std(rates, ddof=1))
+        out.append(row)
+    return out
+
+
+KEYS = ("mode", "method", "selection", "threshold_source", "target_ad", "budget_fraction", "anchor", "delta")
 VALUES = ("threshold", "target_mflops", "system_accuracy", "cost_mflops", "relative_cost", "ad", "skipping_rate",
           "appeal_rate")
 
@@ -371,7 +761,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
     """Mean over seeds of each operating point, ``*_std`` (ddof=1) when several seeds.
 
     ``exit_fractions`` is averaged stage by stage; ``variants`` lists each seed's chosen
-    variant; ``feasible`` is True only if it held for every seed.
+    variant; ``feasible`` is True only if it held for every seed. A guaranteed point that
+    fell back to the last stage on some seed has threshold ``inf``: its mean is ``inf``
+    and its std None.
     """
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -384,7 +776,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
             vals = [g[v] for g in group if g[v] is not None]
             row[v] = float(np.mean(vals)) if vals else None
             if n_seeds > 1 and vals:
-                row[f"{v}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+                spread = len(vals) > 1 and bool(np.isfinite(vals).all())
+                row[f"{v}_std"] = float(np.std(vals, ddof=1)) if spread else (0.0 if len(vals) == 1 else None)
         exits = np.array([g["exit_fractions"] for g in group])  # [seeds, K]
         row["exit_fractions"] = exits.mean(axis=0).tolist()
         row["variants"] = [g["variant"] for g in group]

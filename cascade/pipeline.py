@@ -13,7 +13,8 @@ Per seed:
    plain stage;
 6. every network runs once over the calibration and test splits into the per-sample
    table (``samples.csv``); every operating point is computed from it
-   (:mod:`cascade.evaluation`) and the report is views of that one table.
+   (:mod:`cascade.evaluation`), as is how often val-tuned and guaranteed thresholds miss
+   their target on random re-splits of it, and the report is views of that one table.
 
 Each training phase checkpoints after every epoch and on Ctrl-C into
 ``checkpoints/resume/``; ``run(resume=True)`` replays the run from there and the
@@ -55,7 +56,7 @@ from cascade.checkpoint import CheckpointStore
 from cascade.config import ExperimentConfig, OptimConfig, resolved_dict
 from cascade.cost import measure_cost
 from cascade.errors import CascadeError, CheckpointError
-from cascade.evaluation import Variant, aggregate, comparisons, operating_points
+from cascade.evaluation import Variant, aggregate, comparisons, operating_points, threshold_violations
 from cascade.methods import CascadeContext, MethodEntry, MethodKind, RoutedSystem, build_methods
 from cascade.objectives import Objective, SupervisedObjective
 from cascade.roles import Approximator, BlackBoxOracle, MethodContext, Mode, Oracle, Splits, Task, TaskKind, WhiteBoxOracle
@@ -320,10 +321,14 @@ class Experiment:
         targets = {Mode.WHITE_BOX.value: cfg.evaluation.white_box_targets,
                    Mode.BLACK_BOX.value: cfg.evaluation.black_box_targets}
         budgets = cfg.evaluation.budgets if all(v.stage_mflops[-1] is not None for v in variants) else []
-        rows = operating_points(samples, variants, targets, budgets)
+        rows = operating_points(samples, variants, targets, budgets, delta=cfg.evaluation.delta)
         w.csv("points.csv", pd.DataFrame([{**r, "exit_fractions": ";".join(f"{f:.6g}" for f in r["exit_fractions"])}
                                           for r in rows]))
         metrics = self._metrics(samples, costs, systems_meta, variants, rows)
+        if cfg.evaluation.violation_resplits:
+            with timed_phase("threshold violations", resplits=cfg.evaluation.violation_resplits):
+                metrics["threshold_violations"] = threshold_violations(
+                    samples, variants, targets, cfg.evaluation.delta, cfg.evaluation.violation_resplits)
         for system, seeds in metrics["predictor_collapsed"].items():
             if seeds:
                 log.warning("%s: the predictor collapsed on seed(s) %s: all its test scores lie within %g of each "

@@ -1,8 +1,8 @@
 """Tables (``table.md``, ``table.csv``) and figures of a run: views of one operating-point table.
 
 Every number is printed to 3 significant digits; a ratio appears only beside the two
-values it divides; a val-tuned point shows the AD it actually reached on test and is
-marked when that misses its target.
+values it divides; a val-tuned or guaranteed point shows the AD it actually reached on
+test and is marked when that misses its target.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ _MODE_TITLE = {
 _SOURCE = {
     "test": "thresholds read off the test split (as the paper)",
     "val": "thresholds chosen on the calibration split, applied to test",
+    "guaranteed": "thresholds certified on the calibration split (Learn then Test), applied to test",
 }
+#: the target-AD table's rows per method, in this order
+_TARGET_SOURCES = ("test", "val", "guaranteed")
 #: marks a val-tuned point whose test AD missed its target, or an infeasible one
 MISSED = "✗"
 
@@ -74,14 +77,17 @@ def table_rows(metrics: dict[str, Any]) -> pd.DataFrame:
 
 
 def render_markdown(metrics: dict[str, Any]) -> str:
-    """Networks, then per mode: target-AD tables (test- and val-tuned), budget tables and
-    the methods' own thresholds against every other method at matched cost."""
+    """Networks, then per mode: the target-AD table (test-tuned, val-tuned and guaranteed
+    thresholds side by side), how often val and guaranteed thresholds miss their target
+    on re-splits, budget tables and the methods' own thresholds against every other
+    method at matched cost."""
     lines = [f"# {metrics['task']}: {metrics['num_stages']}-stage cascade, seeds {metrics['seeds']}", ""]
     lines += _networks(metrics)
     points = metrics["operating_points"]
     for mode in metrics["modes"]:
         mine = [p for p in points if p["mode"] == mode]
         lines += _target_tables(metrics, mode, mine)
+        lines += _violation_table(mode, [v for v in metrics.get("threshold_violations", []) if v["mode"] == mode])
         lines += _budget_tables(mode, mine)
         lines += _fixed_tables(mode, mine)
     return "\n".join(lines)
@@ -125,23 +131,27 @@ def _header(title: str, labels: list[str], columns: list[str]) -> list[str]:
 
 
 def _target_tables(metrics: dict, mode: str, points: list[dict]) -> list[str]:
+    """One table per mode: a row per (method, threshold source), a column per target."""
     field = value_field(mode)
     fmt = pct if field == "appeal_rate" else value
     ratios = {(c["threshold_source"], c["target_ad"], c["method"]): c for c in metrics.get("comparisons", [])
               if c["mode"] == mode}
-    lines = []
-    for source in ("test", "val"):
-        part = {(p["method"], p["target_ad"]): p for p in points
-                if p["selection"] == "target_ad" and p["threshold_source"] == source}
-        if not part:
-            continue
-        targets, methods = _axes(part)
-        lines += _header(f"{_MODE_TITLE[mode]}; {_SOURCE[source]}", ["method", "kind"],
-                         [f"AD {sig(t * 100)} %" for t in targets])
-        for m in methods:
+    part = {(p["method"], p["threshold_source"], p["target_ad"]): p for p in points
+            if p["selection"] == "target_ad" and p["threshold_source"] in _TARGET_SOURCES}
+    if not part:
+        return []
+    targets = sorted({t for _, _, t in part})
+    methods = list(dict.fromkeys(m for m, _, _ in part))
+    sources = [s for s in _TARGET_SOURCES if any(k[1] == s for k in part)]
+    lines = _header(_MODE_TITLE[mode], ["method", "kind", "thresholds"], [f"AD {sig(t * 100)} %" for t in targets])
+    for m in methods:
+        for source in sources:
             cells = []
             for t in targets:
-                p = part[(m, t)]
+                p = part.get((m, source, t))
+                if p is None:
+                    cells.append("")
+                    continue
                 missed = p["ad"] > t + 1e-9
                 cell = fmt(p[field], p.get(f"{field}_std"))
                 cell += f" (AD {sig(p['ad'] * 100)} %{' ' + MISSED if missed else ''})"
@@ -149,10 +159,40 @@ def _target_tables(metrics: dict, mode: str, points: list[dict]) -> list[str]:
                 if c is not None and c["ratio"] is not None:
                     cell += f", {sig(c['ratio'])}x vs {c['best_post_hoc']}"
                 cells.append(cell)
-            lines.append(f"| {m} | {_kind(metrics, m).replace('_', '-')} | " + " | ".join(cells) + " |")
-        lines += ["", f"Each cell: the value, then (AD reached on test; {MISSED} = over its target). "
-                      "Nx vs M = the best post-hoc method M's value / this method's (> 1: this method is "
-                      "cheaper), both printed in this table.", ""]
+            lines.append(f"| {m} | {_kind(metrics, m).replace('_', '-')} | {source} | " + " | ".join(cells) + " |")
+    deltas = sorted({p["delta"] for p in part.values() if p.get("delta") is not None})
+    lines += ["", "Thresholds: " + "; ".join(
+        f"{s}: {_SOURCE[s]}" + (f", AD <= target with probability >= 1 - delta, delta = {', '.join(map(sig, deltas))}"
+                                if s == "guaranteed" and deltas else "") for s in sources) + ".",
+              (f"Each cell: the value, then (AD reached on test; {MISSED} = over its target). "
+               "Nx vs M = the best post-hoc method M's value / this method's with the same thresholds (> 1: this "
+               "method is cheaper), both printed in this table."), ""]
+    return lines
+
+
+def _violation_table(mode: str, rows: list[dict]) -> list[str]:
+    """How often val and guaranteed thresholds miss their target on random re-splits."""
+    if not rows:
+        return []
+    by = {(r["method"], r["threshold_source"], r["target_ad"]): r for r in rows}
+    targets = sorted({t for _, _, t in by})
+    methods = list(dict.fromkeys(m for m, _, _ in by))
+    first = rows[0]
+    lines = _header(f"{mode.replace('_', '-')}: how often a threshold chosen on the calibration split misses its "
+                    f"target (delta = {sig(first['delta'])})", ["method"],
+                    [f"AD {sig(t * 100)} %: {s}" for t in targets for s in ("val", "guaranteed")])
+    for m in methods:
+        cells = []
+        for t in targets:
+            for s in ("val", "guaranteed"):
+                r = by.get((m, s, t))
+                cells.append("" if r is None else f"{pct(r['violation_rate'])} ({pct(r['pool_violation_rate'])})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", (f"Each cell: the fraction of {first['resplits']} random re-splits of each seed's calibration + "
+                   f"test rows (same sizes; mean over {first['seeds']} seed(s)) on which the threshold chosen on the "
+                   "new calibration part gave an AD over the target on the new test part; in parentheses, over the "
+                   "target on the whole pool, the population of that simulation: the event a guaranteed threshold "
+                   "keeps under delta."), ""]
     return lines
 
 
@@ -228,7 +268,7 @@ def write_figures(samples: pd.DataFrame, variants: list[Variant], metrics: dict[
     """Per mode, ``accuracy_vs_cost_<mode>.png``: every method's threshold sweep on the
     first seed's test split, its own-threshold points, each plain stage alone; and
     ``score_histograms.png``: each method's first-stage score, inputs the stage gets
-    right vs wrong."""
+    right vs wrong; and ``threshold_violations.png`` when the run simulated re-splits."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -275,6 +315,7 @@ def write_figures(samples: pd.DataFrame, variants: list[Variant], metrics: dict[
         fig.tight_layout()
         writer.figure(fig, f"accuracy_vs_cost_{mode}.png")
 
+    _violation_figure(metrics, writer, plt)
     firsts = list({v.method: v for v in reversed([v for v in variants if v.mode == metrics["modes"][0]])}.values())[::-1]
     if not firsts:
         return
@@ -291,3 +332,39 @@ def write_figures(samples: pd.DataFrame, variants: list[Variant], metrics: dict[
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     writer.figure(fig, "score_histograms.png")
+
+
+def _violation_figure(metrics: dict[str, Any], writer: Any, plt: Any) -> None:
+    """``threshold_violations.png``: per mode, how often val and guaranteed thresholds miss
+    their target on re-splits' test parts (bars: the mean over methods, dots: each method;
+    dashes: the mean rate on the whole pool, the event the guarantee bounds), and delta."""
+    rows = metrics.get("threshold_violations") or []
+    modes = [m for m in metrics["modes"] if any(r["mode"] == m for r in rows)]
+    if not modes:
+        return
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 3.6), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        mine = [r for r in rows if r["mode"] == mode]
+        targets = sorted({r["target_ad"] for r in mine})
+        x = np.arange(len(targets))
+        for offset, source in ((-0.2, "val"), (0.2, "guaranteed")):
+            rates = [[r["violation_rate"] for r in mine if r["target_ad"] == t and r["threshold_source"] == source]
+                     for t in targets]
+            ax.bar(x + offset, [np.mean(r) for r in rates], width=0.4, alpha=0.7, label=f"{source} (mean over methods)")
+            for i, r in enumerate(rates):
+                ax.plot(np.full(len(r), x[i] + offset), r, ".", color="k", ms=4,
+                        label="each method" if i == 0 and source == "val" else None)
+            pool = [np.mean([r["pool_violation_rate"] for r in mine if r["target_ad"] == t
+                             and r["threshold_source"] == source]) for t in targets]
+            ax.plot(x + offset, pool, "_", color="k", ms=14, mew=2,
+                    label="on the pool (the risk)" if source == "val" else None)
+        ax.axhline(mine[0]["delta"], color="r", ls="--", lw=1, label=f"delta = {sig(mine[0]['delta'])}")
+        ax.set_xticks(x, [f"{sig(t * 100)} %" for t in targets])
+        ax.set_xlabel("AD target")
+        ax.set_ylabel("fraction of re-splits over the target (test part)")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{metrics['task']} {mode.replace('_', '-')}: {mine[0]['resplits']} re-splits x "
+                     f"{mine[0]['seeds']} seed(s)", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    writer.figure(fig, "threshold_violations.png")

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from scipy.stats import binom
 
 from tests.conftest import REPO, mnist_root
 
@@ -21,6 +22,7 @@ BUDGETS = [0.3, 0.6]  # fractions of the big side's cost: exercises the budget s
 WB_TARGETS = [0.0, 0.001, 0.005, 0.01]  # configs/digits.yaml
 BB_TARGETS = [0.005, 0.01, 0.02, 0.05]
 METHODS = ["appealnet", "msp", "gap", "entropy"]
+DELTA = 0.1  # evaluation.delta's default
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,8 @@ def test_run_writes_contract_files(digits_run):
     for name in ("config.yaml", "metrics.json", "points.csv", "samples.csv", "table.md", "table.csv", "run.log"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert sorted(p.name for p in (out / "figures").iterdir()) == [
-        "accuracy_vs_cost_black_box.png", "accuracy_vs_cost_white_box.png", "score_histograms.png"]
+        "accuracy_vs_cost_black_box.png", "accuracy_vs_cost_white_box.png", "score_histograms.png",
+        "threshold_violations.png"]
     # the final weights of every network: big, the plain routed stage, each trained system
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(
         f"seed{s}_{n}.pt" for s in SEEDS for n in ("big", "stage0", "appealnet_white_box", "appealnet_black_box"))
@@ -88,14 +91,14 @@ def test_metrics_contract(digits_run):
 
     fields = {"mode", "method", "selection", "threshold_source", "target_ad", "budget_fraction", "threshold",
               "skipping_rate", "appeal_rate", "system_accuracy", "ad", "cost_mflops", "relative_cost",
-              "exit_fractions", "variants", "feasible", "skipping_rate_std", "system_accuracy_std"}
+              "exit_fractions", "variants", "feasible", "skipping_rate_std", "system_accuracy_std", "delta"}
     points = m["operating_points"]
     assert all(fields <= set(p) for p in points)
     keys = sorted((p["mode"], p["method"], p["selection"], p["threshold_source"],
                    p["target_ad"] if p["selection"] == "target_ad" else p["budget_fraction"]) for p in points)
     expected = sorted((mode, method, "target_ad", source, t) for mode, targets in (("white_box", WB_TARGETS),
                                                                                  ("black_box", BB_TARGETS))
-                      for method in METHODS for source in ("test", "val") for t in targets) + \
+                      for method in METHODS for source in ("test", "val", "guaranteed") for t in targets) + \
         sorted((mode, method, "budget", source, b) for mode in m["modes"] for method in METHODS
                for source in ("test", "val") for b in BUDGETS)
     assert keys == sorted(expected)  # each point once; targets are fractions, not percents
@@ -104,8 +107,11 @@ def test_metrics_contract(digits_run):
         assert sum(p["exit_fractions"]) == pytest.approx(1.0) and p["appeal_rate"] == pytest.approx(p["exit_fractions"][-1])
         assert p["relative_cost"] == pytest.approx(p["cost_mflops"] / m["networks"]["big"]["mflops"])
         assert len(p["variants"]) == len(SEEDS)
+    assert all((p["delta"] == 0.1) == (p["threshold_source"] == "guaranteed") for p in points)
     # one comparison per trained method, mode, source and target, against the best post-hoc one
-    assert len(m["comparisons"]) == 2 * (len(WB_TARGETS) + len(BB_TARGETS))
+    assert len(m["comparisons"]) == 3 * (len(WB_TARGETS) + len(BB_TARGETS))
+    # how often val and guaranteed thresholds miss on re-splits: per mode, method, target, source
+    assert len(m["threshold_violations"]) == 2 * len(METHODS) * (len(WB_TARGETS) + len(BB_TARGETS))
     for c in m["comparisons"]:
         assert c["method"] == "appealnet" and c["best_post_hoc"] in ("msp", "gap", "entropy")
 
@@ -139,19 +145,29 @@ def _route(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, t: float)
 def _brute_force_point(cal, test, costs, selection: str, value: float, source: str) -> dict:
     """Try every distinct score (and one above them all) as the threshold on the selection
     split; pick by the rule; apply the pick to the test split. No cascade code."""
-    scores, correct = cal if source == "val" else test
+    scores, correct = cal if source in ("val", "guaranteed") else test
     n = len(correct)
     ref = correct[:, -1].mean()
     candidates = np.append(np.unique(scores), np.nextafter(scores.max(), np.inf))
     acc, cost = np.array([_route(scores, correct, costs, t)[:2] for t in candidates]).T
-    if selection == "target_ad":  # the cheapest point within the AD target; else the most accurate
-        ok = acc * n >= n * (ref - value) - 1e-9
-        order = np.lexsort((-acc, cost)) if ok.any() else np.lexsort((cost, -acc))
-    else:  # budget: the most accurate point within the budget; else the cheapest
-        ok = cost <= value * costs[-1] + 1e-9
-        order = np.lexsort((cost, -acc)) if ok.any() else np.argsort(cost, kind="stable")
-    best = next(i for i in order if ok[i]) if ok.any() else order[0]
-    t = candidates[best]
+    if source == "guaranteed":  # Learn then Test: from the highest threshold down, while the
+        # binomial p-value of "more than the target of inputs stop early, wrong, where the
+        # last stage is right" stays within delta; nothing certified: everything to the last stage
+        t, ok = np.inf, np.ones(1, bool)
+        for c in candidates[::-1]:
+            losses = ((scores[:, 0] >= c) & ~correct[:, 0] & correct[:, 1]).sum()
+            if binom.cdf(losses, n, value) > DELTA:
+                break
+            t = c
+    else:
+        if selection == "target_ad":  # the cheapest point within the AD target; else the most accurate
+            ok = acc * n >= n * (ref - value) - 1e-9
+            order = np.lexsort((-acc, cost)) if ok.any() else np.lexsort((cost, -acc))
+        else:  # budget: the most accurate point within the budget; else the cheapest
+            ok = cost <= value * costs[-1] + 1e-9
+            order = np.lexsort((cost, -acc)) if ok.any() else np.argsort(cost, kind="stable")
+        best = next(i for i in order if ok[i]) if ok.any() else order[0]
+        t = candidates[best]
     acc, cost, exits = _route(*test, costs, t)
     return {"threshold": t, "system_accuracy": acc, "cost_mflops": cost, "ad": test[1][:, -1].mean() - acc,
             "skipping_rate": 1 - exits[-1], "appeal_rate": exits[-1], "exit_fractions": exits,
@@ -193,7 +209,7 @@ def test_operating_points_recomputed_from_samples_csv(digits_run):
                 assert row[key] == pytest.approx(mine[key], abs=1e-12), (seed, p, key)
             for key in ("cost_mflops", "relative_cost"):
                 assert row[key] == pytest.approx(mine[key], rel=1e-9), (seed, p, key)
-            assert row["threshold"] == mine["threshold"], (seed, p)  # float64 scores round-trip exactly
+            assert float(row["threshold"]) == mine["threshold"], (seed, p)  # float64 scores round-trip exactly
             exits = [float(f) for f in row["exit_fractions"].split(";")]  # written with 6 significant digits
             assert exits == pytest.approx(mine["exit_fractions"].tolist(), rel=1e-5), (seed, p)
             assert bool(row["feasible"]) == mine["feasible"]
@@ -205,7 +221,7 @@ def test_operating_points_recomputed_from_samples_csv(digits_run):
         assert p["exit_fractions"] == pytest.approx(np.mean([o["exit_fractions"] for o in ours], axis=0).tolist())
         assert p["feasible"] == all(o["feasible"] for o in ours)
         checked += 1
-    assert checked == 2 * len(METHODS) * 2 * (4 + len(BUDGETS))
+    assert checked == 2 * len(METHODS) * (3 * 4 + 2 * len(BUDGETS))
 
 
 # ============================================================================ run.log
@@ -389,7 +405,7 @@ def test_router_reproduces_every_operating_point_of_the_run(digits_run, seed):
                 assert got.tolist() == np.where(keep, s[f"{system}_correct"].to_numpy(bool), last).tolist()
                 assert got.mean() == pytest.approx(point["system_accuracy"], abs=1e-12), point
                 checked += 1
-    assert checked == len(points) == 2 * len(METHODS) * 2 * (4 + len(BUDGETS))
+    assert checked == len(points) == 2 * len(METHODS) * (3 * 4 + 2 * len(BUDGETS))
 
 
 # ============================================================================ MNIST

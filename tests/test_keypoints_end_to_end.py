@@ -38,7 +38,8 @@ def test_keypoints_run_writes_the_contract_files(keypoints_run):
     for name in ("config.yaml", "metrics.json", "points.csv", "table.md", "table.csv", "samples.csv", "run.log"):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "figures").iterdir()) == [
-        "accuracy_vs_cost_black_box.png", "routed_samples_black_box.png", "score_histograms.png"]
+        "accuracy_vs_cost_black_box.png", "routed_samples_black_box.png", "score_histograms.png",
+        "threshold_violations.png"]
     # no big network (black-box only): the plain stage and AppealNet's two-head network
     assert {p.name for p in (out / "checkpoints").glob("*.pt")} == {"seed0_stage0.pt", "seed0_appealnet_black_box.pt"}
     assert list((data_root / "synthetic_faces").glob("*.csv"))
@@ -92,7 +93,8 @@ def test_keypoints_metrics_have_table5_fields(keypoints_run):
         assert v["correct_columns"][-1] is None and v["stage_mflops"][-1] is None
     points = m["operating_points"]
     keys = sorted((p["method"], p["selection"], p["threshold_source"], p["target_ad"]) for p in points)
-    assert keys == sorted((me, "target_ad", s, t) for me in METHODS for s in ("test", "val") for t in TARGETS)
+    assert keys == sorted((me, "target_ad", s, t) for me in METHODS for s in ("test", "val", "guaranteed")
+                          for t in TARGETS)
     for p in points:
         # the black-box oracle is always right, so AD = 1 - system accuracy; its cost is
         # unknown, so the points report appeal rates and no MFLOPs
@@ -102,7 +104,7 @@ def test_keypoints_metrics_have_table5_fields(keypoints_run):
         if p["threshold_source"] == "test":
             assert p["feasible"] and p["ad"] <= p["target_ad"] + 1e-9
     assert {(c["field"], c["method"]) for c in m["comparisons"]} == {("appeal_rate", "appealnet")}
-    assert len(m["comparisons"]) == 2 * len(TARGETS)
+    assert len(m["comparisons"]) == 3 * len(TARGETS)
 
 
 @pytest.mark.slow

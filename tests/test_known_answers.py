@@ -258,10 +258,17 @@ def _check(row, threshold, acc, cost, ad, skip):
 
 def test_operating_points_known_answers():
     rows = operating_points(_samples(), [MSP_W, MSP_B, APPEAL, FIXED], TARGETS)
-    # per seed: 3 white-box methods x 2 sources x 2 targets + black-box msp x 2 sources x 1
-    # target + 1 fixed + 2 other white-box methods x 2 sources at the fixed point's cost = 19
-    assert len(rows) == 2 * 19
+    # per seed: 3 white-box methods x 3 sources x 2 targets + black-box msp x 3 sources x 1
+    # target + 1 fixed + 2 other white-box methods x 2 sources at the fixed point's cost = 26
+    assert len(rows) == 2 * 26
     seed0 = [r for r in rows if r["seed"] == 0]
+    # guaranteed: five calibration inputs certify nothing (no loss in 5 at target .2 still has
+    # p = .8^5 = .33 > delta .1): every input to the last stage, threshold inf, AD exactly 0
+    for r in (r for r in rows if r["threshold_source"] == "guaranteed"):
+        assert r["threshold"] == np.inf and r["delta"] == 0.1 and r["feasible"], r
+        assert r["appeal_rate"] == 1 and r["ad"] == 0
+        assert r["cost_mflops"] == (pytest.approx(11.5) if r["method"] in ("appealnet", "reinforce") else
+                                    pytest.approx(11.0) if r["mode"] == "white_box" else None)
 
     # msp, seed 0, test split; costs cumulate to (1, 11); points (threshold: correct, cost):
     #   above .9: 4, 11 | .9 (keeps 1): 1 + 3 = 4, (1 + 44)/5 = 9 | .8 (keeps 3): 2 + 1 = 3, 25/5 = 5
@@ -383,8 +390,8 @@ def test_aggregate_known_answers():
 def test_comparisons_known_answers():
     points = aggregate(operating_points(_samples(), [MSP_W, MSP_B, APPEAL, FIXED], TARGETS))
     comp = comparisons(points, trained=["appealnet", "reinforce"], post_hoc=["msp"])
-    # white-box only (no trained black-box method): 2 trained x 2 sources x 2 targets
-    assert len(comp) == 8 and {c["mode"] for c in comp} == {"white_box"}
+    # white-box only (no trained black-box method): 2 trained x 3 sources x 2 targets
+    assert len(comp) == 12 and {c["mode"] for c in comp} == {"white_box"}
 
     def ratio(method, source, target):
         c = _one(comp, method=method, threshold_source=source, target_ad=target)
@@ -402,6 +409,8 @@ def test_comparisons_known_answers():
     assert ratio("appealnet", "val", 0.2) == (pytest.approx(1 / 3.5), True)
     # reinforce reads appealnet's columns: the same numbers
     assert ratio("reinforce", "val", 0.0) == (pytest.approx(3 / 8.5), False)
+    # guaranteed: both fall back to every input on the big network: msp 11, appealnet 11.5
+    assert ratio("appealnet", "guaranteed", 0.2) == (pytest.approx(11 / 11.5), True)
 
 
 def test_comparisons_edge_cases_by_hand():

@@ -58,7 +58,7 @@ def test_cascade_run_writes_contract_files(digits_cascade_run):
     for name in ("config.yaml", "metrics.json", "points.csv", "table.md", "table.csv", "samples.csv", "run.log"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert sorted(p.name for p in (out / "figures").iterdir()) == ["accuracy_vs_cost_white_box.png",
-                                                                  "score_histograms.png"]
+                                                                  "score_histograms.png", "threshold_violations.png"]
     systems = [f"reinforce_a{a:g}_white_box" for a in ALPHAS] + ["appealnet_white_box"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(
         f"seed0_{n}.pt" for n in ["big", "stage0", "stage1", *systems])
@@ -137,13 +137,16 @@ def test_cascade_metrics_contract(digits_cascade_run):
     keys = [(p["method"], p["selection"], p["threshold_source"], p["target_ad"], p["budget_fraction"], p["anchor"])
             for p in points]
     anchors = [f"reinforce a{a:g}" for a in ALPHAS]
-    expected = [(me, "target_ad", s, t, None, None) for me in METHODS for s in ("test", "val") for t in TARGETS] + \
+    expected = [(me, "target_ad", s, t, None, None) for me in METHODS for s in ("test", "val", "guaranteed")
+                for t in TARGETS] + \
         [(me, "budget", s, None, b, None) for me in METHODS for s in ("test", "val") for b in BUDGETS] + \
         [("reinforce", "fixed", "fixed", None, None, f"a{a:g}") for a in ALPHAS] + \
         [(me, "matched_cost", s, None, None, an) for an in anchors for me in METHODS[1:] for s in ("test", "val")]
     assert sorted(keys, key=repr) == sorted(expected, key=repr)  # each point once
     assert {c["method"] for c in m["comparisons"]} == {"reinforce", "appealnet"}
-    assert len(m["comparisons"]) == 2 * 2 * len(TARGETS)  # trained methods x sources x targets
+    assert len(m["comparisons"]) == 2 * 3 * len(TARGETS)  # trained methods x sources x targets
+    # the REINFORCE policies' Bonferroni-corrected guaranteed points are feasible, the fallback included
+    assert all(p["feasible"] for p in points if p["threshold_source"] == "guaranteed")
 
 
 @pytest.mark.slow

@@ -44,7 +44,8 @@ def test_reported_operating_points_keep_their_invariants(samples):
     rows = operating_points(samples, [WHITE, BLACK], {"white_box": TARGETS, "black_box": TARGETS}, BUDGETS)
     points = pd.DataFrame(rows)
     seeds = samples["seed"].nunique()
-    assert len(points) == seeds * 2 * 2 * (len(TARGETS) + len(BUDGETS))  # seeds x modes x sources x selections
+    # seeds x modes x (3 sources x targets + 2 sources x budgets)
+    assert len(points) == seeds * 2 * (3 * len(TARGETS) + 2 * len(BUDGETS))
     # cost between the little network alone and both networks on every input
     assert ((points["cost_mflops"] >= C0 - 1e-9) & (points["cost_mflops"] <= C0 + C1 + 1e-9)).all()
     assert np.allclose(points["relative_cost"], points["cost_mflops"] / C1)
@@ -54,6 +55,11 @@ def test_reported_operating_points_keep_their_invariants(samples):
     # read off the test split and applied to it: the target holds (keeping nothing meets any)
     test_tuned = target[target["threshold_source"] == "test"]
     assert (test_tuned["ad"] <= test_tuned["target_ad"] + 1e-12).all() and test_tuned["feasible"].all()
+    # guaranteed: always feasible; a zero target is never certified: everything to the last stage
+    guaranteed = target[target["threshold_source"] == "guaranteed"]
+    assert guaranteed["feasible"].all() and (guaranteed["delta"] == 0.1).all()
+    zero = guaranteed[guaranteed["target_ad"] == 0]
+    assert (zero["threshold"] == np.inf).all() and (zero["appeal_rate"] == 1).all() and (zero["ad"] == 0).all()
     # black-box AD is 1 - accuracy
     black = points[points["mode"] == "black_box"]
     assert np.allclose(black["ad"], 1 - black["system_accuracy"])
@@ -66,7 +72,7 @@ def test_reported_operating_points_keep_their_invariants(samples):
     assert np.allclose(test_budget["target_mflops"], test_budget["budget_fraction"] * C1)
     # a looser target never keeps fewer inputs on the little network (same split, same seed),
     # and a larger budget never gives a less accurate point
-    for _, group in test_tuned.groupby(["seed", "mode"]):
+    for _, group in pd.concat([test_tuned, guaranteed]).groupby(["seed", "mode", "threshold_source"]):
         sr = group.sort_values("target_ad")["skipping_rate"].to_numpy()
         assert (np.diff(sr) >= 0).all()
     for _, group in test_budget.groupby(["seed", "mode"]):
@@ -74,7 +80,7 @@ def test_reported_operating_points_keep_their_invariants(samples):
         assert (np.diff(acc) >= -1e-12).all()
     # the aggregate over seeds is the mean of the per-seed rows
     agg = pd.DataFrame(aggregate(rows))
-    assert len(agg) == 2 * 2 * (len(TARGETS) + len(BUDGETS))
+    assert len(agg) == 2 * (3 * len(TARGETS) + 2 * len(BUDGETS))
     means = points.groupby(["mode", "selection", "threshold_source", "target_ad", "budget_fraction"],
                            dropna=False)["cost_mflops"].mean().reset_index()
     merged = agg.merge(means, on=["mode", "selection", "threshold_source", "target_ad", "budget_fraction"],
