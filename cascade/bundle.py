@@ -19,6 +19,7 @@ its threshold.
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,7 +88,8 @@ class Bundle:
         self.kind: str = manifest["kind"]
         self.input_shape: tuple[int, ...] = tuple(manifest["input"]["shape"])
         self.output_names: list[str] = list(manifest["output_names"])
-        self.thresholds: list[float] = [float(t) for t in manifest["thresholds"]]
+        # null: no input stops there (a guaranteed point that certified no threshold)
+        self.thresholds: list[float] = [math.inf if t is None else float(t) for t in manifest["thresholds"]]
         self.stage_mflops: list[float | None] = [s["mflops"] for s in manifest["stages"]]
         pre = manifest.get("preprocessing")
         self._pre = None if pre is None else (float(pre["raw_max"]), [float(m) for m in pre["mean"]],

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import shutil
 import tempfile
 import warnings
@@ -110,7 +111,8 @@ def export_bundle(
         if router.big is None:
             stages.append({"index": len(stages), "role": "oracle", "file": None,
                            "mflops": rp.metrics["last_stage_mflops"][rp.mode], "params": None})
-        (tmp / "manifest.json").write_text(json.dumps(_manifest(rp, stages, router.threshold), indent=2) + "\n")
+        manifest = _manifest(rp, stages, router.threshold)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -140,8 +142,9 @@ def _manifest(rp, stages: list[dict], threshold: float) -> dict[str, Any]:
         "preprocessing": None if task.preprocessing is None else task.preprocessing.as_dict(),
         "output_names": list(names),
         "stages": stages,
-        # one threshold per decision point: stage k answers where its score >= thresholds[k]
-        "thresholds": [threshold] * (len(stages) - 1),
+        # one threshold per decision point: stage k answers where its score >= thresholds[k]; null
+        # (a guaranteed point that certified nothing) stops no input there, in strict JSON
+        "thresholds": [threshold if math.isfinite(threshold) else None] * (len(stages) - 1),
         "operating_point": {
             "method": rp.method, "mode": rp.mode, "variant": rp.variant, "seed": rp.seed,
             "target_ad": p["target_ad"], "threshold_source": p["threshold_source"], "delta": p.get("delta"),

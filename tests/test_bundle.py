@@ -274,3 +274,13 @@ def test_a_task_with_wrong_output_names_or_preprocessing_is_named_before_any_tra
     task = type("MyDigits", (DigitsTask,), attrs)()
     (problem,) = task_attribute_problems(task)
     assert problem.startswith("task MyDigits: ") and message in problem
+
+
+@pytest.mark.slow
+def test_a_guaranteed_point_that_certified_nothing_exports_as_strict_json_sending_all_on(quick_digits_run, tmp_path):
+    bundle = _export(quick_digits_run, tmp_path / "b", method="msp", target_ad=0.0, source="guaranteed", no_onnx=True)
+    m = json.loads((bundle / "manifest.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert m["thresholds"] == [None]  # at AD 0 nothing is certified: everything to the big network
+    assert m["operating_point"]["threshold_source"] == "guaranteed" and m["operating_point"]["delta"] == 0.1
+    r = Bundle.load(bundle).route(_raw_test_split(0))
+    assert (r.stage == 1).all()
