@@ -1,4 +1,4 @@
-"""The command line: ``cascade run | validate | list | export | route``. A thin layer over the library.
+"""The command line: ``cascade run | validate | list | export | route | serve | serve-oracle``. A thin layer over the library.
 
 User errors (config, data, checkpoint, argument, an unwritable output folder) print one
 line per problem to stderr and exit with code 2, without a traceback. Ctrl-C during
@@ -8,6 +8,7 @@ line per problem to stderr and exit with code 2, without a traceback. Ctrl-C dur
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
@@ -58,7 +59,99 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("inputs", help="a .npy array, a .csv of features (one input per row) or a folder of images")
     route.add_argument("--out", required=True, help="the CSV to write")
     route.add_argument("--batch", type=int, default=256, help="inputs per batch (default 256)")
+    _add_serve_parsers(sub)
     return p
+
+
+# -- serve, serve-oracle (cascade.serve) ------------------------------------------------------
+
+
+THREADS_HELP = ("torch threads (default 1: one batch runs at a time, and small networks are fastest on one core; "
+                "raise it for a big network on a machine with cores to spare)")
+
+
+def _add_serve_parsers(sub) -> None:
+    serve = sub.add_parser("serve", help="serve a bundle over HTTP (POST /predict, /health, /metrics)")
+    serve.add_argument("bundle", help="a folder written by `cascade export`")
+    serve.add_argument("--oracle-url", help="where appealed inputs go: http://HOST:PORT of `cascade serve-oracle` "
+                       "(default: a white-box bundle's own big network)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
+    serve.add_argument("--max-batch", type=int, default=64, help="inputs per micro-batch (default 64)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0,
+                       help="how long a micro-batch waits for more requests (default 5 ms)")
+    serve.add_argument("--oracle-timeout", type=float, default=2.0, help="seconds per oracle request (default 2)")
+    serve.add_argument("--oracle-retries", type=int, default=2,
+                       help="retries of a failed oracle request (default 2)")
+    serve.add_argument("--breaker-failures", type=int, default=3,
+                       help="consecutive oracle failures that open the circuit breaker (default 3)")
+    serve.add_argument("--breaker-cooldown", type=float, default=5.0,
+                       help="seconds the open breaker waits before it probes the oracle (default 5)")
+    serve.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    oracle = sub.add_parser("serve-oracle", help="serve the big network of a white-box bundle or a run as the "
+                            "oracle of `cascade serve`")
+    oracle.add_argument("source", help="a white-box bundle, or a run folder (its big network is exported)")
+    oracle.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    oracle.add_argument("--port", type=int, default=8001, help="port (default 8001; 0: any free one)")
+    oracle.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int):
+    if threads < 1:
+        raise CascadeError(f"--threads {threads}: must be at least 1")
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:  # main() may be called in-process (tests): leave torch as it was
+        torch.set_num_threads(before)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    with _torch_threads(args.threads):
+        return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cascade.bundle import Bundle
+    from cascade.serve import bind_socket, create_app, run_server, server_url
+
+    bundle = Bundle.load(args.bundle)
+    app = create_app(bundle, oracle_url=args.oracle_url, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                     oracle_timeout_s=args.oracle_timeout, oracle_retries=args.oracle_retries,
+                     breaker_failures=args.breaker_failures, breaker_cooldown_s=args.breaker_cooldown)
+    sock = bind_socket(args.host, args.port)
+    last = args.oracle_url or ("the bundle's big network" if bundle.has_last_stage else "none (fallback)")
+    print(f"serving {bundle.name} on {server_url(sock)} (POST /predict, GET /health, GET /metrics); "
+          f"appealed inputs: {last}", flush=True)
+    run_server(app, sock)
+    return 0
+
+
+def _cmd_serve_oracle(args: argparse.Namespace) -> int:
+    with _torch_threads(args.threads):
+        return _serve_oracle(args)
+
+
+def _serve_oracle(args: argparse.Namespace) -> int:
+    from cascade.serve import (
+        bind_socket,
+        create_oracle_app,
+        oracle_bundle,
+        run_server,
+        server_url,
+    )
+
+    sock = bind_socket(args.host, args.port)  # before the export: a port in use fails at once
+    with oracle_bundle(args.source) as bundle:
+        app = create_oracle_app(bundle)
+        print(f"serving the big network of {bundle.name} as an oracle on {server_url(sock)} (POST /predict, "
+              "GET /health)", flush=True)
+        run_server(app, sock)
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -125,7 +218,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     m = json.loads((out / "manifest.json").read_text())
     p, e = m["operating_point"], m["operating_point"]["expected"]
     files = ", ".join(f for s in m["stages"] for f in (s["file"], s.get("onnx")) if f)
-    print(f"{out}: {p['method']} ({p['mode']}, seed {p['seed']}), threshold {m['thresholds'][0]:.6g} "
+    t = m["thresholds"][0]
+    threshold = "none (every input goes on)" if t is None else f"{t:.6g}"
+    print(f"{out}: {p['method']} ({p['mode']}, seed {p['seed']}), threshold {threshold} "
           f"({p['threshold_source']}, target AD {p['target_ad']:g}); on the run's test split: skipping rate "
           f"{e['skipping_rate']:.3g}, AD {e['ad']:.3g}; files: manifest.json, {files}")
     return 0
@@ -195,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     command = {"run": _cmd_run, "validate": _cmd_validate, "list": _cmd_list, "export": _cmd_export,
-               "route": _cmd_route}[args.command]
+               "route": _cmd_route, "serve": _cmd_serve, "serve-oracle": _cmd_serve_oracle}[args.command]
     log_handler = _log_warnings_to_stderr()
     try:
         return command(args)
