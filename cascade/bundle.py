@@ -166,7 +166,7 @@ class Bundle:
         Raises:
             CascadeError: a shape that is not the bundle's, non-numeric or non-finite values.
         """
-        x = self._as_batch(raw)
+        x = self.check_preprocessed(raw)
         if self._pre is not None:
             raw_max, mean, std = self._pre
             x = x.div(raw_max)
@@ -174,11 +174,9 @@ class Bundle:
                 x.sub(_per_channel(mean, x)).div(_per_channel(std, x))
         return x
 
-    def check_preprocessed(self, x: Tensor) -> Tensor:
-        """A preprocessed batch, checked for shape and finite values."""
-        return self._as_batch(x)
-
-    def _as_batch(self, raw: np.ndarray | Tensor | Sequence) -> Tensor:
+    def check_preprocessed(self, raw: np.ndarray | Tensor | Sequence) -> Tensor:
+        """A batch (or one input) as float32 ``[B, *input_shape]``, checked for shape and
+        finite values; no preprocessing."""
         shape = self.input_shape
         try:
             x = raw if isinstance(raw, Tensor) else torch.from_numpy(np.array(raw))  # a copy: writable, ours

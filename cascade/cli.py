@@ -1,4 +1,5 @@
-"""The command line: ``cascade run | validate | list | export | route | serve | serve-oracle``. A thin layer over the library.
+"""The command line: ``cascade run | validate | list | export | route | serve | serve-oracle``.
+A thin layer over the library.
 
 User errors (config, data, checkpoint, argument, an unwritable output folder) print one
 line per problem to stderr and exit with code 2, without a traceback. Ctrl-C during
@@ -97,60 +98,49 @@ def _add_serve_parsers(sub) -> None:
 
 
 @contextlib.contextmanager
-def _torch_threads(threads: int):
-    if threads < 1:
-        raise CascadeError(f"--threads {threads}: must be at least 1")
+def _torch_threads(threads: int | None, flag: str = "--threads"):
+    """Run with ``threads`` torch threads (None: as they are), then leave torch as it was:
+    main() may be called in-process (tests, notebooks)."""
+    if threads is not None and threads < 1:
+        raise CascadeError(f"{flag} {threads}: must be at least 1")
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         yield
-    finally:  # main() may be called in-process (tests): leave torch as it was
+    finally:
         torch.set_num_threads(before)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    with _torch_threads(args.threads):
-        return _serve(args)
-
-
-def _serve(args: argparse.Namespace) -> int:
     from cascade.bundle import Bundle
     from cascade.serve import bind_socket, create_app, run_server, server_url
 
-    bundle = Bundle.load(args.bundle)
-    app = create_app(bundle, oracle_url=args.oracle_url, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                     oracle_timeout_s=args.oracle_timeout, oracle_retries=args.oracle_retries,
-                     breaker_failures=args.breaker_failures, breaker_cooldown_s=args.breaker_cooldown)
-    sock = bind_socket(args.host, args.port)
-    last = args.oracle_url or ("the bundle's big network" if bundle.has_last_stage else "none (fallback)")
-    print(f"serving {bundle.name} on {server_url(sock)} (POST /predict, GET /health, GET /metrics); "
-          f"appealed inputs: {last}", flush=True)
-    run_server(app, sock)
+    with _torch_threads(args.threads):
+        bundle = Bundle.load(args.bundle)
+        app = create_app(bundle, oracle_url=args.oracle_url, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                         oracle_timeout_s=args.oracle_timeout, oracle_retries=args.oracle_retries,
+                         breaker_failures=args.breaker_failures, breaker_cooldown_s=args.breaker_cooldown)
+        sock = bind_socket(args.host, args.port)
+        last = args.oracle_url or ("the bundle's big network" if bundle.has_last_stage else "none (fallback)")
+        print(f"serving {bundle.name} on {server_url(sock)} (POST /predict, GET /health, GET /metrics); "
+              f"appealed inputs: {last}", flush=True)
+        run_server(app, sock)
     return 0
 
 
 def _cmd_serve_oracle(args: argparse.Namespace) -> int:
+    from cascade.serve import bind_socket, create_oracle_app, oracle_bundle, run_server, server_url
+
     with _torch_threads(args.threads):
-        return _serve_oracle(args)
-
-
-def _serve_oracle(args: argparse.Namespace) -> int:
-    from cascade.serve import (
-        bind_socket,
-        create_oracle_app,
-        oracle_bundle,
-        run_server,
-        server_url,
-    )
-
-    sock = bind_socket(args.host, args.port)  # before the export: a port in use fails at once
-    with oracle_bundle(args.source) as bundle:
-        app = create_oracle_app(bundle)
-        print(f"serving the big network of {bundle.name} as an oracle on {server_url(sock)} (POST /predict, "
-              "GET /health)", flush=True)
-        run_server(app, sock)
+        sock = bind_socket(args.host, args.port)  # before the export: a port in use fails at once
+        with oracle_bundle(args.source) as bundle:
+            app = create_oracle_app(bundle)
+            print(f"serving the big network of {bundle.name} as an oracle on {server_url(sock)} (POST /predict, "
+                  "GET /health)", flush=True)
+            run_server(app, sock)
     return 0
 
 
@@ -163,15 +153,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # `run` also checks the data paths that come from $CASCADE_DATA or the default root
     cfg = load_config(args.config, overrides, quick=args.quick, resolve_data=True)
     out = Path(args.out) if args.out else Path("runs") / (cfg.name or Path(args.config).stem)
-    import torch
-
-    threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with _torch_threads(cfg.threads, "threads"):
         return _run_experiment(cfg, out, args)
-    finally:  # main() may be called in-process (tests, notebooks): leave torch as it was
-        torch.set_num_threads(threads)
 
 
 def _run_experiment(cfg, out: Path, args: argparse.Namespace) -> int:
@@ -227,10 +210,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_route(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     import pandas as pd
+    import torch
     from tqdm import tqdm
 
-    from cascade.bundle import Bundle, load_inputs
+    from cascade.bundle import Bundle, RoutedBatch, load_inputs
 
     if args.batch < 1:
         raise CascadeError(f"--batch {args.batch}: must be at least 1")
@@ -238,25 +224,23 @@ def _cmd_route(args: argparse.Namespace) -> int:
     names, raw = load_inputs(args.inputs, bundle)
     if len(names) == 0:
         raise CascadeError(f"{args.inputs}: no inputs")
-    rows = []
+    parts = []
     for start in tqdm(range(0, len(names), args.batch), desc="route", unit="batch", file=sys.stderr,
                       disable=not sys.stderr.isatty()):
+        batch = raw[start:start + args.batch]
         try:
-            r = bundle.route(raw[start:start + args.batch])
+            parts.append(bundle.route(batch))
         except CascadeError as exc:  # name the file and the rows of the batch
-            raise CascadeError(f"{args.inputs}: inputs {start}-{start + len(raw[start:start + args.batch]) - 1}: "
-                               f"{exc}") from None
-        preds = bundle.predictions(r.output)
-        for i in range(len(r)):
-            row = {"input": names[start + i]}
-            pending = bool(r.pending[i])
-            if bundle.kind == "classification":
-                row["prediction"] = None if pending else preds[i]
-            else:
-                row.update({n: (None if pending else v) for n, v in zip(bundle.output_names, preds[i])})
-            row.update(stage=int(r.stage[i]), score=float(r.score[i]), mflops=float(r.mflops[i]), pending=pending)
-            rows.append(row)
-    frame = pd.DataFrame(rows)
+            raise CascadeError(f"{args.inputs}: inputs {start}-{start + len(batch) - 1}: {exc}") from None
+    r = RoutedBatch(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(RoutedBatch)))
+    pending = r.pending.numpy()
+    preds = bundle.predictions(r.output)  # no answer is made up for the oracle's rows
+    classes = bundle.kind == "classification"
+    answers = pd.DataFrame({"prediction": preds} if classes else preds, columns=None if classes else bundle.output_names)
+    answers.loc[pending] = None
+    frame = pd.concat([pd.DataFrame({"input": names}), answers,
+                       pd.DataFrame({"stage": r.stage.numpy(), "score": r.score.numpy(), "mflops": r.mflops.numpy(),
+                                     "pending": pending})], axis=1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)

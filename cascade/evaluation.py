@@ -30,6 +30,14 @@ import pandas as pd
 #: slack on "cost <= budget" (MFLOPs) and on "AD <= target" (in inputs), for float rounding
 _TOL = 1e-9
 
+#: where a target-AD point's threshold comes from (``points.csv``'s ``threshold_source``),
+#: the deployable ones first; budgets and matched costs use ``val`` and ``test`` too
+THRESHOLD_SOURCES = {
+    "val": "chosen on the calibration split",
+    "guaranteed": "certified on the calibration split (Learn then Test): AD <= target with probability >= 1 - delta",
+    "test": "read off the test split (as the paper; not deployable)",
+}
+
 
 def cumulative_costs(stage_mflops: Sequence[float]) -> np.ndarray:
     """``[K]``: what exiting at each stage costs, ``c_0 + ... + c_k`` (every stage run is paid)."""

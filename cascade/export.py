@@ -19,6 +19,7 @@ import math
 import shutil
 import tempfile
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,7 @@ def _manifest(rp, stages: list[dict], threshold: float) -> dict[str, Any]:
         "task": rp.metrics["task"],
         "kind": kind,
         "input": {"shape": list(task.input_shape), "dtype": "float32"},
-        "preprocessing": None if task.preprocessing is None else task.preprocessing.as_dict(),
+        "preprocessing": None if task.preprocessing is None else asdict(task.preprocessing),
         "output_names": list(names),
         "stages": stages,
         # one threshold per decision point: stage k answers where its score >= thresholds[k]; null

@@ -13,19 +13,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cascade.evaluation import Variant, cascade_point, cascade_sweep, value_field, variant_arrays
+from cascade.evaluation import THRESHOLD_SOURCES, Variant, cascade_point, cascade_sweep, value_field, variant_arrays
 
 _MODE_TITLE = {
     "white_box": "White-box: mean cost in MFLOPs (MACs) at each accuracy-degradation target (AppealNet Table 1)",
     "black_box": "Black-box: appeal rate at each accuracy-degradation target (AppealNet Table 2)",
 }
-_SOURCE = {
-    "test": "thresholds read off the test split (as the paper)",
-    "val": "thresholds chosen on the calibration split, applied to test",
-    "guaranteed": "thresholds certified on the calibration split (Learn then Test), applied to test",
-}
-#: the target-AD table's rows per method, in this order
-_TARGET_SOURCES = ("test", "val", "guaranteed")
+#: how each threshold source's tables are titled
+_SOURCE = {s: f"thresholds {how}" + ("" if s == "test" else ", applied to test")
+           for s, how in THRESHOLD_SOURCES.items()}
 #: marks a val-tuned point whose test AD missed its target, or an infeasible one
 MISSED = "✗"
 
@@ -137,12 +133,12 @@ def _target_tables(metrics: dict, mode: str, points: list[dict]) -> list[str]:
     ratios = {(c["threshold_source"], c["target_ad"], c["method"]): c for c in metrics.get("comparisons", [])
               if c["mode"] == mode}
     part = {(p["method"], p["threshold_source"], p["target_ad"]): p for p in points
-            if p["selection"] == "target_ad" and p["threshold_source"] in _TARGET_SOURCES}
+            if p["selection"] == "target_ad" and p["threshold_source"] in THRESHOLD_SOURCES}
     if not part:
         return []
     targets = sorted({t for _, _, t in part})
     methods = list(dict.fromkeys(m for m, _, _ in part))
-    sources = [s for s in _TARGET_SOURCES if any(k[1] == s for k in part)]
+    sources = [s for s in THRESHOLD_SOURCES if any(k[1] == s for k in part)]
     lines = _header(_MODE_TITLE[mode], ["method", "kind", "thresholds"], [f"AD {sig(t * 100)} %" for t in targets])
     for m in methods:
         for source in sources:
@@ -162,8 +158,8 @@ def _target_tables(metrics: dict, mode: str, points: list[dict]) -> list[str]:
             lines.append(f"| {m} | {_kind(metrics, m).replace('_', '-')} | {source} | " + " | ".join(cells) + " |")
     deltas = sorted({p["delta"] for p in part.values() if p.get("delta") is not None})
     lines += ["", "Thresholds: " + "; ".join(
-        f"{s}: {_SOURCE[s]}" + (f", AD <= target with probability >= 1 - delta, delta = {', '.join(map(sig, deltas))}"
-                                if s == "guaranteed" and deltas else "") for s in sources) + ".",
+        f"{s}: {_SOURCE[s]}" + (f", delta = {', '.join(map(sig, deltas))}" if s == "guaranteed" and deltas else "")
+        for s in sources) + ".",
               (f"Each cell: the value, then (AD reached on test; {MISSED} = over its target). "
                "Nx vs M = the best post-hoc method M's value / this method's with the same thresholds (> 1: this "
                "method is cheaper), both printed in this table."), ""]

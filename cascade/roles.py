@@ -8,11 +8,10 @@ features and, when it carries a predictor head, the head's score.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -133,7 +132,7 @@ class Predictor(ABC):
         method, with the fix (``"<key>: <message>"``); checked before any training. Default: none."""
         return []
 
-    def prepare(self, network: nn.Module, context: MethodContext) -> None:
+    def prepare(self, network: nn.Module, context: "MethodContext") -> None:
         """Fit whatever the method needs once the plain stage network is trained.
 
         The default does nothing; e.g. a post-hoc error predictor trains itself here.
@@ -224,7 +223,7 @@ class MethodContext:
             trainer with the experiment's progress and logging hooks.
     """
 
-    task: Task
+    task: "Task"
     train: Dataset
     seed: int
     device: torch.device
@@ -247,15 +246,12 @@ class Preprocessing:
     ``raw`` is in the task's own units, ``[0, raw_max]`` (grey levels 0-16 for digits,
     pixel values 0-255 for MNIST); ``mean`` and ``std`` hold one value, or one per channel
     (the first axis of ``input_shape``). An image file's pixels (0-255) are first scaled
-    to ``[0, raw_max]``. Plain data (a JSON-able dict) so a bundle's manifest carries it.
+    to ``[0, raw_max]``. Plain data, so a bundle's manifest carries it (``dataclasses.asdict``).
     """
 
     raw_max: float = 1.0
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"raw_max": self.raw_max, "mean": list(self.mean), "std": list(self.std)}
 
 
 class TaskOptions(BaseModel):
@@ -322,7 +318,7 @@ class Task(ABC):
         """
         return []
 
-    def write_routing_figure(self, path: Path, network: nn.Module, dataset: Dataset, kept: np.ndarray,
+    def write_routing_figure(self, path: Path, network: nn.Module, dataset: Dataset, kept: "np.ndarray",
                              caption: str) -> bool:
         """Draw routed test inputs (e.g. faces with their keypoints) into ``path``.
 

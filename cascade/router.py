@@ -111,14 +111,6 @@ class Router(nn.Module):
                               threshold_source=threshold_source, seed=seed).router
 
 
-#: where a run's threshold can come from (``points.csv``'s ``threshold_source``)
-THRESHOLD_SOURCES = {
-    "val": "chosen on the calibration split",
-    "guaranteed": "chosen on the calibration split with AD <= target at probability >= 1 - delta",
-    "test": "read off the test split (as the paper; not deployable)",
-}
-
-
 @dataclass
 class RunPoint:
     """A finished run's method at one operating point: what deployment needs.
@@ -161,7 +153,8 @@ def load_run_point(
         method: a method of the run (default: its first trained one, else its first).
         mode: ``white_box`` or ``black_box`` (default: the run's first).
         target_ad: the accuracy-degradation target of the operating point.
-        threshold_source: ``val``, ``guaranteed`` or ``test`` (:data:`THRESHOLD_SOURCES`).
+        threshold_source: ``val``, ``guaranteed`` or ``test``
+            (:data:`cascade.evaluation.THRESHOLD_SOURCES`).
         seed: one of the run's seeds (default: its first).
 
     A method that trains several systems (a REINFORCE policy per alpha) has one point
@@ -183,6 +176,7 @@ def load_run_point(
     )
     from cascade.checkpoint import load_checkpoint
     from cascade.config import validate
+    from cascade.evaluation import THRESHOLD_SOURCES
     from cascade.methods import CascadeContext, MethodKind, TrainedMethod, build_methods
     from cascade.roles import BlackBoxOracle, MethodContext, Mode, WhiteBoxOracle
 

@@ -572,13 +572,10 @@ def create_app(bundle: Bundle, *, oracle_url: str | None = None, max_batch: int 
 
     app = FastAPI(title="cascade serve", lifespan=lifespan)
 
-    def preprocess(raw: np.ndarray) -> torch.Tensor:
-        return bundle.preprocess(raw)
-
     async def read(request: Request) -> tuple[np.ndarray, torch.Tensor]:
         raw = await _read_body(request, max_request_inputs)
         try:  # on the worker too: torch never runs on the event loop
-            x = await asyncio.get_running_loop().run_in_executor(state["worker"], preprocess, raw)
+            x = await asyncio.get_running_loop().run_in_executor(state["worker"], bundle.preprocess, raw)
         except CascadeError as exc:
             raise _Problem(422, str(exc)) from None
         if len(x) == 0:
@@ -644,15 +641,7 @@ def create_oracle_app(bundle: Bundle, *, max_request_inputs: int = 65536) -> Fas
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
         try:
-            try:
-                data = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise _Problem(400, f"body: not valid JSON ({exc})") from None
-            if not isinstance(data, dict) or "inputs" not in data:
-                raise _Problem(400, 'body: give {"inputs": [[...], ...]} (raw inputs, a batch)')
-            raw = _as_array(data["inputs"])
-            if raw.ndim == 0 or len(raw) > max_request_inputs:
-                raise _Problem(413 if raw.ndim else 422, f"give 1 to {max_request_inputs} inputs per request")
+            raw = await _read_body(request, max_request_inputs)  # the same bodies as ``cascade serve``'s
             try:
                 out = await asyncio.get_running_loop().run_in_executor(state["worker"], outputs, raw)
             except CascadeError as exc:

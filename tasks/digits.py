@@ -9,14 +9,7 @@ import torch
 from pydantic import Field, model_validator
 from torch.utils.data import TensorDataset
 
-from cascade import (
-    TASKS,
-    CrossEntropyTaskLoss,
-    Preprocessing,
-    Splits,
-    Task,
-    TaskOptions,
-)
+from cascade import TASKS, CrossEntropyTaskLoss, Preprocessing, Splits, Task, TaskOptions
 from tasks.data import stratified_split
 
 
@@ -25,7 +18,7 @@ class DigitsOptions(TaskOptions):
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.3
 
     @model_validator(mode="after")
-    def _room_for_training(self) -> DigitsOptions:
+    def _room_for_training(self) -> "DigitsOptions":
         if self.cal_fraction + self.test_fraction >= 1:
             total = self.cal_fraction + self.test_fraction
             raise ValueError(f"cal_fraction + test_fraction must be < 1 (got {total:g}), or nothing is left to train on")

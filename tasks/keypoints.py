@@ -17,10 +17,9 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,26 +28,10 @@ from pydantic import Field
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from cascade import (
-    NETWORKS,
-    TASKS,
-    DataError,
-    FeatureNet,
-    MaskedL2TaskLoss,
-    Preprocessing,
-    Splits,
-    Task,
-    TaskOptions,
-)
+from cascade import NETWORKS, TASKS, DataError, FeatureNet, MaskedL2TaskLoss, Preprocessing, Splits, Task, TaskOptions
 from cascade.checkpoint import atomic_path
 from tasks.data import DATA_ENV, resolve_data_root
-from tasks.faces import (
-    GENERATOR_VERSION,
-    IMAGE_COLUMN,
-    IMAGE_SIZE,
-    KEYPOINT_COLUMNS,
-    write_faces_csv,
-)
+from tasks.faces import GENERATOR_VERSION, IMAGE_COLUMN, IMAGE_SIZE, KEYPOINT_COLUMNS, write_faces_csv
 
 log = logging.getLogger("cascade")
 

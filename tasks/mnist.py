@@ -10,22 +10,8 @@ import torch
 from pydantic import Field
 from torch.utils.data import TensorDataset
 
-from cascade import (
-    TASKS,
-    CrossEntropyTaskLoss,
-    DataError,
-    Preprocessing,
-    Splits,
-    Task,
-    TaskOptions,
-)
-from tasks.data import (
-    check_labels,
-    describe_data_root,
-    read_idx_header,
-    resolve_data_root,
-    stratified_split,
-)
+from cascade import TASKS, CrossEntropyTaskLoss, DataError, Preprocessing, Splits, Task, TaskOptions
+from tasks.data import check_labels, describe_data_root, read_idx_header, resolve_data_root, stratified_split
 
 log = logging.getLogger("cascade")
 

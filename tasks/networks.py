@@ -7,7 +7,7 @@ Every builder takes ``input_shape`` and ``num_outputs`` first and returns a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from typing import Sequence
 
 from torch import nn
 

@@ -284,3 +284,22 @@ def test_a_guaranteed_point_that_certified_nothing_exports_as_strict_json_sendin
     assert m["operating_point"]["threshold_source"] == "guaranteed" and m["operating_point"]["delta"] == 0.1
     r = Bundle.load(bundle).route(_raw_test_split(0))
     assert (r.stage == 1).all()
+
+
+@pytest.mark.slow
+def test_cascade_route_of_a_regression_bundle_writes_a_column_per_output(tmp_path):
+    from tests.conftest import REPO, run_quick
+
+    run = run_quick(tmp_path, REPO / "configs" / "keypoints.yaml")
+    bundle = _export(run, tmp_path / "b", method="error_head", no_onnx=True)
+    b = Bundle.load(bundle)
+    raw = np.random.default_rng(0).integers(0, 256, (6, 96, 96)).astype(np.uint8)  # grey faces, no channel axis
+    np.save(tmp_path / "x.npy", raw)
+    assert main(["route", str(bundle), str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.csv")]) == 0
+    p = pd.read_csv(tmp_path / "p.csv")
+    assert list(p.columns) == ["input", *b.output_names, "stage", "score", "mflops", "pending"]
+    direct = b.route(raw)
+    kept = ~direct.pending.numpy()
+    assert kept.any() and not kept.all(), "the point should keep some faces and send some on"
+    np.testing.assert_allclose(p.loc[kept, b.output_names].to_numpy(), direct.output.numpy()[kept], rtol=1e-6)
+    assert p.loc[~kept, b.output_names].isna().all().all()
