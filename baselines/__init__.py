@@ -1,6 +1,15 @@
 """Routing methods that are not AppealNet; importing this package registers them."""
 
-from baselines.confidence import EntropyScore, GapScore, MaxSoftmaxScore
+from baselines.confidence import (
+    DoctorScore,
+    EnergyScore,
+    EntropyScore,
+    GapScore,
+    MaxSoftmaxScore,
+    TemperatureScaledScore,
+)
+from baselines.deferral import DeferralHeadScore
 from baselines.regression import ErrorHeadScore, McDropoutScore
 
-__all__ = ["EntropyScore", "ErrorHeadScore", "GapScore", "MaxSoftmaxScore", "McDropoutScore"]
+__all__ = ["DeferralHeadScore", "DoctorScore", "EnergyScore", "EntropyScore", "ErrorHeadScore", "GapScore",
+           "MaxSoftmaxScore", "McDropoutScore", "TemperatureScaledScore"]

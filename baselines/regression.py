@@ -21,7 +21,17 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cascade import METHODS, CascadeError, MethodContext, MethodOptions, Objective, Predictor, StageOutput, TaskKind, mlp
+from cascade import (
+    METHODS,
+    CascadeError,
+    MethodContext,
+    MethodOptions,
+    Objective,
+    Predictor,
+    StageOutput,
+    TaskKind,
+    mlp,
+)
 from cascade.config import OptimConfig
 
 

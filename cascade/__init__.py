@@ -13,6 +13,7 @@ from cascade.methods import CascadeContext, MethodKind, RoutedSystem, TrainedMet
 from cascade.networks import FeatureNet, PredictorHead, TwoHeadNetwork, mlp
 from cascade.objectives import AppealNetObjective, Objective, SupervisedObjective
 from cascade.appealnet import AppealNet
+from cascade.augment import random_crop_flip
 from cascade.reinforce import MultiStageCascade, Reinforce, ReinforceObjective, StoppingPolicy
 from cascade.registry import METHODS, NETWORKS, TASKS, Registry
 from cascade.roles import (
@@ -102,4 +103,5 @@ __all__ = [
     "load_config",
     "measure_cost",
     "mlp",
+    "random_crop_flip",
 ]

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cascade.building import freeze
 from cascade.methods import CascadeContext, RoutedSystem, TrainedMethod
 from cascade.networks import CLASSIFICATION_INPUTS, HeadInput, PredictorHead, TwoHeadNetwork
 from cascade.objectives import AppealNetObjective
@@ -64,7 +65,9 @@ class AppealNetOptions(MethodOptions):
     predictor: PredictorOptions = Field(default_factory=PredictorOptions)
     lambda_: LambdaOptions = Field(default_factory=LambdaOptions, alias="lambda")
     approximator_loss: Literal["weighted", "full"] = "weighted"
-    predictor_target: Literal["loss", "error"] = "loss"
+    predictor_target: Literal["loss", "error", "safe", "loss_gap"] = "loss"
+    #: train the predictor head alone, the stage network frozen as pre-trained (no joint fine-tuning)
+    freeze_stage: bool = False
 
 
 @METHODS.register("appealnet")
@@ -101,8 +104,12 @@ class AppealNet(TrainedMethod):
             oracle: Oracle = WhiteBoxOracle(context.plain[k + 1]) if nxt else context.oracle
             objective = AppealNetObjective(crit, oracle, o.lambda_.init, o.approximator_loss, o.predictor_target)
             lc = o.lambda_
-            hooks = (LambdaControllerHook(objective, lc.budget, lc.up, lc.down),) if lc.dynamic else ()
+            lagrangian = o.predictor_target in ("loss", "error")
+            hooks = (LambdaControllerHook(objective, lc.budget, lc.up, lc.down),) if lc.dynamic and lagrangian else ()
             data = context.with_oracle_outputs(context.data, oracle)
-            groups = [{"params": list(net.base.parameters())},
-                      {"params": list(net.predictor.parameters()), "lr": context.finetune.lr * o.predictor.lr_scale}]
+            groups = [{"params": list(net.predictor.parameters()), "lr": context.finetune.lr * o.predictor.lr_scale}]
+            if o.freeze_stage:
+                freeze(net.base)
+            else:
+                groups.insert(0, {"params": list(net.base.parameters())})
             context.fit(net, objective, data, f"stage {k}" if len(systems[0].stages) > 1 else "", groups, hooks)

@@ -3,23 +3,30 @@
 Every file is written to a temporary name in the same folder and renamed into place, so
 a crash never leaves half a checkpoint; loading uses ``torch.load(weights_only=True)``,
 so a checkpoint never runs code. :class:`CheckpointStore` keeps one trainer state per
-training phase of a run, fingerprinted by the config that wrote it.
+training phase of a run, fingerprinted by the config that wrote it; :class:`NetworkCache`
+keeps trained networks across runs (the big network, the pre-trained stages), keyed by
+what decides them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import pickle
 import re
 import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from cascade.errors import CheckpointError
-from cascade.trainer import CHECKPOINT_FORMAT, HookBase, Trainer, log
+from cascade import distributed
+from cascade.errors import CascadeError, CheckpointError
+from cascade.trainer import CHECKPOINT_FORMAT, HookBase, Trainer, log, state_differences
 
 # ----------------------------------------------------------------------------- files
 
@@ -106,7 +113,8 @@ class CheckpointHook(HookBase):
         self.meta = dict(meta or {})
 
     def _save(self, trainer: Trainer) -> None:
-        atomic_save({"format": CHECKPOINT_FORMAT, **self.meta, "trainer": trainer.state_dict()}, self.path)
+        if distributed.is_main():  # the ranks hold the same state: rank 0 writes it
+            atomic_save({"format": CHECKPOINT_FORMAT, **self.meta, "trainer": trainer.state_dict()}, self.path)
         trainer.last_checkpoint = f"{self.path} (epoch {trainer.epoch}, step {trainer.step})"
 
     def after_epoch(self, trainer: Trainer) -> None:
@@ -204,8 +212,14 @@ class CheckpointStore:
         for path in self.files():
             self.read(path)
 
-    def fit(self, trainer: Trainer) -> None:
+    def fit(self, trainer: Trainer, finished: Callable[[Trainer], None] | None = None) -> None:
         """Train ``trainer`` with per-epoch checkpoints, resuming from its file if asked.
+
+        Args:
+            trainer: the phase.
+            finished: marks ``trainer`` as done (loads a network trained before, e.g. from
+                a :class:`NetworkCache`); used unless the phase resumes from its own file,
+                and recorded as the phase's checkpoint, so ``--resume`` finds it finished.
 
         Raises:
             CheckpointError: the phase's file does not fit (see :meth:`read`; the network,
@@ -213,8 +227,12 @@ class CheckpointStore:
             TrainingError, KeyboardInterrupt: see :meth:`Trainer.train`.
         """
         path = self._claim(trainer.name)
-        trainer.hooks.append(CheckpointHook(path, {"phase": trainer.name, "fingerprint": self.fingerprint}))
-        if self.resume and path.is_file():
+        hook = CheckpointHook(path, {"phase": trainer.name, "fingerprint": self.fingerprint})
+        trainer.hooks.append(hook)
+        if finished is not None and not (self.resume and path.is_file()):
+            finished(trainer)
+            hook._save(trainer)
+        elif self.resume and path.is_file():
             ckpt = self.read(path, trainer.name)
             try:
                 trainer.load_state_dict(ckpt["trainer"])
@@ -232,3 +250,83 @@ class CheckpointStore:
             path.unlink()
         with contextlib.suppress(OSError):
             self.folder.rmdir()
+
+
+# ----------------------------------------------------------------------------- network cache
+
+#: version of the cache entries' layout and of what their keys mean; a change of either
+#: makes every earlier entry a miss
+NETWORK_CACHE_FORMAT = 1
+
+
+def network_cache_dir(setting: str | None) -> Path:
+    """The cache folder: ``setting`` (the config's ``cache_dir``), else ``$CASCADE_CACHE``,
+    else ``~/.cache/cascade/networks``.
+
+    Raises:
+        CascadeError: the folder lies inside the source tree cascade is imported from.
+    """
+    folder = Path(setting or os.environ.get("CASCADE_CACHE") or Path.home() / ".cache" / "cascade" / "networks")
+    folder = folder.expanduser().resolve()
+    source = Path(__file__).resolve().parents[1]
+    if (source / "pyproject.toml").is_file() and folder.is_relative_to(source):
+        raise CascadeError(f"cache_dir: {folder} is inside the source tree {source}; choose a folder outside it "
+                           "(default: $CASCADE_CACHE or ~/.cache/cascade/networks)")
+    return folder
+
+
+class NetworkCache:
+    """Trained networks kept across runs: one file per key, written atomically.
+
+    A key is plain data naming everything that decides a training phase's result (the
+    task's options, the network, the phase's settings, the seed, the device type...). Its
+    file holds the trained weights and what the run records of the phase (its loss
+    history and step count), so a run that loads it reports what a run that trained it
+    does. A file that cannot be read, or whose weights no longer fit the network (its
+    code changed), is a miss: the phase trains and the file is replaced.
+
+    Args:
+        folder: where the files go (see :func:`network_cache_dir`).
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    @staticmethod
+    def _text(key: dict[str, Any]) -> str:
+        return json.dumps({"format": NETWORK_CACHE_FORMAT, **key}, sort_keys=True)
+
+    def path(self, key: dict[str, Any], label: str) -> Path:
+        """The file of ``key``; ``label`` (``big``, ``stage0``) starts its name, for people."""
+        digest = hashlib.sha256(self._text(key).encode()).hexdigest()[:24]
+        return self.folder / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}-{digest}.pt"
+
+    def load(self, key: dict[str, Any], label: str) -> tuple[Path, dict[str, Any]] | None:
+        """``(file, entry)`` of ``key``, or None (no file, or one that cannot be used: a warning)."""
+        path = self.path(key, label)
+        if not path.is_file():
+            return None
+        try:
+            entry = load_checkpoint(path)
+        except CheckpointError as exc:
+            log.warning("network cache: %s; training instead, and replacing it", exc)
+            return None
+        if not isinstance(entry, dict) or entry.get("key") != self._text(key) or "model" not in entry:
+            log.warning("network cache: %s is not the entry of this key; training instead, and replacing it", path)
+            return None
+        return path, entry
+
+    def save(self, key: dict[str, Any], label: str, model_state: dict[str, torch.Tensor],
+             record: dict[str, Any]) -> Path:
+        """Write ``key``'s entry atomically: the weights (on the CPU) and ``record``
+        (plain data, e.g. the phase's history and steps)."""
+        path = self.path(key, label)
+        state = {k: v.detach().cpu() for k, v in model_state.items()}
+        atomic_save({"key": self._text(key), "model": state, "torch": str(torch.__version__),
+                     "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}, path)
+        return path
+
+    @staticmethod
+    def fits(entry: dict[str, Any], model: torch.nn.Module) -> str:
+        """How the entry's weights differ from ``model``'s (``""`` when they fit)."""
+        return state_differences(entry["model"], model.state_dict())

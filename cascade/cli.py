@@ -1,4 +1,4 @@
-"""The command line: ``cascade run | validate | list | export | route | serve | serve-oracle``.
+"""The command line: ``cascade run | validate | list | networks | export | route | serve | serve-oracle``.
 A thin layer over the library.
 
 User errors (config, data, checkpoint, argument, an unwritable output folder) print one
@@ -60,8 +60,50 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("inputs", help="a .npy array, a .csv of features (one input per row) or a folder of images")
     route.add_argument("--out", required=True, help="the CSV to write")
     route.add_argument("--batch", type=int, default=256, help="inputs per batch (default 256)")
+    _add_networks_parser(sub)
     _add_serve_parsers(sub)
     return p
+
+
+# -- networks (cascade.cost.list_networks) -----------------------------------------------------
+
+
+def _add_networks_parser(sub) -> None:
+    nets = sub.add_parser("networks", help="every registered network's MFLOPs and parameters (and latency) "
+                          "for an input shape")
+    nets.add_argument("--input", default="3,32,32", metavar="C,H,W",
+                      help="one input's shape, comma-separated (default 3,32,32)")
+    nets.add_argument("--classes", type=int, default=10, help="outputs of the head (default 10)")
+    nets.add_argument("--device", help="also time a forward pass per batch here: cpu, cuda or cuda:N "
+                      "(median milliseconds; CUDA events on cuda)")
+    nets.add_argument("--batch", type=int, default=256, help="inputs per timed batch (default 256)")
+    nets.add_argument("--repeats", type=int, default=10, help="timed batches per network, after 3 warm-up ones; "
+                      "the median is printed (default 10)")
+    nets.add_argument("--threads", type=int, help="torch threads for the CPU timings (default: torch's, one per "
+                      "core)")
+
+
+def _cmd_networks(args: argparse.Namespace) -> int:
+    from cascade.cost import list_networks
+
+    try:
+        shape = tuple(int(d) for d in args.input.split(","))
+    except ValueError:
+        raise CascadeError(f"--input {args.input!r}: give one input's shape as integers separated by commas, "
+                           "e.g. 3,32,32") from None
+    with _torch_threads(args.threads):
+        rows = list_networks(shape, args.classes, device=args.device, batch=args.batch, repeats=args.repeats)
+    timed = f"ms/batch ({args.device}, batch {args.batch})" if args.device else ""
+    print(f"input {'x'.join(map(str, shape))}, {args.classes} outputs; MFLOPs: millions of multiply-accumulates "
+          "per input")
+    width = max(len(r.name) for r in rows)
+    print(f"{'network':<{width}}  {'MFLOPs':>10}  {'params':>9}  {timed}".rstrip())
+    for r in rows:
+        mflops = "" if r.mflops is None else f"{r.mflops:.2f}" if r.mflops >= 1 else f"{r.mflops:.3g}"
+        cost = mflops and f"{mflops:>10}  {r.params / 1e6:>7.3f} M"
+        latency = "" if r.latency_ms is None else f"{r.latency_ms:>{len(timed)}.2f}"
+        print(f"{r.name:<{width}}  {cost or '-':>21}  {latency}{r.error or ''}".rstrip())
+    return 0
 
 
 # -- serve, serve-oracle (cascade.serve) ------------------------------------------------------
@@ -162,6 +204,8 @@ def _run_experiment(cfg, out: Path, args: argparse.Namespace) -> int:
     from cascade.report import render_markdown
 
     metrics = Experiment(cfg, out, quiet=args.quiet or not sys.stderr.isatty(), source=args.config).run(args.resume)
+    if not metrics:  # under torchrun, a rank other than 0: it trained, rank 0 reports
+        return 0
     print(render_markdown(metrics))
     print(f"\nresults in {out}/ (metrics.json, table.md, table.csv, samples.csv, figures/, checkpoints/)")
     return 0
@@ -274,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     command = {"run": _cmd_run, "validate": _cmd_validate, "list": _cmd_list, "export": _cmd_export,
-               "route": _cmd_route, "serve": _cmd_serve, "serve-oracle": _cmd_serve_oracle}[args.command]
+               "route": _cmd_route, "serve": _cmd_serve, "serve-oracle": _cmd_serve_oracle,
+               "networks": _cmd_networks}[args.command]
     log_handler = _log_warnings_to_stderr()
     try:
         return command(args)

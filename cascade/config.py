@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cascade.errors import CascadeError, ConfigError
+from cascade.perturb import PerturbConfig
 from cascade.registry import NETWORKS, TASKS
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -72,16 +73,57 @@ class NetworkSpec(BaseModel):
 
 
 class OptimConfig(_Strict):
-    """One training phase."""
+    """One training phase.
+
+    ``batch_size`` is the global batch: under ``torchrun`` each of the N processes takes
+    ``batch_size / N`` inputs of every batch. The learning rate moves after every optimizer
+    step along ``schedule``:
+
+    - ``step``: ``lr``, multiplied by ``gamma`` at the start of each epoch in ``milestones``;
+    - ``cosine``: cosine annealing from ``lr`` to 0 over the phase;
+    - ``one_cycle``: PyTorch's OneCycleLR with ``max_lr = lr`` (from ``lr / 25`` up to ``lr``
+      over the first 30 % of the steps, or ``warmup_epochs``, then down to ``lr / 25e4``);
+      momentum stays as configured.
+
+    ``warmup_epochs`` (``step`` and ``cosine``) ramps the learning rate linearly from
+    ``lr / W`` to ``lr`` over the first ``W`` steps of the phase (its length in epochs, which
+    may be fractional). ``nesterov``: Nesterov momentum (``sgd`` only).
+
+    ``label_smoothing`` (classification; the supervised phases: ``big_train``,
+    ``pretrain`` and the plain stages of ``finetune``, not the routing methods' own
+    objectives) mixes ``label_smoothing / K`` of every class into the one-hot targets. It
+    is 0 by default because it degrades the confidence ranking the routing scores read:
+    a smoothed network's softmax separates its right and wrong answers less well (Xia et
+    al., ICLR 2025), which hurts confidence-based routing even where accuracy improves.
+    """
 
     epochs: Annotated[int, Field(ge=0)] = 10
     batch_size: Annotated[int, Field(gt=0)] = 128
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: Annotated[float, Field(gt=0)] = 1e-3
     momentum: Fraction = 0.9
+    nesterov: bool = False
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    schedule: Literal["step", "cosine", "one_cycle"] = "step"
     milestones: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list)
     gamma: Annotated[float, Field(gt=0, le=1)] = 0.2
+    warmup_epochs: Annotated[float, Field(ge=0)] = 0.0
+    label_smoothing: Fraction = 0.0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "OptimConfig":
+        if self.schedule != "step":
+            for key in ("milestones", "gamma"):
+                if key in self.model_fields_set and (key != "milestones" or self.milestones):
+                    raise ValueError(f"{key}: only the step schedule has {key} (schedule is {self.schedule})")
+        if self.nesterov and self.optimizer != "sgd":
+            raise ValueError(f"nesterov: Nesterov momentum is for optimizer: sgd (optimizer is {self.optimizer})")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov: needs momentum > 0")
+        if self.warmup_epochs and self.epochs and self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs: {self.warmup_epochs:g} must be shorter than the phase "
+                             f"(epochs: {self.epochs})")
+        return self
 
 
 class EvaluationConfig(_Strict):
@@ -138,6 +180,23 @@ class ExperimentConfig(_Strict):
     #: CPU threads for torch (None: torch's default). Networks this small run faster on
     #: one thread than on two when other processes share the cores.
     threads: Annotated[int, Field(gt=0)] | None = None
+    #: bfloat16 autocast around the training forward passes: ``auto`` turns it on on a
+    #: CUDA device that has bfloat16, off on the CPU
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    #: channels-last memory layout for the trained networks and their image batches:
+    #: ``auto`` turns it on on CUDA for image inputs ``[C, H, W]`` (faster convolutions)
+    channels_last: Literal["auto"] | bool = "auto"
+    #: keep in-memory training data on the GPU, so batches are indexed there with no host
+    #: copy: ``auto`` does it when the data takes under a quarter of the free GPU memory
+    data_on_device: Literal["auto"] | bool = "auto"
+    #: reuse the big network trained by an earlier run (any config) with the same task,
+    #: network, ``big_train``, seed and training settings, from ``cache_dir``
+    big_cache: bool = True
+    #: the same for the pre-trained routed stages (``pretrain``)
+    pretrain_cache: bool = True
+    #: where trained networks are cached: default ``$CASCADE_CACHE``, else
+    #: ``~/.cache/cascade/networks``; never inside the source tree
+    cache_dir: str | None = None
     little: NetworkSpec | None = None
     stages: list[NetworkSpec] | None = Field(default=None, min_length=1)
     big: NetworkSpec | None = None
@@ -152,6 +211,8 @@ class ExperimentConfig(_Strict):
     #: routing methods; None: the task kind's defaults (see cascade.methods.default_methods)
     methods: list[Annotated[MethodSpec, BeforeValidator(_method_spec)]] | None = Field(default=None, min_length=1)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    #: label noise, a specialist big network, test-time corruptions (cascade.perturb); none by default
+    perturb: PerturbConfig = Field(default_factory=PerturbConfig)
     quick: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("seeds")

@@ -434,8 +434,33 @@ def sweep_costs(v: Variant) -> tuple[float, ...]:
 
 _BASE = {"target_ad": None, "budget_fraction": None, "target_mflops": None, "anchor": None, "delta": None}
 
+#: the method name of the oracle router's rows: the limit every router is measured against
+ORACLE = "oracle"
+
+
+def oracle_scores(correct: np.ndarray, seed: int) -> np.ndarray:
+    """``[N, K-1]`` stop scores of the oracle router, which knows every stage's correctness.
+
+    Stopping at stage ``k`` is *safe* when stage ``k`` is right or the last stage is wrong
+    too (the AD, measured against the last stage, cannot grow). Safe stages score 1, so
+    the oracle exits at the cheapest safe stage; unsafe ones score a random value in
+    [0, 0.5), the same for all stages of an input, so that lower thresholds keep unsafe
+    inputs one at a time, in random order: any order costs the same, each adds ``1/N`` to
+    the AD. With two stages the sweep is then exactly the cheapest router at every AD.
+
+    Args:
+        correct: ``[N, K]`` each stage's correctness, the last stage's in the last column.
+        seed: fixes the order of the unsafe inputs.
+    """
+    correct = np.asarray(correct, dtype=bool)
+    safe = correct[:, :-1] | ~correct[:, -1:]  # [N, K-1]
+    order = np.random.default_rng(seed).random(len(correct))[:, None] * 0.5  # [N, 1]
+    return np.where(safe, 1.0, order)
+
+
 def operating_points(samples: pd.DataFrame, variants: Sequence[Variant], targets: dict[str, list[float]],
-                     budgets: Sequence[float] = (), delta: float = 0.1) -> list[dict]:
+                     budgets: Sequence[float] = (), delta: float = 0.1,
+                     oracles: Sequence[Variant] = ()) -> list[dict]:
     """Every operating point of every variant, per seed, from the per-sample table.
 
     Selections (the ``selection`` field), each with thresholds read off the test split
@@ -460,6 +485,9 @@ def operating_points(samples: pd.DataFrame, variants: Sequence[Variant], targets
         targets: ``mode -> AD targets`` (fractions).
         budgets: mean-cost budgets, fractions of the last stage's cost.
         delta: the guaranteed points' allowed probability of missing their target.
+        oracles: per mode, the plain stages' correctness and costs (``score_columns``
+            unused): the oracle router (:func:`oracle_scores`), reported as method
+            :data:`ORACLE` at each target AD with test thresholds, the limit.
 
     Returns:
         One dict per (seed, mode, method, selection, source, target / budget / anchor).
@@ -472,6 +500,10 @@ def operating_points(samples: pd.DataFrame, variants: Sequence[Variant], targets
         split = {name: part for name, part in frame.groupby("split")}
         arrays = {s: {v: variant_arrays(split[s], v) for v in variants} for s in ("cal", "test")}
         sweeps = {s: {v: cascade_sweep(*arrays[s][v], sweep_costs(v)) for v in variants} for s in ("cal", "test")}
+        for o in oracles:
+            correct = np.stack([np.ones(len(split["test"]), bool) if c is None else split["test"][c].to_numpy(bool)
+                                for c in o.correct_columns], axis=1)
+            arrays["test"][o] = (oracle_scores(correct, int(seed)), correct)
 
         def point(vs: list[Variant], sel: Selection, **fields: Any) -> dict:
             v = vs[sel.variant]
@@ -505,6 +537,12 @@ def operating_points(samples: pd.DataFrame, variants: Sequence[Variant], targets
             for t in targets[mode]:
                 rows.append(point(vs, select_guaranteed(cal_sweeps, degradations, t, delta), selection="target_ad",
                                   threshold_source="guaranteed", target_ad=t, delta=delta))
+        for o in oracles:
+            sw = cascade_sweep(*arrays["test"][o], sweep_costs(o))
+            ref = float(arrays["test"][o][1][:, -1].mean())
+            for t in targets[o.mode]:
+                rows.append(point([o], select_by_accuracy([sw], sw.n * (ref - t)), selection="target_ad",
+                                  threshold_source="test", target_ad=t))
         for v in variants:
             if v.fixed_threshold is None:
                 continue
@@ -823,6 +861,41 @@ def comparisons(points: list[dict], trained: Sequence[str], post_hoc: Sequence[s
         value = p[field]
         ratio = best[field] / value if value > 0 else (1.0 if best[field] == 0 else None)
         met = all(q["ad"] <= target + 1e-9 for q in (p, best))
+        oracle = index.get((mode, ORACLE, "test", target))
         out.append({"mode": mode, "threshold_source": source, "target_ad": target, "method": method,
-                    "best_post_hoc": best["method"], "field": field, "ratio": ratio, "targets_met": met})
+                    "best_post_hoc": best["method"], "field": field, "ratio": ratio, "targets_met": met,
+                    "gap_closed": gap_closed(best[field], value, oracle[field] if oracle else None)})
+    return out
+
+
+def gap_closed(baseline: float, value: float, oracle: float | None) -> float | None:
+    """``(baseline - value) / (baseline - oracle)``: the share of the best baseline's excess
+    over the oracle router that a method removes (1: as cheap as the oracle; 0: no better
+    than the baseline; negative: worse). None without an oracle point or a gap to close.
+
+    Example: baseline 0.18, method 0.16, oracle 0.08 MFLOPs: ``0.02 / 0.10 = 0.2``.
+    """
+    if oracle is None or baseline - oracle <= 1e-12:
+        return None
+    return (baseline - value) / (baseline - oracle)
+
+
+def gap_table(points: list[dict], post_hoc: Sequence[str]) -> list[dict]:
+    """Every method's gap closed at each target-AD point (:func:`gap_closed`), against the
+    best post-hoc method with the same threshold source and the oracle router (test
+    thresholds: the limit). Post-hoc methods are listed too (the best one closes 0)."""
+    index = {(p["mode"], p["method"], p["threshold_source"], p["target_ad"]): p
+             for p in points if p["selection"] == "target_ad"}
+    out = []
+    for (mode, method, source, target), p in index.items():
+        field = value_field(mode)
+        oracle = index.get((mode, ORACLE, "test", target))
+        rivals = [index[k] for b in post_hoc if (k := (mode, b, source, target)) in index and index[k][field] is not None]
+        if method == ORACLE or oracle is None or oracle[field] is None or not rivals or p[field] is None:
+            continue
+        best = min(rivals, key=lambda r: r[field])
+        out.append({"mode": mode, "threshold_source": source, "target_ad": target, "method": method,
+                    "field": field, "value": p[field], "best_post_hoc": best["method"],
+                    "best_post_hoc_value": best[field], "oracle_value": oracle[field],
+                    "gap_closed": gap_closed(best[field], p[field], oracle[field])})
     return out

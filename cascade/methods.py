@@ -195,6 +195,12 @@ def build_methods(specs: Sequence[MethodSpec] | None, kind: TaskKind) -> list[Me
     return entries
 
 
+def scorer_key(entry: MethodEntry, mode: Mode) -> str:
+    """What names a post-hoc method's scores in ``samples.csv`` (``stage0_score_<key>``): its
+    label, with the mode for a ``mode_dependent`` method (one scorer per mode)."""
+    return f"{entry.label}_{mode.value}" if getattr(entry.cls, "mode_dependent", False) else entry.label
+
+
 def method_problems(entries: Sequence[MethodEntry], task: Task) -> list[str]:
     """Why the methods do not suit ``task``: those of the wrong task kind, all in one line
     with the fix, then each trained method's own problems (``"methods.<i>.<option>: ..."``)."""

@@ -155,6 +155,14 @@ class TwoHeadNetwork(Approximator):
         self.predictor = predictor
         self.feature_dim = base.feature_dim
 
+    def train(self, mode: bool = True) -> "TwoHeadNetwork":
+        """As ``nn.Module.train``, but a frozen base (no trainable parameter) stays in eval
+        mode: training the head alone must not move its batch-norm statistics or dropout."""
+        super().train(mode)
+        if mode and not any(p.requires_grad for p in self.base.parameters()):
+            self.base.eval()
+        return self
+
     def forward(self, x: Tensor) -> StageOutput:
         out = self.base(x)
         return StageOutput(output=out.output, features=out.features, q=self.predictor(out.features, out.output))

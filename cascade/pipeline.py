@@ -23,13 +23,14 @@ results equal an uninterrupted run's.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -37,28 +38,42 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from cascade import distributed
 from cascade.building import (
     BIG,
     build_network,
-    build_optimizer,
     build_task,
+    build_trainer,
+    data_on_device,
     freeze,
     holdout_split,
     make_loader,
     phase_seed,
+    resolve_amp,
+    resolve_channels_last,
     resolve_device,
     resolve_specs,
+    seeded_rng,
     stage_name,
     system_name,
     with_oracle_outputs,
 )
-from cascade.checkpoint import CheckpointStore
-from cascade.config import ExperimentConfig, OptimConfig, resolved_dict
+from cascade.checkpoint import CheckpointStore, NetworkCache, network_cache_dir
+from cascade.config import ExperimentConfig, NetworkSpec, OptimConfig, resolved_dict
 from cascade.cost import measure_cost
 from cascade.errors import CascadeError, CheckpointError
-from cascade.evaluation import Variant, aggregate, comparisons, operating_points, threshold_violations
-from cascade.methods import CascadeContext, MethodEntry, MethodKind, RoutedSystem, build_methods
+from cascade.evaluation import (
+    ORACLE,
+    Variant,
+    aggregate,
+    comparisons,
+    gap_table,
+    operating_points,
+    threshold_violations,
+)
+from cascade.methods import CascadeContext, MethodEntry, MethodKind, RoutedSystem, build_methods, scorer_key
 from cascade.objectives import Objective, SupervisedObjective
+from cascade.perturb import perturb_splits
 from cascade.roles import Approximator, BlackBoxOracle, MethodContext, Mode, Oracle, Splits, Task, TaskKind, WhiteBoxOracle
 from cascade.run_writer import RunWriter, timed_phase
 from cascade.trainer import HistoryHook, HookBase, ProgressHook, Trainer
@@ -70,7 +85,15 @@ COLLAPSE_RANGE = 1e-3
 
 #: config keys that cannot change what training computes: a run may be resumed with them
 #: changed (``seeds`` is not one: the files of the seeds left out would be lost at the end)
-RESUME_IGNORES = ("name", "quick")
+RESUME_IGNORES = ("name", "quick", "data_on_device", "big_cache", "pretrain_cache", "cache_dir")
+
+
+class _CacheSlot(NamedTuple):
+    """Where a training phase's network is kept in the :class:`NetworkCache`."""
+
+    what: str  # the network, in messages: "seed 0 big"
+    label: str  # starts the file name: "big-resnet101_cifar"
+    key: dict[str, Any]  # everything that decides the trained network
 
 def training_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
     """The resolved config without :data:`RESUME_IGNORES`: what a training checkpoint
@@ -123,12 +146,22 @@ class Experiment:
         self.quiet = quiet
         self.source = source
         self.cache = cache
-        self.device = resolve_device(cfg.device)
+        self.device = distributed.local_device(resolve_device(cfg.device))
         self.task = _construct_task(cfg)
         self.kind = TaskKind(self.task.criterion.kind)
         self.stage_specs, self.big_spec = resolve_specs(cfg, self.task)
         self.modes = [Mode(m) for m in cfg.modes]
         self.methods: list[MethodEntry] = build_methods(cfg.methods, self.kind)
+        #: the config's amp and channels_last, resolved for the device
+        self.amp = resolve_amp(cfg.amp, self.device)
+        self.channels_last = resolve_channels_last(cfg.channels_last, self.device, tuple(self.task.input_shape))
+        for key in ("big_train", "pretrain", "finetune"):
+            if getattr(cfg, key).label_smoothing and self.kind != TaskKind.CLASSIFICATION:
+                raise CascadeError(f"{key}.label_smoothing: label smoothing is for classification; the task "
+                                   f"{cfg.task.name} is {self.kind.value} (set it to 0)")
+        #: trained networks kept across runs (set by run(): see big_cache, pretrain_cache)
+        self.network_cache: NetworkCache | None = None
+        self._device_data: dict[int, tuple[Dataset, Dataset]] = {}
         self.histories: dict[str, list[dict[str, float]]] = {}
         #: names of the criterion's extra per-sample errors (``rmse``...), columns ``<network>_<name>``
         self.error_names: set[str] = set()
@@ -160,22 +193,92 @@ class Experiment:
     # -- training -----------------------------------------------------------------------
 
     def _fit(self, model: nn.Module, objective: Objective, data: Dataset, oc: OptimConfig, seed: int, desc: str,
-             hooks: tuple[HookBase, ...] = (), params=None) -> None:
-        opt, sched = build_optimizer(model.parameters() if params is None else params, oc)
+             hooks: tuple[HookBase, ...] = (), params=None, cache: _CacheSlot | None = None) -> None:
+        """Train one phase: checkpointed inside :meth:`run`, on every process under torchrun
+        (each taking its share of every batch). With ``cache``, the network is loaded from
+        the network cache when it holds it, else trained and stored there."""
+        world = distributed.world_size()
+        if oc.batch_size % world:
+            raise CascadeError(f"{desc}: batch_size {oc.batch_size} does not split evenly over {world} processes; "
+                               f"use a multiple of {world}")
+        train_data = self._on_device(data)
         history = HistoryHook()
-        loader = make_loader(data, oc.batch_size, shuffle=True, seed=seed)
-        trainer = Trainer(model, objective, opt, loader, oc.epochs, [*hooks, history, ProgressHook(desc, self.quiet)],
-                          sched, self.device, name=desc)
+        trainer = build_trainer(model, objective, train_data, oc, seed, desc, task=self.task, device=self.device,
+                                hooks=[*hooks, history, ProgressHook(desc, self.quiet or not distributed.is_main())],
+                                params=params, amp_dtype=self.amp, channels_last=self.channels_last,
+                                pin_memory=self.device.type == "cuda" and train_data is data)
+        cached = self._cache_lookup(cache, model) if cache is not None else None
+        finished = None
+        if cached is not None:
+            def finished(t: Trainer, entry=cached[1]) -> None:
+                t.load_finished(entry["model"], entry["steps"], {history: entry["history"]})
+
         with timed_phase(desc, device=self.device.type, samples=len(data), epochs=oc.epochs) as facts:
+            if cached is not None:
+                log.info("%s network: loaded from cache %s", cache.what, cached[0])
+                facts["cached"] = str(cached[0])
             if self.checkpoints is not None:  # inside run(): checkpointed, resumable
-                self.checkpoints.fit(trainer)
+                self.checkpoints.fit(trainer, finished)
             else:
+                if finished is not None:
+                    finished(trainer)
                 trainer.train()
             facts["steps"] = trainer.step
         self.histories[desc] = history.history
+        if cache is not None and cached is None and distributed.is_main():
+            path = self.network_cache.save(cache.key, cache.label, model.state_dict(),
+                                           {"steps": trainer.step, "history": history.state_dict()})
+            log.info("%s network: saved to cache %s", cache.what, path)
+
+    def _cache_slot(self, what: str, label: str, seed: int, spec: NetworkSpec, oc: OptimConfig,
+                    **extra: Any) -> _CacheSlot | None:
+        """The cache slot of a phase, or None outside :meth:`run` or with the cache off.
+
+        The key holds what decides the trained network: the task's options, the
+        perturbations of the training data, the network, the phase's settings, the seed
+        and the training settings that change its numbers (device type, amp,
+        channels-last). Not the number of processes (torchrun: the same global batches,
+        so the same network but for rounding and batch-norm statistics; a big network
+        trained on 8 GPUs serves runs on one), the torch version, nor the data files'
+        contents: a task reading other data under the same options must change them.
+        """
+        if self.network_cache is None:
+            return None
+        perturb = {k: v for k, v in self.cfg.perturb.model_dump(mode="json").items() if k != "shift"}  # shift: test only
+        key = {"network": label, "task": self.cfg.task.model_dump(mode="json"), "perturb": perturb,
+               "spec": spec.model_dump(mode="json"), "train": oc.model_dump(mode="json"), "seed": seed,
+               "device": self.device.type, "amp": str(self.amp), "channels_last": self.channels_last, **extra}
+        return _CacheSlot(what, f"{label}-{spec.name}", key)
+
+    def _cache_lookup(self, slot: _CacheSlot, model: nn.Module) -> tuple[Path, dict] | None:
+        """``(file, entry)`` of ``slot`` in the network cache, or None; rank 0 decides for
+        every rank (a rank that trained while another loaded would wait for it forever)."""
+        found = self.network_cache.load(slot.key, slot.label) if distributed.is_main() else None
+        if found is not None:
+            differences = NetworkCache.fits(found[1], model)
+            if differences:
+                log.warning("network cache: %s does not fit %s (%s); training instead, and replacing it",
+                            found[0], slot.what, differences)
+                found = None
+        path = distributed.broadcast(str(found[0]) if found is not None else None)
+        if path is not None and found is None:  # another rank: read what rank 0 found
+            found = self.network_cache.load(slot.key, slot.label)
+            if found is None:
+                raise CheckpointError(f"{path}: rank {distributed.rank()} cannot read the cached network rank 0 read")
+        return found
+
+    def _on_device(self, data: Dataset) -> Dataset:
+        """``data`` moved to the GPU per the config's ``data_on_device`` (once per seed)."""
+        if self.device.type != "cuda" or self.cfg.data_on_device is False:
+            return data
+        moved = self._device_data.get(id(data))
+        if moved is None or moved[0] is not data:
+            moved = self._device_data[id(data)] = (data, data_on_device(data, self.device, self.cfg.data_on_device))
+        return moved[1]
 
     def _cached_fit(self, key: list[Any], model: nn.Module, fit: Callable[[], None]) -> None:
-        dump = json.dumps([self.cfg.task.model_dump(mode="json"),
+        # the task and its perturbations decide the data every cached phase trains on
+        dump = json.dumps([self.cfg.task.model_dump(mode="json"), self.cfg.perturb.model_dump(mode="json"),
                            *[p.model_dump(mode="json") if hasattr(p, "model_dump") else p for p in key]],
                           sort_keys=True)
         if self.cache is not None and dump in self.cache:
@@ -192,13 +295,17 @@ class Experiment:
         return build_network(self.big_spec, self.task, "big").to(self.device)
 
     def _train_big(self, seed: int, train: Dataset) -> Approximator | None:
-        big = self.build_big()
-        if big is None:
-            return None
-        if Mode.WHITE_BOX in self.modes and not self.big_spec.given:
-            self._cached_fit([BIG, seed, self.big_spec, self.cfg.big_train], big, lambda: self._fit(
-                big, SupervisedObjective(self.task.criterion), train, self.cfg.big_train, phase_seed(seed, "big"),
-                f"seed {seed} big"))
+        cfg = self.cfg
+        with seeded_rng(phase_seed(seed, "big_init"), self.device):  # see seeded_rng: the cache relies on it
+            big = self.build_big()
+            if big is None:
+                return None
+            if Mode.WHITE_BOX in self.modes and not self.big_spec.given:
+                cache = self._cache_slot(f"seed {seed} big", BIG, seed, self.big_spec, cfg.big_train) \
+                    if cfg.big_cache else None
+                self._cached_fit([BIG, seed, self.big_spec, cfg.big_train], big, lambda: self._fit(
+                    big, SupervisedObjective(self.task.criterion, cfg.big_train.label_smoothing), train, cfg.big_train,
+                    phase_seed(seed, "big"), f"seed {seed} big", cache=cache))
         return freeze(big)
 
     def _train_stages(self, seed: int, pre_data: Dataset, tune_data: Dataset) -> tuple[list, list]:
@@ -206,19 +313,24 @@ class Experiment:
         cfg, crit = self.cfg, self.task.criterion
         pretrained = []
         for k, spec in enumerate(self.stage_specs):
-            net = build_network(spec, self.task, self._stage_key(k)).to(self.device)
-            if not spec.given:
-                self._cached_fit(["pretrain", seed, k, spec, cfg.pretrain, cfg.finetune_data, cfg.holdout_fraction],
-                                 net, lambda net=net, k=k: self._fit(
-                                     net, SupervisedObjective(crit), pre_data, cfg.pretrain,
-                                     phase_seed(seed, "pretrain", stage=k), self._phase(seed, k, "pretrain")))
+            with seeded_rng(phase_seed(seed, "pretrain_init", stage=k), self.device):  # as the big network's
+                net = build_network(spec, self.task, self._stage_key(k)).to(self.device)
+                if not spec.given:
+                    cache = self._cache_slot(f"{self._phase(seed, k, '')} pre-trained", stage_name(k), seed, spec,
+                                             cfg.pretrain, stage=k, finetune_data=cfg.finetune_data,
+                                             holdout_fraction=cfg.holdout_fraction) if cfg.pretrain_cache else None
+                    self._cached_fit(["pretrain", seed, k, spec, cfg.pretrain, cfg.finetune_data, cfg.holdout_fraction],
+                                     net, lambda net=net, k=k, cache=cache: self._fit(
+                                         net, SupervisedObjective(crit, cfg.pretrain.label_smoothing), pre_data,
+                                         cfg.pretrain, phase_seed(seed, "pretrain", stage=k),
+                                         self._phase(seed, k, "pretrain"), cache=cache))
             pretrained.append(net)
         plain = []
         for k, net in enumerate(pretrained):
             net = copy.deepcopy(net)
             # fairness: the post-hoc scores' stages train as long, on the same data, as any trained method
-            self._fit(net, SupervisedObjective(crit), tune_data, cfg.finetune, phase_seed(seed, "plain", stage=k),
-                      self._phase(seed, k, ""))
+            self._fit(net, SupervisedObjective(crit, cfg.finetune.label_smoothing), tune_data, cfg.finetune,
+                      phase_seed(seed, "plain", stage=k), self._phase(seed, k, ""))
             plain.append(freeze(net))
         return pretrained, plain
 
@@ -254,7 +366,8 @@ class Experiment:
             task=self.task, mode=mode, pretrained=pretrained, plain=plain, oracle=oracle,
             stage_mflops=plain_costs + [oracle.cost_mflops], data=data, finetune=self.cfg.finetune,
             device=self.device, fit=fit,
-            with_oracle_outputs=lambda d, o: with_oracle_outputs(d, o, self.cfg.evaluation.batch_size, self.device),
+            with_oracle_outputs=lambda d, o: with_oracle_outputs(d, o, self.cfg.evaluation.batch_size, self.device,
+                                                                 augments=self.task.augments),
         )
 
     # -- the whole run ------------------------------------------------------------------
@@ -267,20 +380,31 @@ class Experiment:
                 loaded instead of trained, the interrupted one continues where it stopped,
                 and the metrics come out as an uninterrupted run's would.
 
+        Under torchrun (:mod:`cascade.distributed`) every process trains; only rank 0
+        evaluates and writes, and the others return ``{}``.
+
         Raises:
             CascadeError: the task, its data or networks fail the checks (before any
                 training); checkpoints that do not fit (before any work); a NaN loss.
             KeyboardInterrupt: Ctrl-C, after the running phase saved its checkpoint.
         """
-        self.checkpoints = checkpoint_store(self.cfg, self.out, resume)
-        self.writer = RunWriter(self.out)
-        try:
-            with self.writer.logging_to_file(append=resume):
-                metrics = self._run()
-            self.checkpoints.clear()  # the final weights are in checkpoints/
-            return metrics
-        finally:
-            self.checkpoints = None
+        with distributed.session(self.device) as self.device:
+            cfg = self.cfg
+            if cfg.big_cache or cfg.pretrain_cache:
+                self.network_cache = NetworkCache(network_cache_dir(cfg.cache_dir))
+            self.checkpoints = checkpoint_store(cfg, self.out, resume)
+            distributed.barrier()  # every rank has checked the folder before rank 0 writes into it
+            main = distributed.is_main()
+            self.writer = RunWriter(self.out) if main else None
+            try:
+                with self.writer.logging_to_file(append=resume) if main else contextlib.nullcontext():
+                    metrics = self._run()
+                if main:
+                    self.checkpoints.clear()  # the final weights are in checkpoints/
+                return metrics
+            finally:
+                self.checkpoints = None
+                self.network_cache = None
 
     def _run(self) -> dict[str, Any]:
         cfg, w = self.cfg, self.writer
@@ -288,25 +412,30 @@ class Experiment:
         # the methods as run: the task kind's defaults filled in, every option spelled out
         config["methods"] = [{"name": name, **m.options.model_dump(mode="json", by_alias=True, exclude_none=True)}
                              for m, name in zip(self.methods, self._method_names())]
-        w.yaml("config.yaml", config)
+        if w is not None:  # rank 0
+            w.yaml("config.yaml", config)
         log.info("run %s: task %s, %d routed stage(s), modes %s, methods %s, device %s", self.source or "<config>",
                  cfg.task.name, len(self.stage_specs), [m.value for m in self.modes],
                  [m.label for m in self.methods], self.device)
         frames, costs, systems_meta, variants = [], {}, {}, []
         first_seed: dict[str, Any] = {}
         for seed in cfg.seeds:
+            self._device_data.clear()
             with timed_phase(f"seed {seed} checks"):
                 splits = self.check(seed, networks=seed == cfg.seeds[0])  # the networks once per run
+            splits, big_data = perturb_splits(splits, cfg.perturb, self.task.num_outputs, self.task.preprocessing, seed)
             torch.manual_seed(seed)
             pre_data, tune_data = splits.train, splits.train
             if cfg.finetune_data == "holdout":
                 pre_data, tune_data = holdout_split(splits.train, cfg.holdout_fraction, seed)
-            big = self._train_big(seed, splits.train)
+            big = self._train_big(seed, big_data)
             pretrained, plain = self._train_stages(seed, pre_data, tune_data)
             if not costs:
                 costs = self._network_costs(plain, big)
             systems = self._train_methods(seed, pretrained, plain, big, costs, tune_data)
-            scorers = self._prepare_post_hoc(seed, splits, plain)
+            scorers = self._prepare_post_hoc(seed, splits, plain, big)
+            if not distributed.is_main():  # the others only train
+                continue
             self._save(seed, big, plain, systems)
             if not variants:
                 variants, systems_meta = self._variants(systems, costs, plain)
@@ -315,13 +444,17 @@ class Experiment:
             for split, ds in (("cal", splits.cal), ("test", splits.test)):
                 with timed_phase(f"seed {seed} evaluate {split}", device=self.device.type, samples=len(ds)):
                     frames.append(self._samples(seed, split, ds, big, plain, scorers, systems))
+        self._device_data.clear()
+        if not distributed.is_main():
+            return {}
         samples = pd.concat(frames, ignore_index=True)
         w.csv("samples.csv", samples)
 
         targets = {Mode.WHITE_BOX.value: cfg.evaluation.white_box_targets,
                    Mode.BLACK_BOX.value: cfg.evaluation.black_box_targets}
         budgets = cfg.evaluation.budgets if all(v.stage_mflops[-1] is not None for v in variants) else []
-        rows = operating_points(samples, variants, targets, budgets, delta=cfg.evaluation.delta)
+        rows = operating_points(samples, variants, targets, budgets, delta=cfg.evaluation.delta,
+                                oracles=self._oracle_variants(costs, len(self.stage_specs)))
         w.csv("points.csv", pd.DataFrame([{**r, "exit_fractions": ";".join(f"{f:.6g}" for f in r["exit_fractions"])}
                                           for r in rows]))
         metrics = self._metrics(samples, costs, systems_meta, variants, rows)
@@ -372,21 +505,25 @@ class Experiment:
                 job += 1
         return systems
 
-    def _prepare_post_hoc(self, seed: int, splits: Splits, plain: list) -> dict[str, list]:
-        """``method label -> one fitted scorer per plain routed stage``."""
+    def _prepare_post_hoc(self, seed: int, splits: Splits, plain: list, big) -> dict[str, list]:
+        """``scorer key -> one fitted scorer per plain routed stage`` (:func:`scorer_key`:
+        a ``mode_dependent`` method has one per mode, told where appealed inputs go)."""
         out = {}
         for entry in self.post_hoc_methods:
-            per_stage = []
-            for k, net in enumerate(plain):
-                def fit(model, objective, data, oc, desc, k=k):
-                    self._fit(model, objective, data, oc, phase_seed(seed, "post_hoc", stage=k),
-                              f"{self._phase(seed, k, '')} {desc}")
+            modes = self.modes if entry.cls.mode_dependent else [None]
+            for mode in modes:
+                per_stage = []
+                for k, net in enumerate(plain):
+                    def fit(model, objective, data, oc, desc, k=k):
+                        self._fit(model, objective, data, oc, phase_seed(seed, "post_hoc", stage=k),
+                                  f"{self._phase(seed, k, '')} {desc}")
 
-                scorer = entry.instance()
-                scorer.prepare(net, MethodContext(task=self.task, train=splits.train, seed=seed,
-                                                  device=self.device, fit=fit))
-                per_stage.append(scorer)
-            out[entry.label] = per_stage
+                    nxt = plain[k + 1] if k + 1 < len(plain) else (big if mode == Mode.WHITE_BOX else None)
+                    scorer = entry.instance()
+                    scorer.prepare(net, MethodContext(task=self.task, train=splits.train, seed=seed, device=self.device,
+                                                      fit=fit, cal=splits.cal, mode=mode, next_stage=nxt))
+                    per_stage.append(scorer)
+                out[scorer_key(entry, mode) if mode is not None else entry.label] = per_stage
         return out
 
     def _save(self, seed: int, big, plain: list, systems: dict) -> None:
@@ -405,6 +542,13 @@ class Experiment:
     def _last_cost(self, mode: Mode, costs: dict) -> float | None:
         return self.oracle(mode, None, costs).cost_mflops if mode == Mode.BLACK_BOX else costs[BIG]["mflops"]
 
+    def _oracle_variants(self, costs: dict, r: int) -> list[Variant]:
+        """Per mode, the plain stages' correctness and costs: what the oracle router routes."""
+        return [Variant(ORACLE, mode.value, "", (), (*(f"{stage_name(k)}_correct" for k in range(r)),
+                                                     self._last_column(mode)),
+                        (*(costs[stage_name(k)]["mflops"] for k in range(r)), self._last_cost(mode, costs)))
+                for mode in self.modes]
+
     def _variants(self, systems: dict, costs: dict, plain: list) -> tuple[list[Variant], dict[str, dict]]:
         shape = self.task.input_shape
         r = len(plain)
@@ -413,8 +557,9 @@ class Experiment:
             last, last_cost = self._last_column(mode), self._last_cost(mode, costs)
             for entry in self.methods:
                 if entry.kind == MethodKind.POST_HOC:
+                    key = scorer_key(entry, mode)
                     variants.append(Variant(
-                        entry.label, mode.value, "", tuple(f"{stage_name(k)}_score_{entry.label}" for k in range(r)),
+                        entry.label, mode.value, "", tuple(f"{stage_name(k)}_score_{key}" for k in range(r)),
                         (*(f"{stage_name(k)}_correct" for k in range(r)), last),
                         (*(costs[stage_name(k)]["mflops"] for k in range(r)), last_cost)))
                     continue
@@ -474,7 +619,10 @@ class Experiment:
             cols.update(c)
         for k, net in enumerate(plain):
             c, targets = self._columns(stage_name(k), net, dataset,
-                                       {label: per_stage[k] for label, per_stage in scorers.items()})
+                                       {key: per_stage[k] for key, per_stage in scorers.items()})
+            if split == "cal":  # a scorer fitted on this split gives its out-of-sample scores
+                c.update({f"{stage_name(k)}_score_{key}": per_stage[k].cal_scores.double().numpy()
+                          for key, per_stage in scorers.items() if per_stage[k].cal_scores is not None})
             cols.update(c)
         for name, (_, _, system) in systems.items():
             for k, stage in enumerate(system.stages):
@@ -521,6 +669,7 @@ class Experiment:
             "variants": [asdict(v) for v in variants],
             "operating_points": points,
             "comparisons": comparisons(points, trained, post_hoc),
+            "gap_closed": gap_table(points, post_hoc),
             "predictor_collapsed": collapsed,
             "training": self.histories,
         }

@@ -13,7 +13,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cascade.evaluation import THRESHOLD_SOURCES, Variant, cascade_point, cascade_sweep, value_field, variant_arrays
+from cascade.evaluation import (
+    ORACLE,
+    THRESHOLD_SOURCES,
+    Variant,
+    cascade_point,
+    cascade_sweep,
+    oracle_scores,
+    value_field,
+    variant_arrays,
+)
 
 _MODE_TITLE = {
     "white_box": "White-box: mean cost in MFLOPs (MACs) at each accuracy-degradation target (AppealNet Table 1)",
@@ -57,6 +66,8 @@ def value(x: float | None, std: float | None = None) -> str:
 
 
 def _kind(metrics: dict, method: str) -> str:
+    if method == ORACLE:
+        return "limit"
     return metrics["methods"].get(method, {}).get("kind", "")
 
 
@@ -83,6 +94,7 @@ def render_markdown(metrics: dict[str, Any]) -> str:
     for mode in metrics["modes"]:
         mine = [p for p in points if p["mode"] == mode]
         lines += _target_tables(metrics, mode, mine)
+        lines += _gap_table(mode, [g for g in metrics.get("gap_closed", []) if g["mode"] == mode])
         lines += _violation_table(mode, [v for v in metrics.get("threshold_violations", []) if v["mode"] == mode])
         lines += _budget_tables(mode, mine)
         lines += _fixed_tables(mode, mine)
@@ -142,6 +154,8 @@ def _target_tables(metrics: dict, mode: str, points: list[dict]) -> list[str]:
     lines = _header(_MODE_TITLE[mode], ["method", "kind", "thresholds"], [f"AD {sig(t * 100)} %" for t in targets])
     for m in methods:
         for source in sources:
+            if not any((m, source, t) in part for t in targets):
+                continue  # the oracle router has test thresholds only
             cells = []
             for t in targets:
                 p = part.get((m, source, t))
@@ -163,6 +177,32 @@ def _target_tables(metrics: dict, mode: str, points: list[dict]) -> list[str]:
               (f"Each cell: the value, then (AD reached on test; {MISSED} = over its target). "
                "Nx vs M = the best post-hoc method M's value / this method's with the same thresholds (> 1: this "
                "method is cheaper), both printed in this table."), ""]
+    return lines
+
+
+def _gap_table(mode: str, rows: list[dict]) -> list[str]:
+    """Each method's share of the best baseline's excess over the oracle router it removes."""
+    if not rows:
+        return []
+    targets = sorted({g["target_ad"] for g in rows})
+    cell = {(g["method"], g["threshold_source"], g["target_ad"]): g for g in rows}
+    keys = list(dict.fromkeys((g["method"], g["threshold_source"]) for g in rows))
+    keys.sort(key=lambda k: list(THRESHOLD_SOURCES).index(k[1]) if k[1] in THRESHOLD_SOURCES else 99)
+    lines = _header(f"{_MODE_TITLE[mode].split(':')[0]}: gap closed to the oracle router", ["method", "thresholds"],
+                    [f"AD {sig(t * 100)} %" for t in targets])
+    for m, source in keys:
+        cells = []
+        for t in targets:
+            g = cell.get((m, source, t))
+            cells.append("" if g is None or g["gap_closed"] is None else
+                         f"{g['gap_closed'] * 100:.0f} % (vs {g['best_post_hoc']})")
+        if not any(cells):
+            continue  # no gap to close at any target (the baseline is at the oracle)
+        lines.append(f"| {m} | {source} | " + " | ".join(cells) + " |")
+    lines += ["", ("Gap closed = (best post-hoc - method) / (best post-hoc - oracle router), on the value of the "
+                   "table above (the oracle with test thresholds: the limit; the best post-hoc with the row's "
+                   "thresholds). 0 %: no better than the best baseline; 100 %: as good as the oracle; negative: "
+                   "worse than the best baseline."), ""]
     return lines
 
 
@@ -294,6 +334,13 @@ def write_figures(samples: pd.DataFrame, variants: list[Variant], metrics: dict[
                         color=color, ms=6)
                 ax.annotate(v.variant, (1 - p.exit_fractions[-1] if unknown_cost else p.cost_mflops,
                                         p.system_accuracy), fontsize=7, xytext=(3, -9), textcoords="offset points")
+        if mine:  # the oracle router on the plain stages: the limit
+            plain = next((v for v in mine if _kind(metrics, v.method) == "post_hoc"), mine[0])
+            co = np.stack([np.ones(len(test), bool) if c is None else test[c].to_numpy(bool)
+                           for c in plain.correct_columns], axis=1)
+            sw = cascade_sweep(oracle_scores(co, seed), co, [1.0 if c is None else c for c in plain.stage_mflops])
+            x = 1 - sw.exit_counts[:, -1] / sw.n if unknown_cost else sw.cost_mflops
+            ax.plot(x, sw.system_accuracy, color="k", lw=1, ls=":", label="oracle router (limit)")
         last = mine[0].correct_columns[-1] if mine else None
         ref = 1.0 if last is None else float(test[last].mean())
         ax.axhline(ref, color="k", ls="--", lw=1, label="big alone" if last else "oracle")
@@ -312,6 +359,7 @@ def write_figures(samples: pd.DataFrame, variants: list[Variant], metrics: dict[
         writer.figure(fig, f"accuracy_vs_cost_{mode}.png")
 
     _violation_figure(metrics, writer, plt)
+    _gap_figure(metrics, writer, plt)
     firsts = list({v.method: v for v in reversed([v for v in variants if v.mode == metrics["modes"][0]])}.values())[::-1]
     if not firsts:
         return
@@ -364,3 +412,29 @@ def _violation_figure(metrics: dict[str, Any], writer: Any, plt: Any) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     writer.figure(fig, "threshold_violations.png")
+
+
+def _gap_figure(metrics: dict[str, Any], writer: Any, plt: Any) -> None:
+    """``gap_closed.png``: per mode, each method's gap closed to the oracle router at each
+    target AD, val-tuned thresholds (the deployable figure)."""
+    rows = [g for g in metrics.get("gap_closed", []) if g["threshold_source"] == "val" and g["gap_closed"] is not None]
+    modes = [m for m in metrics["modes"] if any(g["mode"] == m for g in rows)]
+    if not modes:
+        return
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 3.8), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        mine = [g for g in rows if g["mode"] == mode]
+        targets = sorted({g["target_ad"] for g in mine})
+        methods = list(dict.fromkeys(g["method"] for g in mine))
+        width = 0.8 / len(methods)
+        for i, m in enumerate(methods):
+            vals = {g["target_ad"]: g["gap_closed"] for g in mine if g["method"] == m}
+            ax.bar(np.arange(len(targets)) + i * width, [vals.get(t, np.nan) * 100 for t in targets], width, label=m)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(np.arange(len(targets)) + 0.4 - width / 2, [f"{sig(t * 100)} %" for t in targets])
+        ax.set_xlabel("target AD")
+        ax.set_ylabel("gap closed to the oracle router (%)")
+        ax.set_title(f"{metrics['task']} {mode.replace('_', '-')}, val thresholds")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    writer.figure(fig, "gap_closed.png")

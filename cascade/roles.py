@@ -119,6 +119,14 @@ class Predictor(ABC):
     #: False when scores draw random numbers (MC dropout): an exported bundle could not
     #: reproduce the run's decisions, so ``cascade export`` refuses the method
     deterministic: ClassVar[bool] = True
+    #: True when the score depends on where an appealed input goes (a deferral head that
+    #: learns when the next stage is right): one scorer per mode, given
+    #: ``MethodContext.mode`` and ``next_stage``
+    mode_dependent: ClassVar[bool] = False
+    #: set by a :meth:`prepare` that fits on the calibration split, which also picks the
+    #: thresholds: its out-of-sample (cross-fitted) scores of that split, ``[N_cal]`` in
+    #: the split's order, which the pipeline records instead of :meth:`score_batch`'s
+    cal_scores: Tensor | None = None
 
     def __init__(self, options: MethodOptions | None = None):
         self.options = options if options is not None else self.Options()
@@ -221,6 +229,13 @@ class MethodContext:
         device: where the networks live.
         fit: ``fit(model, objective, dataset, optim_config, desc)`` runs the shared
             trainer with the experiment's progress and logging hooks.
+        cal: the calibration split, on which thresholds are chosen too: a method that
+            fits on it (a temperature, a deferral head) must keep its calibration scores
+            out-of-sample (see :class:`Predictor` ``fits_on_cal``); None outside a run.
+        mode: the mode the scorer serves, for a ``mode_dependent`` method; else None.
+        next_stage: for a ``mode_dependent`` method, the network an appealed input goes
+            to (the next routed stage, or the big network in white-box mode); None when
+            it is the black-box oracle (always right).
     """
 
     task: "Task"
@@ -228,6 +243,9 @@ class MethodContext:
     seed: int
     device: torch.device
     fit: Callable[..., None]
+    cal: Dataset | None = None
+    mode: "Mode | None" = None
+    next_stage: nn.Module | None = None
 
 
 @dataclass
@@ -305,6 +323,30 @@ class Task(ABC):
         """
 
     # -- optional hooks -----------------------------------------------------------------
+
+    def augment(self, x: Tensor) -> Tensor:
+        """Random augmentation of one training batch (e.g. :func:`cascade.augment.random_crop_flip`);
+        the default returns ``x`` unchanged.
+
+        The trainer calls it on every training batch of every phase, after moving the
+        batch to the device; evaluation never augments. Draw random numbers from torch's
+        global CPU generator (make small tensors on the CPU, then move them to
+        ``x.device``): a resumed run then replays them exactly.
+
+        Args:
+            x: a preprocessed float batch ``[B, *input_shape]`` on the training device.
+
+        Returns:
+            A batch of the same shape, dtype and device.
+        """
+        return x
+
+    @property
+    def augments(self) -> bool:
+        """Whether :meth:`augment` changes inputs: True when a subclass overrides it (a
+        subclass whose override can be the identity refines this). With augmentation the
+        big network's outputs on the training set cannot be computed once up front."""
+        return type(self).augment is not Task.augment
 
     @classmethod
     def data_problems(cls, options: TaskOptions, configured_only: bool) -> list[str]:

@@ -239,14 +239,16 @@ def load_run_point(
         system.module().load_state_dict(load_checkpoint(run / "checkpoints" / f"seed{seed}_{name}.pt"))
         stages = system.stages
     else:
-        train = None
+        splits = None
         stages = []
-        for net in plain:
+        for k, net in enumerate(plain):
             scorer = entry.instance()
             if type(scorer).prepare is not Predictor.prepare:  # it fits itself: again, as the run did
-                train = train or task.build_splits(seed).train
-                scorer.prepare(net, MethodContext(task=task, train=train, seed=seed, device=torch.device("cpu"),
-                                                  fit=_plain_fit(seed)))
+                splits = splits or task.build_splits(seed)
+                nxt = plain[k + 1] if k + 1 < len(plain) else big
+                scorer.prepare(net, MethodContext(task=task, train=splits.train, seed=seed, device=torch.device("cpu"),
+                                                  fit=_plain_fit(seed, task), cal=splits.cal, mode=Mode(mode),
+                                                  next_stage=nxt))
             stages.append(ScoredStage(net, scorer))
     return RunPoint(router=Router(stages, threshold, big), task=task, run=run, metrics=metrics, point=point,
                     method=method, mode=mode, seed=seed, variant=variant, config_text=config_text)
@@ -259,14 +261,13 @@ def _choose(value: Any, known: list, what: str, run: Path) -> Any:
     return value
 
 
-def _plain_fit(seed: int):
-    """``MethodContext.fit`` outside a run: the shared trainer, no checkpoints or progress."""
-    from cascade.building import build_optimizer, make_loader, phase_seed
-    from cascade.trainer import Trainer
+def _plain_fit(seed: int, task):
+    """``MethodContext.fit`` outside a run: the pipeline's trainer set-up on the CPU (the
+    task's augmentation, per-step schedules), no checkpoints or progress."""
+    from cascade.building import build_trainer, phase_seed
 
     def fit(model, objective, data, oc, desc):
-        opt, sched = build_optimizer(model.parameters(), oc)
-        loader = make_loader(data, oc.batch_size, shuffle=True, seed=phase_seed(seed, "post_hoc"))
-        Trainer(model, objective, opt, loader, oc.epochs, [], sched, "cpu", name=desc).train()
+        build_trainer(model, objective, data, oc, phase_seed(seed, "post_hoc"), desc, task=task,
+                      device=torch.device("cpu")).train()
 
     return fit

@@ -16,18 +16,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import signal
 import threading
-from typing import Any, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from cascade import distributed
 from cascade.errors import CheckpointError, TrainingError
-from cascade.objectives import AppealNetObjective, Objective
+from cascade.objectives import AppealNetObjective, Objective, SupervisedObjective
 
 log = logging.getLogger("cascade")
 
@@ -68,6 +71,15 @@ class Trainer:
     ``state_dict()`` if it has one, else its plain scalar attributes (a running baseline,
     a multiplier), which is where objectives keep what they update while training.
 
+    A training step moves the batch to ``device``, applies ``augment`` to its inputs (and
+    the channels-last layout), runs the objective under autocast when ``amp_dtype`` is
+    set, and steps the optimizer. When several processes train together
+    (:mod:`cascade.distributed`), the objective sees the network wrapped in
+    DistributedDataParallel, and the hooks see the losses averaged over the processes
+    (what the AppealNet lambda controller reads is then the same on every rank, and close
+    to what a single process reads: the mean over the whole batch); Ctrl-C is not
+    deferred (each process stops at once; ``--resume`` continues from the last epoch).
+
     Args:
         model: the network being trained (frozen parts have ``requires_grad=False``).
         objective: batch -> dict of losses with a ``loss`` key.
@@ -75,9 +87,15 @@ class Trainer:
         loader: yields ``(x, y)`` batches.
         epochs: number of passes over ``loader``.
         hooks: called in order at each hook point.
-        scheduler: stepped once per epoch.
+        scheduler: stepped once per epoch, or after every step (``scheduler_interval``).
         device: where batches go.
         name: the phase's name, in messages and checkpoint file names.
+        scheduler_interval: ``epoch`` or ``step``.
+        augment: random augmentation of a training batch's inputs on ``device``
+            (``Task.augment``); it must draw from torch's global generator, which the
+            checkpoints save. None: none.
+        amp_dtype: autocast dtype of the objective's forward (``torch.bfloat16``), or None.
+        channels_last: the network and its 4-D input batches in channels-last layout.
 
     Attributes:
         epoch: epochs completed.
@@ -97,6 +115,10 @@ class Trainer:
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         device: torch.device | str = "cpu",
         name: str = "train",
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        augment: Callable[[Tensor], Tensor] | None = None,
+        amp_dtype: torch.dtype | None = None,
+        channels_last: bool = False,
     ):
         self.model = model
         self.objective = objective
@@ -107,6 +129,13 @@ class Trainer:
         self.scheduler = scheduler
         self.device = torch.device(device)
         self.name = name
+        self.scheduler_interval = scheduler_interval
+        self.augment = augment
+        self.amp_dtype = amp_dtype
+        self.channels_last = channels_last
+        if channels_last:
+            model.to(memory_format=torch.channels_last)  # in place: 4-D weights change layout
+        self._net: nn.Module = model  # what the objective calls: the DDP wrapper while training
         self.epoch = 0
         self.step = 0
         self.batch = 0
@@ -125,38 +154,64 @@ class Trainer:
         for hook in self.hooks:
             hook.before_train(self)
         self._interrupt_requested = False
-        with self._deferred_interrupts():
-            while self.epoch < self.epochs:
-                self.model.train()
-                for batch in self._epoch_batches():
-                    self._train_step(batch)
-                    if self._interrupt_requested:
-                        self._stop()
-                if self.scheduler is not None:
-                    self.scheduler.step()
-                self.epoch += 1
-                self.batch = 0
-                for hook in self.hooks:
-                    hook.after_epoch(self)
-            if self._interrupt_requested:  # Ctrl-C during the last epoch's hooks
-                self._stop()
+        if self.epoch < self.epochs:  # a collective call under DDP: every rank has the same epoch
+            # supervised phases use every trainable parameter; other objectives may leave some unused
+            self._net = distributed.wrap(self.model, self.device,
+                                         find_unused_parameters=not isinstance(self.objective, SupervisedObjective))
+        try:
+            with self._deferred_interrupts():
+                while self.epoch < self.epochs:
+                    self.model.train()
+                    for batch in self._epoch_batches():
+                        self._train_step(batch)
+                        if self._interrupt_requested:
+                            self._stop()
+                    if self.scheduler is not None and self.scheduler_interval == "epoch":
+                        self.scheduler.step()
+                    self.epoch += 1
+                    self.batch = 0
+                    for hook in self.hooks:
+                        hook.after_epoch(self)
+                if self._interrupt_requested:  # Ctrl-C during the last epoch's hooks
+                    self._stop()
+        finally:
+            self._net = self.model  # drop the DDP wrapper (and its gradient hooks) with the phase
         for hook in self.hooks:
             hook.after_train(self)
 
     def _train_step(self, batch: Sequence[torch.Tensor]) -> None:
         batch = [t.to(self.device, non_blocking=True) for t in batch]
-        losses = self.objective(self.model, batch)
-        loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise TrainingError(self._nonfinite_message(float(loss.detach()), batch))
+        x = batch[0]
+        if self.augment is not None:
+            x = self.augment(x)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        batch[0] = x
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            losses = self.objective(self._net, batch)
+        logged = self._logged(losses)
+        if not math.isfinite(logged["loss"]):
+            raise TrainingError(self._nonfinite_message(logged["loss"], batch))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses["loss"].backward()
         self.optimizer.step()
+        if self.scheduler is not None and self.scheduler_interval == "step":
+            self.scheduler.step()
         self.step += 1
         self.batch += 1
-        logged = {k: float(v.detach()) for k, v in losses.items()}
         for hook in self.hooks:
             hook.after_step(self, logged)
+
+    def _logged(self, losses: dict[str, Tensor]) -> dict[str, float]:
+        """The losses as floats for the hooks, in one copy from the device (one wait for the
+        GPU a step). Under DDP they are averaged over the processes, before the backward
+        pass, so that a non-finite loss on any rank stops every rank."""
+        names = list(losses)
+        device = losses["loss"].device
+        values = torch.stack([losses[k].detach().reshape(()).to(device, torch.float64) for k in names])  # exact
+        return dict(zip(names, distributed.all_reduce_mean(values).tolist()))
 
     def _nonfinite_message(self, value: float, batch: Sequence[torch.Tensor]) -> str:
         bad_input = any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in batch[:1])
@@ -188,7 +243,9 @@ class Trainer:
     def _deferred_interrupts(self) -> Iterator[None]:
         """Turn the first Ctrl-C into a request honoured at the next step boundary."""
         previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
-        if previous is None or previous is signal.SIG_IGN:  # not ours to handle (a thread, or ignored)
+        if previous is None or previous is signal.SIG_IGN or distributed.is_distributed():
+            # not ours to handle (a thread, or ignored); under DDP, a rank that stopped alone
+            # would leave the others waiting for it
             yield
             return
 
@@ -224,6 +281,23 @@ class Trainer:
             "rng": rng_state(loader_generators(self.loader)),
             "epoch_rng": self._epoch_rng if self.batch else None,
         }
+
+    def load_finished(self, model_state: dict[str, torch.Tensor], steps: int,
+                      hook_states: dict[HookBase, dict[str, Any]]) -> None:
+        """Mark the phase as done with a network trained before (the network cache): its
+        weights, its step count and the given hooks' state (e.g. the loss history). The
+        optimizer and the RNGs are left as they are: nothing trains any more.
+
+        Raises:
+            CheckpointError: the weights are of a different network (the differences named).
+        """
+        differences = state_differences(model_state, self.model.state_dict())
+        if differences:
+            raise CheckpointError(f"{self.name}: the network differs from the cached one: {differences}")
+        self.model.load_state_dict(model_state)
+        self.epoch, self.step, self.batch, self._epoch_rng = self.epochs, steps, 0, None
+        for hook, state in hook_states.items():
+            hook.load_state_dict(state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` (see :meth:`state_dict`); RNGs are restored at once.

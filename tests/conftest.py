@@ -1,6 +1,9 @@
 """Test settings: 2 threads, no progress bars, a temporary data root for writes."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +11,20 @@ import torch
 
 torch.set_num_threads(2)
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# the trained networks that runs cache (cascade.checkpoint.NetworkCache) go to a temporary
+# folder, never to ~/.cache: a fresh one for each test (see pytest_runtest_setup)
+_NETWORK_CACHES = tempfile.mkdtemp(prefix="cascade-test-networks-")
+os.environ["CASCADE_CACHE"] = _NETWORK_CACHES
+atexit.register(shutil.rmtree, _NETWORK_CACHES, True)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    """Each test, the fixtures it sets up, and their subprocesses share a network cache
+    of their own: no test loads a network another test trained, so what a test sees
+    (phases trained, their log lines) does not depend on which tests ran before it."""
+    os.environ["CASCADE_CACHE"] = tempfile.mkdtemp(dir=_NETWORK_CACHES)
+
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -42,15 +42,18 @@ from cascade.cost import measure_cost
 from cascade.methods import method_class, method_kind
 from cascade.registry import Registry
 
-#: input shapes for networks that no registered task uses by default
-NETWORK_SHAPES = {"mlp": (1, 8, 8), "cnn": (1, 8, 8)}
+#: input shapes for networks that no registered task uses by default (the CIFAR networks'
+#: is the 32x32 they are designed for)
+NETWORK_SHAPES = {"mlp": (1, 8, 8), "cnn": (1, 8, 8), "efficientnet_b0_cifar": (3, 32, 32),
+                  "shufflenet_v2_cifar": (3, 32, 32), "resnet101_cifar": (3, 32, 32)}
 
 
 def _network_shape(name: str) -> tuple[int, ...]:
     for task in TASKS.names():
         cls = TASKS.get(task)
-        if name in {(cls.default_little or {}).get("name"), (cls.default_big or {}).get("name")}:
-            return tuple(cls.input_shape)
+        shape = getattr(cls, "input_shape", None)  # None: read from the task's data (image_folder)
+        if shape is not None and name in {(cls.default_little or {}).get("name"), (cls.default_big or {}).get("name")}:
+            return tuple(shape)
     if name not in NETWORK_SHAPES:
         pytest.fail(f"network {name!r}: no registered task uses it; declare its input shape in NETWORK_SHAPES")
     return NETWORK_SHAPES[name]
@@ -94,13 +97,25 @@ def test_two_head_gradients(inputs, detach):
 # ============================================================================ tasks
 
 
+def _task_options(name: str, tmp_path) -> dict:
+    """Options for the tasks that cannot be built without data (their shapes and classes
+    come from it): a tiny folder written into ``tmp_path``; {} for the others."""
+    if name != "image_folder":
+        return {}
+    from tests.test_image_tasks import write_tree
+
+    write_tree(tmp_path / "images", n=2)
+    return {"root": str(tmp_path / "images"), "test_fraction": 0.5}
+
+
 @pytest.mark.parametrize("name", TASKS.names())
-def test_task_contract(name):
-    # class-level only: nothing here reads the task's data
+def test_task_contract(name, tmp_path, monkeypatch):
+    # class-level only: nothing here reads the task's data (but image_folder's tiny folder)
+    monkeypatch.setenv("CASCADE_CACHE", str(tmp_path / "cache"))
     cls = TASKS.get(name)
     assert isinstance(cls, type) and issubclass(cls, Task)
     assert issubclass(cls.Options, TaskOptions)
-    task = cls()
+    task = cls(cls.Options.model_validate(_task_options(name, tmp_path)))
     assert task_attribute_problems(task) == []
     assert isinstance(task.criterion.kind, TaskKind)
     assert cls.default_little is not None, "a registered task gives a default routed stage"
@@ -212,7 +227,11 @@ def test_post_hoc_scores_are_in_unit_interval_one_per_input(name, kind):
         fits.append(desc)
         _fit(model, objective, data, oc)
 
-    method.prepare(net, MethodContext(task=task, train=task.data(), seed=0, device=torch.device("cpu"), fit=fit))
+    cal = task.data(40)
+    method.prepare(net, MethodContext(task=task, train=task.data(), seed=0, device=torch.device("cpu"), fit=fit,
+                                      cal=cal, mode=Mode.WHITE_BOX, next_stage=net))
+    if method.cal_scores is not None:  # out-of-sample scores of the calibration split, one per input
+        assert method.cal_scores.shape == (len(cal),) and ((method.cal_scores >= 0) & (method.cal_scores <= 1)).all()
     x = task.data(7).tensors[0]
     with torch.no_grad():
         scores = method.score_batch(net, x)
