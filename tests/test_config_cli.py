@@ -114,7 +114,7 @@ def test_set_overrides_are_validated(tmp_path):
     with pytest.raises(ConfigError, match="pretrain.lr"):
         load_config(digits, ["pretrain.lr=-0.1"])
     # a number indexes the methods list; a method given by name alone takes options
-    assert [m.name for m in load_config(digits).methods] == ["appealnet", "msp", "gap", "entropy"]
+    assert [m.name for m in load_config(digits).methods][:4] == ["appealnet", "msp", "gap", "entropy"]
     cfg = load_config(digits, ["methods.0.predictor.inputs=[features]", "methods.0.lambda.budget=0.2",
                                "methods.1.label=msp_plain", "finetune_data=holdout"])
     assert cfg.methods[0].options()["predictor"]["inputs"] == ["features"]
@@ -123,9 +123,9 @@ def test_set_overrides_are_validated(tmp_path):
     assert cfg.finetune_data == "holdout"
     assert _errors(digits, ("methods.0.predictor.hiden=[8]",)) == [
         "methods.0.predictor.hiden: unknown key (did you mean 'hidden'?) (from --set methods.0.predictor.hiden=[8])"]
-    with pytest.raises(CascadeError, match=r"--set methods.4.label: '4' is not an index of the list at methods "
-                                           r"\(4 items\)"):
-        load_config(digits, ["methods.4.label=x"])
+    with pytest.raises(CascadeError, match=r"--set methods.8.label: '8' is not an index of the list at methods "
+                                           r"\(8 items\)"):
+        load_config(digits, ["methods.8.label=x"])
 
 
 def test_cli_validate_exit_codes(tmp_path, capsys):

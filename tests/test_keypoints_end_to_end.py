@@ -92,7 +92,8 @@ def test_keypoints_metrics_have_table5_fields(keypoints_run):
     for v in m["variants"]:
         assert v["correct_columns"][-1] is None and v["stage_mflops"][-1] is None
     points = m["operating_points"]
-    keys = sorted((p["method"], p["selection"], p["threshold_source"], p["target_ad"]) for p in points)
+    keys = sorted((p["method"], p["selection"], p["threshold_source"], p["target_ad"]) for p in points
+                  if p["method"] != "oracle")  # the limit: tests/test_baselines_and_limits.py
     assert keys == sorted((me, "target_ad", s, t) for me in METHODS for s in ("test", "val", "guaranteed")
                           for t in TARGETS)
     for p in points:
@@ -125,6 +126,8 @@ def test_keypoints_points_recomputed_from_samples_csv(keypoints_run):
         return float(np.mean(~kept)), float(np.mean(np.where(kept, right, True)))
 
     for p in m["operating_points"]:
+        if p["method"] == "oracle":
+            continue
         appeal, acc = route(p["method"], p["threshold"])
         assert p["appeal_rate"] == pytest.approx(appeal) and p["system_accuracy"] == pytest.approx(acc)
         if p["threshold_source"] == "test":

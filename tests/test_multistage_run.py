@@ -57,8 +57,8 @@ def test_cascade_run_writes_contract_files(digits_cascade_run):
     out = digits_cascade_run
     for name in ("config.yaml", "metrics.json", "points.csv", "table.md", "table.csv", "samples.csv", "run.log"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    assert sorted(p.name for p in (out / "figures").iterdir()) == ["accuracy_vs_cost_white_box.png",
-                                                                  "score_histograms.png", "threshold_violations.png"]
+    assert sorted(p.name for p in (out / "figures").iterdir()) == [
+        "accuracy_vs_cost_white_box.png", "gap_closed.png", "score_histograms.png", "threshold_violations.png"]
     systems = [f"reinforce_a{a:g}_white_box" for a in ALPHAS] + ["appealnet_white_box"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(
         f"seed0_{n}.pt" for n in ["big", "stage0", "stage1", *systems])
@@ -123,7 +123,7 @@ def test_cascade_metrics_contract(digits_cascade_run):
         assert v["fixed_threshold"] == (0.5 if v["method"] == "reinforce" else None)
 
     points = m["operating_points"]
-    assert {p["method"] for p in points} == set(METHODS)
+    assert {p["method"] for p in points} == set(METHODS) | {"oracle"}  # the limit, on the plain stages
     fields = {"mode", "method", "selection", "threshold_source", "threshold", "system_accuracy", "cost_mflops",
               "relative_cost", "exit_fractions", "skipping_rate", "appeal_rate", "ad", "target_ad", "budget_fraction",
               "anchor", "variants", "feasible"}
@@ -141,7 +141,8 @@ def test_cascade_metrics_contract(digits_cascade_run):
                 for t in TARGETS] + \
         [(me, "budget", s, None, b, None) for me in METHODS for s in ("test", "val") for b in BUDGETS] + \
         [("reinforce", "fixed", "fixed", None, None, f"a{a:g}") for a in ALPHAS] + \
-        [(me, "matched_cost", s, None, None, an) for an in anchors for me in METHODS[1:] for s in ("test", "val")]
+        [(me, "matched_cost", s, None, None, an) for an in anchors for me in METHODS[1:] for s in ("test", "val")] + \
+        [("oracle", "target_ad", "test", t, None, None) for t in TARGETS]
     assert sorted(keys, key=repr) == sorted(expected, key=repr)  # each point once
     assert {c["method"] for c in m["comparisons"]} == {"reinforce", "appealnet"}
     assert len(m["comparisons"]) == 2 * 3 * len(TARGETS)  # trained methods x sources x targets
@@ -194,7 +195,7 @@ def test_target_ad_points_recomputed_from_samples_csv(digits_cascade_run):
     test = _test_split(out)
     ref = test["big_correct"].mean()
     for p in m["operating_points"]:
-        if p["selection"] != "target_ad" or p["threshold_source"] != "test":
+        if p["selection"] != "target_ad" or p["threshold_source"] != "test" or p["method"] == "oracle":
             continue
         best = None
         for v in m["variants"]:
@@ -259,6 +260,8 @@ def test_two_stage_cascade_with_a_black_box_oracle(tmp_path):
     test = _test_split(tmp_path)
     for p in m["operating_points"]:
         assert p["ad"] == pytest.approx(1.0 - p["system_accuracy"])
+        if p["method"] == "oracle":
+            continue
         # AppealNet's Eq. 17: every input pays the network, the appealed ones the oracle too
         c0, c1 = variants[(p["method"], p["variants"][0])]["stage_mflops"]
         assert p["cost_mflops"] == pytest.approx(c0 + p["appeal_rate"] * c1)
@@ -308,7 +311,8 @@ def test_regression_cascade_on_synthetic_faces_quick(tmp_path, monkeypatch):
     assert list((tmp_path / "data" / "synthetic_faces").glob("*.csv"))
     m = _metrics(out)
     assert m["task"] == "keypoints" and m["kind"] == "regression" and m["num_stages"] == 3
-    assert {p["method"] for p in m["operating_points"]} == {"reinforce", "mc_dropout", "error_head", "appealnet"}
+    assert {p["method"] for p in m["operating_points"]} == {"reinforce", "mc_dropout", "error_head", "appealnet",
+                                                           "oracle"}
     assert m["methods"]["mc_dropout"] == {"kind": "post_hoc"} and m["methods"]["reinforce"] == {"kind": "trained"}
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["methods"][0]["policy"]["inputs"] == ["features", "output"]

@@ -244,7 +244,7 @@ def test_regression_without_methods_runs_with_the_regression_defaults(user, caps
     # each network's RMSE is over [N, 1] targets: one error per input, finite
     assert set(metrics["errors"]) >= {"big", "stage0", "appealnet_white_box_stage0"}
     assert all(0 < e["rmse"] < 10 for e in metrics["errors"].values())
-    assert {p["method"] for p in metrics["operating_points"]} == {"appealnet", "error_head"}
+    assert {p["method"] for p in metrics["operating_points"]} == {"appealnet", "error_head", "oracle"}
 
 
 def test_mc_dropout_on_stages_without_dropout_is_refused_before_training(user, capsys):
@@ -351,7 +351,7 @@ def test_num_outputs_above_the_classes_present_warns_and_runs(user, capsys):
     assert code == 0 and "Traceback" not in err
     assert warning in err.splitlines()
     metrics = json.loads((user.folder / "out" / "metrics.json").read_text())
-    assert {p["method"] for p in metrics["operating_points"]} == {"msp"}
+    assert {p["method"] for p in metrics["operating_points"]} == {"msp", "oracle"}
     samples = (user.folder / "out" / "samples.csv").read_text()
     assert "stage0_score_msp" in samples
 

@@ -48,7 +48,7 @@ def test_readme_method_examples_run(tmp_path):
     assert m["methods"] == {"DeferralHead": {"kind": "trained"}, "TemperatureMSP": {"kind": "post_hoc"},
                             "msp": {"kind": "post_hoc"}}
     points = [p for p in m["operating_points"] if p["selection"] == "target_ad"]
-    assert {p["method"] for p in points} == {"DeferralHead", "TemperatureMSP", "msp"}
+    assert {p["method"] for p in points} == {"DeferralHead", "TemperatureMSP", "msp", "oracle"}
     # the trained head learned something: its scores are not all alike
     assert m["predictor_collapsed"] == {"DeferralHead_white_box": []}
     # a temperature keeps MSP's ranking (up to ties where float64 saturates at T = 1)
