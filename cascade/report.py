@@ -383,11 +383,10 @@ def _violation_figure(metrics: dict[str, Any], writer: Any, plt: Any) -> None:
     their target on re-splits' test parts (bars: the mean over methods, dots: each method;
     dashes: the mean rate on the whole pool, the event the guarantee bounds), and delta."""
     rows = metrics.get("threshold_violations") or []
-    modes = [m for m in metrics["modes"] if any(r["mode"] == m for r in rows)]
-    if not modes:
+    fig, panels = _mode_panels(metrics, rows, plt, (5, 3.6))
+    if not panels:
         return
-    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 3.6), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
+    for ax, mode in panels:
         mine = [r for r in rows if r["mode"] == mode]
         targets = sorted({r["target_ad"] for r in mine})
         x = np.arange(len(targets))
@@ -418,11 +417,10 @@ def _gap_figure(metrics: dict[str, Any], writer: Any, plt: Any) -> None:
     """``gap_closed.png``: per mode, each method's gap closed to the oracle router at each
     target AD, val-tuned thresholds (the deployable figure)."""
     rows = [g for g in metrics.get("gap_closed", []) if g["threshold_source"] == "val" and g["gap_closed"] is not None]
-    modes = [m for m in metrics["modes"] if any(g["mode"] == m for g in rows)]
-    if not modes:
+    fig, panels = _mode_panels(metrics, rows, plt, (5.5, 3.8))
+    if not panels:
         return
-    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 3.8), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
+    for ax, mode in panels:
         mine = [g for g in rows if g["mode"] == mode]
         targets = sorted({g["target_ad"] for g in mine})
         methods = list(dict.fromkeys(g["method"] for g in mine))
@@ -438,3 +436,12 @@ def _gap_figure(metrics: dict[str, Any], writer: Any, plt: Any) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     writer.figure(fig, "gap_closed.png")
+
+
+def _mode_panels(metrics: dict[str, Any], rows: list[dict], plt: Any, size: tuple[float, float]) -> tuple[Any, list]:
+    """A figure with one panel per mode that has ``rows``, and ``[(axes, mode)]`` (empty: no figure)."""
+    modes = [m for m in metrics["modes"] if any(r["mode"] == m for r in rows)]
+    if not modes:
+        return None, []
+    fig, axes = plt.subplots(1, len(modes), figsize=(size[0] * len(modes), size[1]), squeeze=False)
+    return fig, list(zip(axes[0], modes))
