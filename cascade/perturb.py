@@ -120,12 +120,17 @@ def perturb_splits(splits: Splits, cfg: PerturbConfig, num_classes: int, prep: P
     """``(splits, the big network's training data)`` after ``cfg``'s perturbations.
 
     Raises:
-        CascadeError: data not in memory, a class outside the task's, or a shift on a
-            task without :class:`~cascade.roles.Preprocessing` (pixel space unknown).
+        CascadeError: data not in memory, label noise or a specialist on a regression
+            task, a class outside the task's, or a shift on a task without
+            :class:`~cascade.roles.Preprocessing` (pixel space unknown).
     """
     if not cfg.active:
         return splits, splits.train
     x, y = _tensors(splits.train, "train")
+    for key, on in (("label_noise", cfg.label_noise > 0), ("big_classes", cfg.big_classes is not None)):
+        if on and y.is_floating_point():
+            raise CascadeError(f"perturb.{key}: needs class labels, and this task's targets are real numbers "
+                               "(a regression task); leave it out")
     if cfg.label_noise > 0:
         y = noisy_labels(y, cfg.label_noise, num_classes, seed)
     train = TensorDataset(x, y)

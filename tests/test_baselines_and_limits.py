@@ -249,6 +249,10 @@ def test_perturb_splits_touches_only_what_it_says():
     assert torch.equal(out.cal.tensors[1], y) and torch.equal(out.cal.tensors[0], x)
     assert not torch.equal(out.test.tensors[0], x) and torch.equal(out.test.tensors[1], y)
     assert (big.tensors[1] == 0).all()  # the specialist sees class 0 alone (noisy labels included)
+    reg = Splits(*(TensorDataset(x, torch.rand(20, 2)) for _ in range(3)))
+    for cfg in (PerturbConfig(label_noise=0.1), PerturbConfig(big_classes=[0])):
+        with pytest.raises(Exception, match=r"perturb\.(label_noise|big_classes): needs class labels"):
+            perturb_splits(reg, cfg, 2, None, seed=0)
     same, same_big = perturb_splits(splits, PerturbConfig(), 4, None, seed=0)
     assert same is splits and same_big is splits.train
 
