@@ -102,7 +102,7 @@ def corrupt(x: Tensor, shift: ShiftConfig, prep: Preprocessing, seed: int) -> Te
     elif shift.corruption == "blur":
         from torchvision.transforms.functional import gaussian_blur
 
-        size = 2 * int(round(2 * level)) + 1
+        size = 2 * round(2 * level) + 1
         pixels = gaussian_blur(pixels, [size, size], [level, level])
     elif shift.corruption == "jpeg":
         from torchvision.io import decode_jpeg, encode_jpeg
