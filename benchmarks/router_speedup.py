@@ -15,9 +15,9 @@ the batch's sorted scores so that exactly round(AR * batch) inputs are appealed.
 time is the median of ``--repeats`` runs after warm-up (cascade.cost.median_time_ms);
 the networks are untrained, which changes nothing about their speed. Three routed paths:
 
-- ``router``: ``cascade.Router`` as deployed. Its boolean-mask indexing
-  (``active[stop]``, ``out.output[stop]``, ``active[~stop]``) reads each mask's size back
-  to the host: on CUDA every one is a device-to-host sync.
+- ``router``: ``cascade.Router`` as deployed: one host sync per routed stage
+  (``active[~stop]``, which sizes the next stage's batch); the answered rows are written
+  with ``torch.where``.
 - ``one-sync``: the mask and the gather of the appealed inputs stay torch ops on the
   device; ``nonzero`` is the one sync left, and it is needed: it sizes the big
   network's batch.

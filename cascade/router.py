@@ -77,21 +77,27 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> RoutedOutput:
+        # One host sync per routed stage, where the rows that go on are counted (the next
+        # stage's batch size); the answered rows are written with torch.where over the
+        # rows a stage saw, which needs none.
         n = len(x)
         last = self.num_stages - 1
         exit_stage = torch.full((n,), last, dtype=torch.long, device=x.device)
-        active = torch.arange(n, device=x.device)  # rows still travelling down the cascade
         output: Tensor | None = None
+        active: Tensor | None = None  # rows still travelling down the cascade; None: all of them
         for k, stage in enumerate(self.stages):
-            out = stage(x[active])
+            out = stage(x if active is None else x[active])
             if output is None:
                 output = torch.full((n, *out.output.shape[1:]), float("nan"), device=x.device)
             # compared in float64, the precision the run stored its scores in and chose the
             # thresholds on
-            stop = out.q.double() >= self.threshold
-            output[active[stop]] = out.output[stop].to(output.dtype)
-            exit_stage[active[stop]] = k
-            active = active[~stop]
+            stop = out.q.double() >= self.threshold  # [m]
+            keep = stop.view(-1, *([1] * (out.output.dim() - 1)))
+            answered = torch.where(keep, out.output.to(output.dtype), float("nan"))  # NaN: not answered yet
+            here = torch.where(stop, k, last)
+            rows = torch.arange(n, device=x.device) if active is None else active
+            output[rows], exit_stage[rows] = answered, here
+            active = rows[~stop]
             if len(active) == 0:
                 break
         if self.big is not None and len(active):
