@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cascade.building import freeze
 from cascade.methods import CascadeContext, RoutedSystem, TrainedMethod
 from cascade.networks import CLASSIFICATION_INPUTS, HeadInput, PredictorHead, TwoHeadNetwork
-from cascade.objectives import AppealNetObjective
+from cascade.objectives import DIRECT_TARGETS, AppealNetObjective
 from cascade.registry import METHODS
 from cascade.roles import MethodOptions, Oracle, Task, TaskKind, WhiteBoxOracle
 from cascade.trainer import LambdaControllerHook
@@ -104,7 +104,7 @@ class AppealNet(TrainedMethod):
             oracle: Oracle = WhiteBoxOracle(context.plain[k + 1]) if nxt else context.oracle
             objective = AppealNetObjective(crit, oracle, o.lambda_.init, o.approximator_loss, o.predictor_target)
             lc = o.lambda_
-            lagrangian = o.predictor_target in ("loss", "error")
+            lagrangian = o.predictor_target not in DIRECT_TARGETS
             hooks = (LambdaControllerHook(objective, lc.budget, lc.up, lc.down),) if lc.dynamic and lagrangian else ()
             data = context.with_oracle_outputs(context.data, oracle)
             groups = [{"params": list(net.predictor.parameters()), "lr": context.finetune.lr * o.predictor.lr_scale}]

@@ -838,6 +838,20 @@ def value_field(mode: str) -> str:
     return "cost_mflops" if mode == "white_box" else "appeal_rate"
 
 
+def _target_index(points: list[dict]) -> dict[tuple, dict]:
+    """``(mode, method, threshold source, target AD) -> point`` of the target-AD points."""
+    return {(p["mode"], p["method"], p["threshold_source"], p["target_ad"]): p
+            for p in points if p["selection"] == "target_ad"}
+
+
+def _best_rival(index: dict[tuple, dict], post_hoc: Sequence[str], mode: str, source: str,
+                target: float) -> dict | None:
+    """The cheapest post-hoc point (by :func:`value_field`) at one mode, source and target, or None."""
+    field = value_field(mode)
+    rivals = [r for b in post_hoc if (r := index.get((mode, b, source, target))) is not None and r[field] is not None]
+    return min(rivals, key=lambda r: r[field]) if rivals else None
+
+
 def comparisons(points: list[dict], trained: Sequence[str], post_hoc: Sequence[str]) -> list[dict]:
     """Each trained method against the best post-hoc method at each target-AD point.
 
@@ -846,18 +860,15 @@ def comparisons(points: list[dict], trained: Sequence[str], post_hoc: Sequence[s
     both points reached their AD target on the test split (a val-tuned threshold may
     miss it: the ratio then compares points of different accuracy).
     """
-    index = {(p["mode"], p["method"], p["threshold_source"], p["target_ad"]): p
-             for p in points if p["selection"] == "target_ad"}
+    index = _target_index(points)
     out = []
     for (mode, method, source, target), p in index.items():
         if method not in trained:
             continue
         field = value_field(mode)
-        rivals = [index[(mode, b, source, target)] for b in post_hoc if (mode, b, source, target) in index]
-        rivals = [r for r in rivals if r[field] is not None]
-        if not rivals or p[field] is None:
+        best = _best_rival(index, post_hoc, mode, source, target)
+        if best is None or p[field] is None:
             continue
-        best = min(rivals, key=lambda r: r[field])
         value = p[field]
         ratio = best[field] / value if value > 0 else (1.0 if best[field] == 0 else None)
         met = all(q["ad"] <= target + 1e-9 for q in (p, best))
@@ -884,16 +895,14 @@ def gap_table(points: list[dict], post_hoc: Sequence[str]) -> list[dict]:
     """Every method's gap closed at each target-AD point (:func:`gap_closed`), against the
     best post-hoc method with the same threshold source and the oracle router (test
     thresholds: the limit). Post-hoc methods are listed too (the best one closes 0)."""
-    index = {(p["mode"], p["method"], p["threshold_source"], p["target_ad"]): p
-             for p in points if p["selection"] == "target_ad"}
+    index = _target_index(points)
     out = []
     for (mode, method, source, target), p in index.items():
         field = value_field(mode)
         oracle = index.get((mode, ORACLE, "test", target))
-        rivals = [index[k] for b in post_hoc if (k := (mode, b, source, target)) in index and index[k][field] is not None]
-        if method == ORACLE or oracle is None or oracle[field] is None or not rivals or p[field] is None:
+        best = _best_rival(index, post_hoc, mode, source, target)
+        if method == ORACLE or oracle is None or oracle[field] is None or best is None or p[field] is None:
             continue
-        best = min(rivals, key=lambda r: r[field])
         out.append({"mode": mode, "threshold_source": source, "target_ad": target, "method": method,
                     "field": field, "value": p[field], "best_post_hoc": best["method"],
                     "best_post_hoc_value": best[field], "oracle_value": oracle[field],

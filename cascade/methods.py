@@ -195,9 +195,10 @@ def build_methods(specs: Sequence[MethodSpec] | None, kind: TaskKind) -> list[Me
     return entries
 
 
-def scorer_key(entry: MethodEntry, mode: Mode) -> str:
+def scorer_key(entry: MethodEntry, mode: Mode | None) -> str:
     """What names a post-hoc method's scores in ``samples.csv`` (``stage0_score_<key>``): its
-    label, with the mode for a ``mode_dependent`` method (one scorer per mode)."""
+    label, with the mode for a ``mode_dependent`` method (one scorer per mode; any other
+    method's key ignores ``mode``)."""
     return f"{entry.label}_{mode.value}" if getattr(entry.cls, "mode_dependent", False) else entry.label
 
 

@@ -56,6 +56,10 @@ class SupervisedObjective(Objective):
         return {"loss": loss.mean()}
 
 
+#: predictor targets learned directly, without the Lagrangian (and without its lambda controller)
+DIRECT_TARGETS = ("safe", "loss_gap")
+
+
 class AppealNetObjective(Objective):
     """AppealNet joint training, METHOD.md Eq. 11 (white-box) and Eq. 12 (black-box).
 
@@ -111,7 +115,7 @@ class AppealNetObjective(Objective):
         out: StageOutput = model(x)
         q = out.q.clamp(self.eps, 1 - self.eps)  # [B]
         loss0 = self.criterion.per_sample(out.output, y)  # [B]
-        if self.predictor_target in ("safe", "loss_gap"):
+        if self.predictor_target in DIRECT_TARGETS:
             return self._direct(out, q, loss0, x, y, oracle_out)
         if self.predictor_target == "error":
             l0 = (~self.criterion.correct(out.output, y)).float()

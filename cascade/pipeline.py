@@ -523,7 +523,7 @@ class Experiment:
                     scorer.prepare(net, MethodContext(task=self.task, train=splits.train, seed=seed, device=self.device,
                                                       fit=fit, cal=splits.cal, mode=mode, next_stage=nxt))
                     per_stage.append(scorer)
-                out[scorer_key(entry, mode) if mode is not None else entry.label] = per_stage
+                out[scorer_key(entry, mode)] = per_stage
         return out
 
     def _save(self, seed: int, big, plain: list, systems: dict) -> None:
@@ -542,12 +542,17 @@ class Experiment:
     def _last_cost(self, mode: Mode, costs: dict) -> float | None:
         return self.oracle(mode, None, costs).cost_mflops if mode == Mode.BLACK_BOX else costs[BIG]["mflops"]
 
+    def _plain_variant(self, method: str, mode: Mode, costs: dict, r: int, key: str | None) -> Variant:
+        """A system of the plain stages: their correctness and costs, and the scores of post-hoc
+        method ``key`` (None: no score columns, the oracle router's)."""
+        scores = () if key is None else tuple(f"{stage_name(k)}_score_{key}" for k in range(r))
+        return Variant(method, mode.value, "", scores, (*(f"{stage_name(k)}_correct" for k in range(r)),
+                                                         self._last_column(mode)),
+                       (*(costs[stage_name(k)]["mflops"] for k in range(r)), self._last_cost(mode, costs)))
+
     def _oracle_variants(self, costs: dict, r: int) -> list[Variant]:
         """Per mode, the plain stages' correctness and costs: what the oracle router routes."""
-        return [Variant(ORACLE, mode.value, "", (), (*(f"{stage_name(k)}_correct" for k in range(r)),
-                                                     self._last_column(mode)),
-                        (*(costs[stage_name(k)]["mflops"] for k in range(r)), self._last_cost(mode, costs)))
-                for mode in self.modes]
+        return [self._plain_variant(ORACLE, mode, costs, r, None) for mode in self.modes]
 
     def _variants(self, systems: dict, costs: dict, plain: list) -> tuple[list[Variant], dict[str, dict]]:
         shape = self.task.input_shape
@@ -557,11 +562,7 @@ class Experiment:
             last, last_cost = self._last_column(mode), self._last_cost(mode, costs)
             for entry in self.methods:
                 if entry.kind == MethodKind.POST_HOC:
-                    key = scorer_key(entry, mode)
-                    variants.append(Variant(
-                        entry.label, mode.value, "", tuple(f"{stage_name(k)}_score_{key}" for k in range(r)),
-                        (*(f"{stage_name(k)}_correct" for k in range(r)), last),
-                        (*(costs[stage_name(k)]["mflops"] for k in range(r)), last_cost)))
+                    variants.append(self._plain_variant(entry.label, mode, costs, r, scorer_key(entry, mode)))
                     continue
                 for name, (e, m, system) in systems.items():
                     if e is not entry or m != mode:
@@ -618,12 +619,14 @@ class Experiment:
             c, targets = self._columns(BIG, big, dataset)
             cols.update(c)
         for k, net in enumerate(plain):
+            # a scorer fitted on the calibration split gives its out-of-sample scores of it instead
+            fitted = {key: per_stage[k].cal_scores for key, per_stage in scorers.items()
+                      if split == "cal" and per_stage[k].cal_scores is not None}
             c, targets = self._columns(stage_name(k), net, dataset,
-                                       {key: per_stage[k] for key, per_stage in scorers.items()})
-            if split == "cal":  # a scorer fitted on this split gives its out-of-sample scores
-                c.update({f"{stage_name(k)}_score_{key}": per_stage[k].cal_scores.double().numpy()
-                          for key, per_stage in scorers.items() if per_stage[k].cal_scores is not None})
-            cols.update(c)
+                                       {key: per_stage[k] for key, per_stage in scorers.items() if key not in fitted})
+            c.update({f"{stage_name(k)}_score_{key}": scores.double().numpy() for key, scores in fitted.items()})
+            scored = [f"{stage_name(k)}_score_{key}" for key in scorers]  # the columns in the scorers' order
+            cols.update({name: c[name] for name in [n for n in c if n not in scored] + scored})
         for name, (_, _, system) in systems.items():
             for k, stage in enumerate(system.stages):
                 cols.update(self._columns(f"{name}_{stage_name(k)}", stage, dataset)[0])
