@@ -423,7 +423,11 @@ class Experiment:
             self._device_data.clear()
             with timed_phase(f"seed {seed} checks"):
                 splits = self.check(seed, networks=seed == cfg.seeds[0])  # the networks once per run
-            splits, big_data = perturb_splits(splits, cfg.perturb, self.task.num_outputs, self.task.preprocessing, seed)
+            try:
+                splits, big_data = perturb_splits(splits, cfg.perturb, self.task.num_outputs,
+                                                  self.task.preprocessing, seed)
+            except CascadeError as exc:  # the key is in the message; the config file is not
+                raise CascadeError(f"{self.source or 'config'}: {exc}") from None
             torch.manual_seed(seed)
             pre_data, tune_data = splits.train, splits.train
             if cfg.finetune_data == "holdout":
