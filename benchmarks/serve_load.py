@@ -1,6 +1,16 @@
-"""A bounded local load test of ``cascade serve`` with a remote oracle that dies.
+"""A bounded local load test of ``cascade serve``: with a remote oracle that dies, or
+against a bare endpoint (``--vs-bare``).
 
     python benchmarks/serve_load.py runs/digits --requests 400 --concurrency 16
+    python benchmarks/serve_load.py runs/digits --method msp --mode white_box --vs-bare
+
+``--vs-bare`` measures ``cascade serve`` (and ``cascade serve --workers N``) against
+``benchmarks/serve_bare.py``, a bare FastAPI endpoint calling ``Bundle.route`` once per
+request, over the same bundle and the same one-input JSON body, in one run, at each of
+``--concurrencies`` for ``--seconds`` each, with the load generator ``hey`` (a Go
+binary: ``apt-get install -y hey``, or ``go install github.com/rakyll/hey@latest``),
+every server with 1 torch thread, all on loopback. It prints a markdown table of
+requests/s and p50 / p99 latency as hey sees them.
 
 Starts ``cascade serve-oracle`` and ``cascade serve --oracle-url`` as child processes on
 free loopback ports, sends ``--requests`` requests ``--concurrency`` at a time (httpx),
@@ -23,8 +33,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -176,6 +190,68 @@ def _table(phases: list[Phase]) -> str:
     return "\n".join(lines)
 
 
+# -- serve against a bare endpoint, with hey -------------------------------------------------
+
+
+def hey(url: str, body: Path, concurrency: int, seconds: float | None = None, requests: int | None = None) -> dict:
+    """One ``hey`` run of POST ``{url}/predict``: requests/s, p50 / p99 seconds, statuses.
+
+    Raises:
+        RuntimeError: hey failed, or answered with statuses other than 200.
+    """
+    amount = ["-z", f"{seconds:g}s"] if seconds else ["-n", str(requests)]
+    done = subprocess.run(["hey", *amount, "-c", str(concurrency), "-m", "POST", "-T", "application/json",
+                           "-D", str(body), f"{url}/predict"], capture_output=True, text=True, check=False,
+                          timeout=(seconds or 60) + 60)
+    out = done.stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    quantiles = dict(re.findall(r"(\d+)%+ in ([\d.]+) secs", out))
+    statuses = dict(re.findall(r"\[(\d+)\]\s+(\d+) responses", out))
+    if done.returncode != 0 or rps is None or set(statuses) != {"200"}:
+        raise RuntimeError(f"hey against {url}: rc {done.returncode}, statuses {statuses}: {out[-500:]}{done.stderr}")
+    return {"rps": float(rps.group(1)), "p50": float(quantiles["50"]), "p99": float(quantiles["99"])}
+
+
+def compare_with_bare(bundle: Path, one_input: np.ndarray, concurrencies: list[int], seconds: float, workers: int,
+                      tmp: Path) -> int:
+    """``cascade serve`` (and ``--workers``) against serve_bare.py at each concurrency;
+    prints the table. 0 if both targets hold (c=1: serve's p50 within 1.3x of bare's;
+    c >= 8: serve's requests/s at least bare's), else 1."""
+    from cascade.serve import ServerProcess
+
+    if shutil.which("hey") is None:
+        print("hey not found: apt-get install -y hey (or go install github.com/rakyll/hey@latest)", file=sys.stderr)
+        return 2
+    body = tmp / "one_input.json"
+    body.write_text(json.dumps({"input": one_input.tolist()}))
+    servers = {"serve": ["serve", str(bundle), "--threads", "1"], "bare": [str(bundle), "--threads", "1"]}
+    if workers > 1:
+        servers[f"serve --workers {workers}"] = [*servers["serve"], "--workers", str(workers)]
+    results: dict[str, dict[int, dict]] = {name: {} for name in servers}
+    with contextlib.ExitStack() as stack:
+        urls = {name: stack.enter_context(ServerProcess(
+                    args, command=[sys.executable, str(REPO / "benchmarks" / "serve_bare.py")] if name == "bare"
+                    else None)).url for name, args in servers.items()}
+        for c in concurrencies:
+            for name, url in urls.items():  # the servers take turns at each concurrency: they share the noise
+                hey(url, body, c, requests=max(200, 4 * c))  # warm-up
+                results[name][c] = hey(url, body, c, seconds=seconds)
+                print(f"c={c} {name}: {results[name][c]}", file=sys.stderr, flush=True)
+    names = list(servers)
+    head = "| concurrency | " + " | ".join(f"{n} req/s | p50 ms | p99 ms" for n in names) + " |"
+    lines = [head, "|" + "---|" * (1 + 3 * len(names))]
+    for c in concurrencies:
+        cells = [f"{results[n][c]['rps']:,.0f} | {results[n][c]['p50'] * 1000:.1f} | {results[n][c]['p99'] * 1000:.1f}"
+                 for n in names]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    serve, bare = results["serve"], results["bare"]
+    ok = all(serve[c]["p50"] <= 1.3 * bare[c]["p50"] if c == 1 else serve[c]["rps"] >= bare[c]["rps"]
+             for c in concurrencies)
+    print(f"targets (c=1: serve p50 <= 1.3x bare; c>=8: serve req/s >= bare): {'met' if ok else 'NOT met'}")
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="a run folder or a bundle")
@@ -188,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="black_box", help="a run folder: the bundle's mode (default black_box)")
     p.add_argument("--target-ad", type=float, default=0.02, help="a run folder: the operating point (default 0.02)")
     p.add_argument("--max-batch", type=int, default=64, help="serve --max-batch (default 64)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="serve --max-wait-ms (default 5)")
+    p.add_argument("--max-wait-ms", type=float, default=0.0, help="serve --max-wait-ms (default 0)")
+    p.add_argument("--vs-bare", action="store_true", help="measure serve against a bare endpoint with hey")
+    p.add_argument("--concurrencies", default="1,8,32,128", help="--vs-bare: hey -c values (default 1,8,32,128)")
+    p.add_argument("--seconds", type=float, default=5.0, help="--vs-bare: seconds per measurement (default 5)")
+    p.add_argument("--workers", type=int, default=2, help="--vs-bare: also serve --workers N (0: not; default 2)")
     args = p.parse_args(argv)
     if args.requests < 3 or args.concurrency < 1 or args.batch < 1:
         p.error("--requests must be at least 3, --concurrency and --batch at least 1")
@@ -212,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
             oracle = Path(args.oracle) if args.oracle else source
             run = source
         inputs = np.load(args.inputs, allow_pickle=False) if args.inputs else _raw_inputs(run, manifest)
+        if args.vs_bare:
+            return compare_with_bare(bundle, inputs[0], [int(c) for c in args.concurrencies.split(",")],
+                                     args.seconds, args.workers, Path(tmp))
         last = len(manifest["stages"]) - 1
         print(f"bundle {bundle} ({manifest['operating_point']['method']}, {manifest['operating_point']['mode']}, "
               f"{len(manifest['stages'])} stages); oracle {oracle}; {len(inputs)} distinct inputs; "

@@ -38,6 +38,7 @@ from cascade.checkpoint import CheckpointHook, CheckpointStore
 from cascade.pipeline import Experiment
 from cascade.router import RoutedOutput, Router
 from cascade.bundle import Bundle, RoutedBatch
+from cascade.inputs import InputFile, load_inputs
 from cascade.trainer import HistoryHook, HookBase, LambdaControllerHook, ProgressHook, Trainer
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "FeatureNet",
     "HistoryHook",
     "HookBase",
+    "InputFile",
     "LambdaControllerHook",
     "MaskedL2TaskLoss",
     "METHODS",
@@ -101,6 +103,7 @@ __all__ = [
     "cascade_point",
     "cascade_sweep",
     "load_config",
+    "load_inputs",
     "measure_cost",
     "mlp",
     "random_crop_flip",

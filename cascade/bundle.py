@@ -3,24 +3,26 @@
 A bundle is the folder ``cascade export`` writes (:mod:`cascade.export`)::
 
     manifest.json     what it is: input shape, preprocessing, output names, thresholds,
-                      each stage's cost, the operating point it was chosen for
+                      each stage's cost and SHA-256, the operating point it was chosen for
     stage_0.pt2       each routed stage as a torch.export program:
     stage_1.pt2 ...   preprocessed batch [B, *input_shape] -> (output [B, D], score [B])
     stage_{K-1}.pt2   the big network (white-box only; a black-box bundle's last stage is
                       an oracle outside it)
 
 :class:`Bundle` needs nothing but torch, numpy and that folder: no config, no task
-class, no pickled code (``torch.export.load`` reads a serialized graph and its
-weights). The routing branch is plain Python here, outside the graphs: stage ``k``
-runs only on the rows no earlier stage kept, and answers where its score is at least
-its threshold.
+class. A bundle is data: :meth:`Bundle.load` validates the manifest with one schema
+(:mod:`cascade.manifest`), opens only plain file names inside the folder, checks each
+file's SHA-256, and refuses a stage program holding anything ``torch.export.load``
+would unpickle, exec or eval (:mod:`cascade.pt2`) before torch reads it. The routing
+branch is plain Python here, outside the graphs: stage ``k`` runs only on the rows no
+earlier stage kept, and answers where its score is at least its threshold.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +33,11 @@ import torch
 from torch import Tensor
 
 from cascade.errors import CascadeError
+from cascade.manifest import FORMAT_VERSION, Manifest, read_manifest
+from cascade.pt2 import load_program
 
-#: the manifest formats this code reads
-FORMAT_VERSION = 1
+#: a stage file larger than this is refused before it is read into memory
+MAX_STAGE_BYTES = 4 << 30
 #: image files ``load_inputs`` reads from a folder
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _INTEGER_TYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -85,15 +89,16 @@ class Bundle:
     def __init__(self, path: Path, manifest: dict[str, Any], routed: list, last: Any | None):
         self.path, self.manifest = path, manifest
         self._routed, self._last = routed, last
-        self.kind: str = manifest["kind"]
-        self.input_shape: tuple[int, ...] = tuple(manifest["input"]["shape"])
-        self.output_names: list[str] = list(manifest["output_names"])
+        spec = Manifest.model_validate_json(json.dumps(manifest, allow_nan=False))  # callers outside load() get the same checks
+        self.kind: str = spec.kind.value
+        self.input_shape: tuple[int, ...] = tuple(spec.input.shape)
+        self.output_names: list[str] = list(spec.output_names)
         # null: no input stops there (a guaranteed point that certified no threshold)
-        self.thresholds: list[float] = [math.inf if t is None else float(t) for t in manifest["thresholds"]]
-        self.stage_mflops: list[float | None] = [s["mflops"] for s in manifest["stages"]]
-        pre = manifest.get("preprocessing")
-        self._pre = None if pre is None else (float(pre["raw_max"]), [float(m) for m in pre["mean"]],
-                                              [float(s) for s in pre["std"]])
+        self.thresholds: list[float] = [math.inf if t is None else float(t) for t in spec.thresholds]
+        self.stage_mflops: list[float | None] = [s.mflops for s in spec.stages]
+        pre = spec.preprocessing
+        self._pre = None if pre is None else (float(pre.raw_max), [float(m) for m in pre.mean],
+                                              [float(s) for s in pre.std])
 
     @property
     def num_stages(self) -> int:
@@ -112,48 +117,31 @@ class Bundle:
 
     @classmethod
     def load(cls, path: str | Path) -> Bundle:
-        """Read a bundle folder.
+        """Read a bundle folder, treating everything in it as untrusted data.
+
+        In order: the manifest against its schema (:func:`cascade.manifest.read_manifest`;
+        file names are plain names, refused before any file is opened); each listed file's
+        SHA-256 against the manifest; each stage program's archive, member by member, before
+        torch reads those same bytes (:func:`cascade.pt2.load_program`); then each program
+        once on a zero input, whose outputs must be ``[1, len(output_names)]`` and ``[1]``.
 
         Raises:
-            CascadeError: a missing folder, manifest or stage file; a manifest of another
-                format version; a stage file torch.export cannot read.
+            CascadeError: one line naming the file and the key or archive member: a missing
+                folder, manifest or file; a manifest of another format version or failing
+                its schema; a file whose hash differs; a program holding pickles or code, or
+                that torch.export cannot read, or whose outputs do not fit the manifest.
         """
         path = Path(path)
         mf = path / "manifest.json"
         if not mf.is_file():
             raise CascadeError(f"{mf}: not found; is {path} a folder written by `cascade export`?")
-        try:
-            manifest = json.loads(mf.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CascadeError(f"{mf}: not valid JSON ({exc})") from None
-        version = manifest.get("format_version") if isinstance(manifest, dict) else None
-        if version != FORMAT_VERSION:
-            raise CascadeError(f"{mf}: format_version {version!r}; this cascade reads version {FORMAT_VERSION} "
-                               "(export the run again with this version)")
-        missing = [k for k in ("kind", "input", "output_names", "thresholds", "stages", "operating_point", "task")
-                   if k not in manifest]
-        if missing:
-            raise CascadeError(f"{mf}: missing key(s) {', '.join(missing)}")
-        stages = manifest["stages"]
-        programs = []
-        for s in stages:
-            if s.get("file") is None:
-                programs.append(None)
-                continue
-            file = path / s["file"]
-            if not file.is_file():
-                raise CascadeError(f"{file}: not found (listed in {mf})")
-            if not zipfile.is_zipfile(file):  # torch.export.load would log a traceback before failing
-                raise CascadeError(f"{file}: not a torch.export program (not a .pt2 archive)")
-            try:
-                programs.append(torch.export.load(str(file)).module())
-            except Exception as exc:  # noqa: BLE001  (torch raises many types for a corrupt archive)
-                raise CascadeError(f"{file}: not a torch.export program ({type(exc).__name__}: "
-                                   f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-        if any(p is None for p in programs[:-1]) or len(programs) < 2:
-            raise CascadeError(f"{mf}: every routed stage needs a file, and there must be at least two stages")
-        if len(manifest["thresholds"]) != len(programs) - 1:
-            raise CascadeError(f"{mf}: {len(manifest['thresholds'])} thresholds for {len(programs) - 1} routed stage(s)")
+        spec, manifest = read_manifest(mf)
+        contents = {name: _read_checked(path / name, mf, key, digest) for key, name, digest in spec.files()}
+        programs = [None if s.file is None else load_program(str(path / s.file), contents[s.file])
+                    for s in spec.stages]
+        for k, program in enumerate(programs):
+            if program is not None:
+                _check_outputs(path / spec.stages[k].file, program, spec)
         return cls(path, manifest, programs[:-1], programs[-1])
 
     # -- inputs --------------------------------------------------------------------------
@@ -264,82 +252,46 @@ class Bundle:
         return output.tolist()
 
 
+def _read_checked(file: Path, mf: Path, key: str, digest: str) -> bytes:
+    """The bytes of a file the manifest lists, if their SHA-256 is the manifest's."""
+    try:
+        size = file.stat().st_size
+        if size > MAX_STAGE_BYTES:
+            raise CascadeError(f"{file}: {size >> 20} MiB, larger than a stage file may be ({MAX_STAGE_BYTES >> 30} "
+                               "GiB)")
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise CascadeError(f"{file}: not found (listed in {mf} as {key})") from None
+    except OSError as exc:
+        raise CascadeError(f"{file}: cannot be read ({exc.strerror or exc})") from None
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise CascadeError(f"{file}: SHA-256 differs from {mf}'s {key.rsplit('.', 1)[0]}: this is not the file "
+                           "exported with that manifest (swapped, truncated or modified); export the run again")
+    return data
+
+
+@torch.no_grad()
+def _check_outputs(file: Path, program: Any, spec: Manifest) -> None:
+    """Run a program once on a zero input: its outputs must fit the manifest, so that a
+    server never starts with a bundle that fails every request."""
+    width = len(spec.output_names)
+    try:
+        result = program(torch.zeros(1, *spec.input.shape))
+    except Exception as exc:  # noqa: BLE001  (whatever the graph raises, it cannot route)
+        text = str(exc).strip()
+        raise CascadeError(f"{file}: fails on one input of the manifest's input.shape {spec.input.shape} "
+                           f"({type(exc).__name__}: {text.splitlines()[0] if text else ''})") from None
+    if (not isinstance(result, (tuple, list)) or len(result) != 2
+            or not all(isinstance(t, Tensor) for t in result)):
+        raise CascadeError(f"{file}: does not return (output, score) tensors")
+    out, score = result
+    if tuple(out.shape) != (1, width):
+        raise CascadeError(f"{file}: gives outputs of shape {list(out.shape)} for one input; the manifest's "
+                           f"output_names has {width} names")
+    if tuple(score.shape) != (1,):
+        raise CascadeError(f"{file}: gives scores of shape {list(score.shape)} for one input, not [1]")
+
+
 def _per_channel(values: list[float], x: Tensor) -> Tensor:
     return torch.tensor(values, dtype=x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
 
-
-def load_inputs(path: str | Path, bundle: Bundle) -> tuple[list[str], np.ndarray]:
-    """Raw inputs from a file or folder, and a name for each (row number or file name).
-
-    - ``.npy``: an array ``[N, *input_shape]`` (no pickled objects);
-    - ``.csv``: one input per row, its values flattened (a header row is allowed);
-    - a folder of images: each resized to the input's height and width, grey or RGB by
-      its channels, pixel values mapped to the task's raw range.
-
-    Raises:
-        CascadeError: a missing path, an unreadable file, a wrong width or shape, a
-            non-numeric cell (naming its row), a task with no image preprocessing.
-    """
-    path = Path(path)
-    if path.is_dir():
-        return _read_images(path, bundle)
-    if not path.is_file():
-        raise CascadeError(f"{path}: not found")
-    if path.suffix.lower() == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise CascadeError(f"{path}: not a numpy array file ({exc})") from None
-        return [str(i) for i in range(len(arr))] if arr.ndim else [], arr
-    if path.suffix.lower() == ".csv":
-        return _read_csv(path, bundle)
-    raise CascadeError(f"{path}: give a .npy array, a .csv of features, or a folder of images")
-
-
-def _read_csv(path: Path, bundle: Bundle) -> tuple[list[str], np.ndarray]:
-    import pandas as pd
-
-    width = int(np.prod(bundle.input_shape))
-    try:
-        frame = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise CascadeError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
-    values = frame.apply(pd.to_numeric, errors="coerce")
-    first = 0
-    if len(values) and values.iloc[0].isna().all():  # a header row
-        first = 1
-    values = values.iloc[first:]
-    if values.shape[1] != width:
-        raise CascadeError(f"{path}: {values.shape[1]} columns; this bundle's input {list(bundle.input_shape)} "
-                           f"has {width} values per row")
-    bad = values.isna().any(axis=1).to_numpy()
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0]) + first + 1
-        raise CascadeError(f"{path}: line {row}: a cell that is not a number")
-    arr = values.to_numpy(np.float32).reshape(len(values), *bundle.input_shape)
-    return [str(i) for i in range(len(arr))], arr
-
-
-def _read_images(folder: Path, bundle: Bundle) -> tuple[list[str], np.ndarray]:
-    from PIL import Image, UnidentifiedImageError
-
-    shape = bundle.input_shape
-    if bundle._pre is None or len(shape) != 3 or shape[0] not in (1, 3):
-        raise CascadeError(f"{folder}: this bundle's task declares no image input (Task.preprocessing, a "
-                           f"[1 or 3, H, W] input; it takes {list(shape)}); route a .npy array instead")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise CascadeError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-    channels, height, width = shape
-    raw_max = bundle._pre[0]
-    images = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                im = im.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
-                a = np.asarray(im, dtype=np.float32)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise CascadeError(f"{f}: not a readable image ({exc})") from None
-        a = a[None] if channels == 1 else a.transpose(2, 0, 1)
-        images.append(a * (raw_max / 255.0))
-    return [f.name for f in files], np.stack(images)

@@ -2,18 +2,21 @@
 A thin layer over the library.
 
 User errors (config, data, checkpoint, argument, an unwritable output folder) print one
-line per problem to stderr and exit with code 2, without a traceback. Ctrl-C during
-``run`` saves a checkpoint, prints the command that resumes the run, and exits with 130.
+line per problem to stderr and exit with code 2, without a traceback. Ctrl-C (or SIGTERM)
+during ``run`` saves a checkpoint, prints the command that resumes the run, and exits with 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from cascade.errors import CascadeError
@@ -60,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("inputs", help="a .npy array, a .csv of features (one input per row) or a folder of images")
     route.add_argument("--out", required=True, help="the CSV to write")
     route.add_argument("--batch", type=int, default=256, help="inputs per batch (default 256)")
+    route.add_argument("--header", action=argparse.BooleanOptionalAction, default=None,
+                       help="a CSV's first row names the columns (--header) or is an input (--no-header); default: "
+                       "a header when it is not numeric or is 0,1,...,D-1 (what pandas writes with no column names)")
+    route.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                       help="refuse images with more pixels (width x height) than this, before decoding them "
+                       "(default 50000000)")
     _add_networks_parser(sub)
     _add_serve_parsers(sub)
     return p
@@ -109,6 +118,7 @@ def _cmd_networks(args: argparse.Namespace) -> int:
 # -- serve, serve-oracle (cascade.serve) ------------------------------------------------------
 
 
+_TOKEN_ENV, _ORACLE_TOKEN_ENV = "CASCADE_TOKEN", "CASCADE_ORACLE_TOKEN"  # cascade.serve.TOKEN_ENV: not imported here
 THREADS_HELP = ("torch threads (default 1: one batch runs at a time, and small networks are fastest on one core; "
                 "raise it for a big network on a machine with cores to spare)")
 
@@ -120,12 +130,21 @@ def _add_serve_parsers(sub) -> None:
                        "(default: a white-box bundle's own big network)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="server processes sharing the port, each with the bundle loaded (default 1)")
     serve.add_argument("--max-batch", type=int, default=64, help="inputs per micro-batch (default 64)")
-    serve.add_argument("--max-wait-ms", type=float, default=5.0,
-                       help="how long a micro-batch waits for more requests (default 5 ms)")
-    serve.add_argument("--oracle-timeout", type=float, default=2.0, help="seconds per oracle request (default 2)")
+    serve.add_argument("--max-wait-ms", type=float, default=0.0,
+                       help="how long a micro-batch waits for more requests after its first (default 0: an idle "
+                       "worker routes at once; requests batch while it is busy)")
+    serve.add_argument("--max-body-mb", type=float, default=32.0,
+                       help="the largest request body, refused (413) while it is read (default 32)")
+    serve.add_argument("--token", help=f"require Authorization: Bearer TOKEN on /predict and /metrics (default: "
+                       f"${_TOKEN_ENV} if set, else no auth; /health stays open)")
+    serve.add_argument("--oracle-timeout", type=float, default=2.0,
+                       help="seconds an appealed batch may wait for the oracle, retries included (default 2)")
     serve.add_argument("--oracle-retries", type=int, default=2,
-                       help="retries of a failed oracle request (default 2)")
+                       help="retries of a failed oracle request, within --oracle-timeout (default 2)")
+    serve.add_argument("--oracle-token", help=f"the bearer token sent to the oracle (default: ${_ORACLE_TOKEN_ENV})")
     serve.add_argument("--breaker-failures", type=int, default=3,
                        help="consecutive oracle failures that open the circuit breaker (default 3)")
     serve.add_argument("--breaker-cooldown", type=float, default=5.0,
@@ -136,6 +155,10 @@ def _add_serve_parsers(sub) -> None:
     oracle.add_argument("source", help="a white-box bundle, or a run folder (its big network is exported)")
     oracle.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     oracle.add_argument("--port", type=int, default=8001, help="port (default 8001; 0: any free one)")
+    oracle.add_argument("--max-body-mb", type=float, default=256.0,
+                        help="the largest request body, refused (413) while it is read (default 256)")
+    oracle.add_argument("--token", help=f"require Authorization: Bearer TOKEN on /predict (default: ${_TOKEN_ENV} "
+                        "if set, else no auth)")
     oracle.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
 
 
@@ -158,18 +181,28 @@ def _torch_threads(threads: int | None, flag: str = "--threads"):
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from cascade.bundle import Bundle
-    from cascade.serve import bind_socket, create_app, run_server, server_url
+    from cascade.serve import SETTINGS_ENV, bind_socket, create_app, run_server, server_url
 
+    if args.workers < 1:
+        raise CascadeError(f"--workers {args.workers}: must be at least 1")
+    options = dict(oracle_url=args.oracle_url, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                   oracle_timeout_s=args.oracle_timeout, oracle_retries=args.oracle_retries,
+                   breaker_failures=args.breaker_failures, breaker_cooldown_s=args.breaker_cooldown,
+                   max_body_mb=args.max_body_mb, token=args.token or os.environ.get(_TOKEN_ENV) or None,
+                   oracle_token=args.oracle_token or os.environ.get(_ORACLE_TOKEN_ENV) or None)
     with _torch_threads(args.threads):
         bundle = Bundle.load(args.bundle)
-        app = create_app(bundle, oracle_url=args.oracle_url, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                         oracle_timeout_s=args.oracle_timeout, oracle_retries=args.oracle_retries,
-                         breaker_failures=args.breaker_failures, breaker_cooldown_s=args.breaker_cooldown)
+        app = create_app(bundle, **options)  # checks the options (each worker builds its own)
         sock = bind_socket(args.host, args.port)
         last = args.oracle_url or ("the bundle's big network" if bundle.has_last_stage else "none (fallback)")
+        workers = f"; {args.workers} worker processes" if args.workers > 1 else ""
         print(f"serving {bundle.name} on {server_url(sock)} (POST /predict, GET /health, GET /metrics); "
-              f"appealed inputs: {last}", flush=True)
-        run_server(app, sock)
+              f"appealed inputs: {last}{workers}", flush=True)
+        if args.workers > 1:
+            os.environ[SETTINGS_ENV] = json.dumps({"bundle": str(bundle.path), "threads": args.threads, **options})
+            run_server("cascade.serve:app_from_environment", sock, workers=args.workers)
+        else:
+            run_server(app, sock)
     return 0
 
 
@@ -179,7 +212,8 @@ def _cmd_serve_oracle(args: argparse.Namespace) -> int:
     with _torch_threads(args.threads):
         sock = bind_socket(args.host, args.port)  # before the export: a port in use fails at once
         with oracle_bundle(args.source) as bundle:
-            app = create_oracle_app(bundle)
+            app = create_oracle_app(bundle, max_body_mb=args.max_body_mb,
+                                    token=args.token or os.environ.get(_TOKEN_ENV) or None)
             print(f"serving the big network of {bundle.name} as an oracle on {server_url(sock)} (POST /predict, "
                   "GET /health)", flush=True)
             run_server(app, sock)
@@ -256,38 +290,49 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_route(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
+    import numpy as np
     import pandas as pd
     import torch
     from tqdm import tqdm
 
-    from cascade.bundle import Bundle, RoutedBatch, load_inputs
+    from cascade.bundle import Bundle, RoutedBatch
+    from cascade.checkpoint import atomic_path
+    from cascade.inputs import MAX_IMAGE_PIXELS, load_inputs
 
     if args.batch < 1:
         raise CascadeError(f"--batch {args.batch}: must be at least 1")
+    max_pixels = MAX_IMAGE_PIXELS if args.max_pixels is None else args.max_pixels
+    if max_pixels < 1:
+        raise CascadeError(f"--max-pixels {max_pixels}: must be at least 1")
     bundle = Bundle.load(args.bundle)
-    names, raw = load_inputs(args.inputs, bundle)
-    if len(names) == 0:
+    inputs = load_inputs(args.inputs, bundle, header=args.header, max_pixels=max_pixels)
+    if len(inputs) == 0:
         raise CascadeError(f"{args.inputs}: no inputs")
     parts = []
-    for start in tqdm(range(0, len(names), args.batch), desc="route", unit="batch", file=sys.stderr,
+    for start in tqdm(range(0, len(inputs), args.batch), desc="route", unit="batch", file=sys.stderr,
                       disable=not sys.stderr.isatty()):
-        batch = raw[start:start + args.batch]
+        batch = np.asarray(inputs.values[start:start + args.batch])
+        flat = batch.reshape(len(batch), -1)
+        bad = ~np.isfinite(flat).all(axis=1) if flat.dtype.kind == "f" else np.zeros(len(batch), bool)
+        if bad.any():  # named here by its index in the file, not its row in the batch
+            raise CascadeError(f"{inputs.path}: {inputs.where(start + int(np.flatnonzero(bad)[0]))} has NaN or "
+                               "infinite values")
         try:
             parts.append(bundle.route(batch))
-        except CascadeError as exc:  # name the file and the rows of the batch
-            raise CascadeError(f"{args.inputs}: inputs {start}-{start + len(batch) - 1}: {exc}") from None
+        except CascadeError as exc:  # a problem of the whole batch (its shape, its dtype)
+            raise CascadeError(f"{inputs.path}: inputs {start}-{start + len(batch) - 1}: {exc}") from None
     r = RoutedBatch(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(RoutedBatch)))
     pending = r.pending.numpy()
     preds = bundle.predictions(r.output)  # no answer is made up for the oracle's rows
     classes = bundle.kind == "classification"
     answers = pd.DataFrame({"prediction": preds} if classes else preds, columns=None if classes else bundle.output_names)
     answers.loc[pending] = None
-    frame = pd.concat([pd.DataFrame({"input": names}), answers,
+    frame = pd.concat([pd.DataFrame({"input": inputs.names}), answers,
                        pd.DataFrame({"stage": r.stage.numpy(), "score": r.score.numpy(), "mflops": r.mflops.numpy(),
                                      "pending": pending})], axis=1)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out, index=False)
+    with atomic_path(out) as tmp:  # whole or not at all: a full disk leaves no partial file, an earlier one as it was
+        frame.to_csv(tmp, index=False)
     last = bundle.num_stages - 1
     print(f"{out}: {len(frame)} inputs; answered before the last stage: {(frame['stage'] < last).mean():.3g}; "
           f"pending (for the oracle): {int(frame['pending'].sum())}; mean MFLOPs here: {frame['mflops'].mean():.3g}",
@@ -310,6 +355,25 @@ def _log_warnings_to_stderr() -> logging.Handler:
     return handler
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (``kill``, a batch scheduler's stop) raises ``KeyboardInterrupt`` while the
+    block runs, as Ctrl-C does: training saves a checkpoint at the next step boundary and
+    the resume command is printed. Left as it was outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     # like `python -m`, let a config name a user's own module (task: {name: my_tasks.MyTask})
     # that sits in the current folder
@@ -322,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
                "networks": _cmd_networks}[args.command]
     log_handler = _log_warnings_to_stderr()
     try:
-        return command(args)
+        with _sigterm_as_interrupt() if args.command == "run" else contextlib.nullcontext():
+            return command(args)
     except CascadeError as exc:
         print(f"error: {exc}".replace("\n", "\nerror: "), file=sys.stderr)
         return EXIT_USER_ERROR

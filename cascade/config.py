@@ -15,13 +15,32 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cascade.errors import CascadeError, ConfigError
 from cascade.perturb import PerturbConfig
 from cascade.registry import NETWORKS, TASKS
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+#: the most items a config list may hold (seeds, targets, budgets, milestones, stages,
+#: methods): far more than any experiment needs, few enough to validate in milliseconds
+MAX_ITEMS = 1000
+#: the largest config file read (the repo's are under 4 kB): a bigger one is refused
+#: before it is parsed (PyYAML takes seconds per megabyte)
+MAX_CONFIG_BYTES = 1 << 20
+#: the most values (mappings, lists and scalars, counted through YAML aliases) a config
+#: may hold: a few aliases can otherwise stand for billions of values
+MAX_CONFIG_VALUES = 100_000
 
 
 class _Strict(BaseModel):
@@ -105,7 +124,7 @@ class OptimConfig(_Strict):
     nesterov: bool = False
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     schedule: Literal["step", "cosine", "one_cycle"] = "step"
-    milestones: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list)
+    milestones: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list, max_length=MAX_ITEMS)
     gamma: Annotated[float, Field(gt=0, le=1)] = 0.2
     warmup_epochs: Annotated[float, Field(ge=0)] = 0.0
     label_smoothing: Fraction = 0.0
@@ -139,12 +158,26 @@ class EvaluationConfig(_Strict):
     ``val`` and ``guaranteed`` thresholds miss their target (0: skip that simulation).
     """
 
-    white_box_targets: list[Fraction] = Field(default_factory=lambda: [0.0, 0.001, 0.005, 0.01], min_length=1)
-    black_box_targets: list[Fraction] = Field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05], min_length=1)
-    budgets: list[Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=list)
+    white_box_targets: list[Fraction] = Field(default_factory=lambda: [0.0, 0.001, 0.005, 0.01], min_length=1,
+                                              max_length=MAX_ITEMS)
+    black_box_targets: list[Fraction] = Field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05], min_length=1,
+                                              max_length=MAX_ITEMS)
+    budgets: list[Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=list, max_length=MAX_ITEMS)
     delta: Annotated[float, Field(gt=0, lt=1)] = 0.1
-    violation_resplits: Annotated[int, Field(ge=0)] = 200
+    violation_resplits: Annotated[int, Field(ge=0, le=100_000)] = 200
     batch_size: Annotated[int, Field(gt=0)] = 1024
+
+
+class ChecksConfig(_Strict):
+    """``checks:`` what happens when training goes wrong without a NaN (see
+    :mod:`cascade.training_checks`).
+
+    ``allow_degenerate``: keep a network whose supervised phase's loss rose, or that is no
+    more accurate on the calibration split than always answering the majority class (a
+    warning); by default the run stops.
+    """
+
+    allow_degenerate: bool = False
 
 
 class MethodSpec(BaseModel):
@@ -172,7 +205,7 @@ class ExperimentConfig(_Strict):
 
     name: str | None = None
     task: TaskSpec
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=MAX_ITEMS)
     modes: list[Literal["white_box", "black_box"]] = Field(
         default_factory=lambda: ["white_box", "black_box"], min_length=1
     )
@@ -198,7 +231,7 @@ class ExperimentConfig(_Strict):
     #: ``~/.cache/cascade/networks``; never inside the source tree
     cache_dir: str | None = None
     little: NetworkSpec | None = None
-    stages: list[NetworkSpec] | None = Field(default=None, min_length=1)
+    stages: list[NetworkSpec] | None = Field(default=None, min_length=1, max_length=MAX_ITEMS)
     big: NetworkSpec | None = None
     oracle_mflops: Annotated[float, Field(gt=0)] | None = None
     pretrain: OptimConfig = Field(default_factory=OptimConfig)
@@ -209,10 +242,12 @@ class ExperimentConfig(_Strict):
     finetune_data: Literal["train", "holdout"] = "train"
     holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.3
     #: routing methods; None: the task kind's defaults (see cascade.methods.default_methods)
-    methods: list[Annotated[MethodSpec, BeforeValidator(_method_spec)]] | None = Field(default=None, min_length=1)
+    methods: list[Annotated[MethodSpec, BeforeValidator(_method_spec)]] | None = Field(default=None, min_length=1,
+                                                                                      max_length=MAX_ITEMS)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     #: label noise, a specialist big network, test-time corruptions (cascade.perturb); none by default
     perturb: PerturbConfig = Field(default_factory=PerturbConfig)
+    checks: ChecksConfig = Field(default_factory=ChecksConfig)
     quick: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("seeds")
@@ -280,12 +315,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Parse a YAML mapping; errors name the file (and the line, for malformed YAML).
 
     Raises:
-        CascadeError: missing or unreadable file, malformed YAML (with its line), a key
-            given twice, or a document that is not a mapping.
+        CascadeError: missing or unreadable file, one over :data:`MAX_CONFIG_BYTES` (before
+            it is read) or holding over :data:`MAX_CONFIG_VALUES` values, malformed YAML
+            (with its line), a key given twice, or a document that is not a mapping.
     """
     path = Path(path)
     if not path.is_file():
         raise CascadeError(f"{path}: config file not found")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise CascadeError(f"{path}: {size / 1e6:.1f} MB; a config is at most {MAX_CONFIG_BYTES >> 20} MB (a list of "
+                           f"thousands of values? lists hold at most {MAX_ITEMS} items)")
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
@@ -299,7 +339,31 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise CascadeError(f"{path}: {where}malformed YAML: {problem}") from None
     if not isinstance(data, dict):
         raise CascadeError(f"{path}: a config must be a YAML mapping, got {type(data).__name__}")
+    crowded = _crowded_key(data)
+    if crowded is not None:
+        raise CascadeError(f"{path}: {crowded}: the config holds more than {MAX_CONFIG_VALUES} values (counted "
+                           f"through YAML aliases) from here on; lists hold at most {MAX_ITEMS} items")
     return data
+
+
+def _crowded_key(data: Any, limit: int = MAX_CONFIG_VALUES) -> str | None:
+    """The key path at which a walk through ``data`` (aliases followed, so a value shared
+    by many keys counts each time) passes ``limit`` values, or None. Values are counted
+    before they are visited, so the walk stops within ``limit`` steps, however many values
+    the aliases stand for."""
+    count = 1
+    stack: list[tuple[str, Any]] = [("<root>", data)]
+    while stack:
+        key, node = stack.pop()
+        if isinstance(node, (dict, list)):
+            count += len(node)
+            if count > limit:
+                return key
+            if isinstance(node, dict):
+                stack += [(str(k) if key == "<root>" else f"{key}.{k}", v) for k, v in node.items()]
+            else:
+                stack += [(key, v) for v in node]
+    return None
 
 
 def apply_override(data: dict[str, Any], assignment: str, source: str = "--set") -> None:
@@ -377,17 +441,40 @@ def _suggest(model: type[BaseModel] | None, loc: tuple) -> str:
 
 
 def _check_kwargs(builder: Any, kwargs: dict[str, Any], key: str, fixed: tuple[str, ...]) -> list[str]:
-    """Unknown keyword arguments of a network builder, as config errors."""
+    """Unknown keyword arguments of a network builder, and values its type hints refuse
+    (``hidden: Sequence[PositiveInt]`` refuses ``[0]``), as config errors."""
     params = inspect.signature(builder).parameters
+    errors = _kwarg_type_errors(builder, kwargs, key)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return []
+        return errors
     allowed = [n for n in params if n not in fixed]
-    errors = []
     for k in kwargs:
         if k not in allowed:
             near = difflib.get_close_matches(k, allowed, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             errors.append(f"{key}.{k}: unknown key{hint}; known: {', '.join(allowed) or 'none'}")
+    return errors
+
+
+def _kwarg_type_errors(builder: Any, kwargs: dict[str, Any], key: str) -> list[str]:
+    """``kwargs`` validated against ``builder``'s type hints (pydantic, lax: a YAML ``2.0``
+    is an int); hints that cannot be resolved or turned into a validator are skipped."""
+    try:
+        hints = typing.get_type_hints(builder, include_extras=True)
+    except Exception:  # a user's builder with hints that do not resolve here: not checked
+        return []
+    errors = []
+    for name, value in kwargs.items():
+        if name not in hints:
+            continue
+        try:
+            adapter = TypeAdapter(hints[name])
+        except Exception:  # e.g. type[nn.Module]: no validator; the builder checks it
+            continue
+        try:
+            adapter.validate_python(value)
+        except ValidationError as exc:
+            errors += _pydantic_errors(exc, prefix=f"{key}.{name}")
     return errors
 
 
@@ -531,42 +618,81 @@ def _cascade_errors(cfg: ExperimentConfig, task_cls: Any) -> list[str]:
 def load_config(
     path: str | Path, overrides: list[str] = (), quick: bool = False, resolve_data: bool = False
 ) -> ExperimentConfig:
-    """Read, override and validate a config file.
+    """Read, override and validate a config file, as it runs and as ``--quick`` runs it.
+
+    Both are validated whichever is asked for, and their errors reported together (those
+    of the ``--quick`` form only marked so): ``cascade validate`` then vouches for
+    ``run --quick`` too, and a value that a ``quick:`` override replaces must still be
+    valid for the full run.
 
     Args:
         path: the YAML file.
-        overrides: ``key=value`` strings, applied in order after the file; an error in a
-            key they set says so.
-        quick: also apply the config's ``quick:`` overrides (a few steps, for tests).
+        overrides: ``key=value`` strings, applied in order after the file (and after the
+            ``quick:`` overrides); an error in a key they set says so.
+        quick: return the config with its ``quick:`` overrides applied (a few steps, for tests).
         resolve_data: see :func:`validate`.
 
     Raises:
         CascadeError: unreadable or malformed file, bad override.
-        ConfigError: the config (with overrides) fails validation.
+        ConfigError: the config (with overrides), or its ``--quick`` form, fails validation.
     """
     data = read_yaml(path)
-    if quick:
-        q = data.get("quick") or {}
-        if not isinstance(q, dict):
-            raise ConfigError(str(path), ["quick: must be a mapping of key: value overrides"])
-        for key, value in q.items():
-            set_path(data, str(key), copy.deepcopy(value), f"{path}: quick")
+    full = copy.deepcopy(data)
     for assignment in overrides:
-        apply_override(data, assignment)
+        apply_override(full, assignment)
+    cfg, errors = _validated(full, path, overrides, resolve_data)
+    q = data.get("quick")
+    if isinstance(q, dict) and q:  # not a mapping: the schema says so
+        fast = copy.deepcopy(data)
+        quick_errors: list[str] = []
+        for key, value in q.items():
+            try:
+                set_path(fast, str(key), copy.deepcopy(value), "quick:")
+            except CascadeError as exc:
+                quick_errors.append(str(exc))
+        for assignment in overrides:
+            apply_override(fast, assignment)
+        quick_cfg, more = _validated(fast, path, overrides, resolve_data) if not quick_errors else (None, [])
+        errors += [f"{e} (with --quick{_quick_blame(e, q)})" for e in quick_errors + more if e not in errors]
+        if quick:
+            cfg = quick_cfg
+    if errors:
+        raise ConfigError(str(path), errors)
+    assert cfg is not None  # no error means a config
+    return cfg
+
+
+def _validated(data: dict[str, Any], path: str | Path, overrides: list[str],
+               resolve_data: bool) -> tuple[ExperimentConfig | None, list[str]]:
+    """``(config, [])``, or ``(None, errors)`` with the ``--set`` that gave each value named."""
     try:
-        return validate(data, str(path), resolve_data)
+        return validate(data, str(path), resolve_data), []
     except ConfigError as exc:
-        raise ConfigError(exc.path, [_blame_override(e, overrides) for e in exc.errors]) from None
+        return None, [_blame_override(e, overrides) for e in exc.errors]
+
+
+def _quick_blame(error: str, quick: dict[str, Any]) -> str:
+    """``, from quick: KEY`` when a ``quick:`` override set the key of ``error`` (or a parent)."""
+    set_key = _setter(error, [str(k) for k in quick])
+    return f", from quick: {set_key}" if set_key is not None else ""
 
 
 def _blame_override(error: str, overrides: list[str]) -> str:
     """``error``, plus which ``--set`` gave the value when one set that key (or a parent)."""
-    key = error.split(": ", 1)[0]
     for assignment in reversed(overrides):  # the last one wins, as when applying them
-        set_key = assignment.partition("=")[0]
-        if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
-            return f"{error} (from --set {assignment})"
+        if _setter(error, [assignment.partition("=")[0]]) is not None:
+            shown = assignment if len(assignment) <= 80 else assignment[:77] + "..."
+            return f"{error} (from --set {shown})"
     return error
+
+
+def _setter(error: str, keys: list[str]) -> str | None:
+    """The last of ``keys`` that set the key ``error`` names, a parent or a child of it."""
+    key = error.split(": ", 1)[0]
+    for set_key in reversed(keys):  # the last one wins, as when applying them
+        if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
+            return set_key
+    return None
 
 
 def resolved_dict(cfg: ExperimentConfig) -> dict[str, Any]:

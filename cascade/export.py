@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import warnings
@@ -67,17 +68,20 @@ def export_bundle(
         The bundle folder.
 
     Raises:
-        CascadeError: what :func:`~cascade.router.load_run_point` raises; a method whose
+        CascadeError: a run that did not finish, or whose files changed since
+            (:func:`cascade.run_record.check_finished`); a ``points.csv`` point that
+            ``samples.csv`` does not give (:func:`cascade.point_check.recompute_point`);
+            what :func:`~cascade.router.load_run_point` raises; a method whose
             scores are random (MC dropout); a network torch.export cannot capture; an
             ``out`` that is a file or a non-empty folder that is not a bundle.
     """
     from cascade.cost import measure_cost
-    from cascade.router import ScoredStage, load_run_point
+    from cascade.router import ScoredStage
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file())):
         raise CascadeError(f"{out}: exists and is not a bundle folder; choose a new --out")
-    rp = load_run_point(run_dir, method=method, mode=mode, target_ad=target_ad, threshold_source=source, seed=seed)
+    rp = _finished_run_point(run_dir, method=method, mode=mode, target_ad=target_ad, source=source, seed=seed)
     router, task = rp.router, rp.task
     for stage in router.stages:
         if isinstance(stage, ScoredStage) and not type(stage.predictor).deterministic:
@@ -90,8 +94,12 @@ def export_bundle(
     example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
     dynamic = ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise CascadeError(f"{out.parent}: cannot write the bundle there ({exc.strerror or exc})") from None
+    writing = tmp / "manifest.json"  # the file being written, for the one-line error
     try:
         stages: list[dict[str, Any]] = []
         for k, module in enumerate(modules):
@@ -103,24 +111,98 @@ def export_bundle(
                 raise CascadeError(f"{rp.run}: stage {k} ({role}) of {rp.method} could not be exported with "
                                    f"torch.export: {_first_line(exc)}") from None
             file = f"stage_{k}.pt2"
-            torch.export.save(program, str(tmp / file))
+            writing = tmp / file
+            digest = _write_file(writing, _program_bytes(program))
             cost = measure_cost(module.stage, shape)
-            entry = {"index": k, "role": role, "file": file, "mflops": cost.mflops, "params": cost.params}
+            entry = {"index": k, "role": role, "file": file, "sha256": digest, "mflops": cost.mflops,
+                     "params": cost.params}
             if onnx:
-                entry.update(_export_onnx(module, example, dynamic, tmp / f"stage_{k}.onnx"))
+                writing = tmp / f"stage_{k}.onnx"
+                entry.update(_export_onnx(module, example, dynamic, writing))
             stages.append(entry)
         if router.big is None:
             stages.append({"index": len(stages), "role": "oracle", "file": None,
                            "mflops": rp.metrics["last_stage_mflops"][rp.mode], "params": None})
         manifest = _manifest(rp, stages, router.threshold)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        writing = tmp / "manifest.json"
+        _write_file(writing, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode())
+        writing = out
+        _replace_folder(tmp, out)
+    except OSError as exc:  # a full disk, a quota, a folder made read-only meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = out if writing == out else out / writing.name  # the name the user knows, not the temporary
+        raise CascadeError(f"{where}: cannot be written ({exc.strerror or exc}); nothing was exported"
+                           + (f", {out} is unchanged" if out.exists() else "")) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _program_bytes(program: torch.export.ExportedProgram) -> bytes:
+    """The ``.pt2`` archive of a stage program, in memory.
+
+    The bundle's programs carry no sample inputs (torch would unpickle them on load) and
+    no guard code (``.module()`` would exec it), so that :func:`cascade.pt2.load_program`
+    can refuse any archive holding either. Saving to memory, not to a path, keeps torch's
+    C++ file writer off the disk: on a full disk its destructor throws again and the
+    process aborts (SIGABRT, exit code 134); Python writes the bytes instead.
+    """
+    program.example_inputs = None
+    program._guards_code = []  # noqa: SLF001  (empty for a dynamic batch; cleared so it is never exec'd)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def _write_file(path: Path, data: bytes) -> str:
+    """Write ``data`` to ``path``, flushed to disk; its SHA-256 hex digest."""
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _replace_folder(new: Path, out: Path) -> None:
+    """Put the complete bundle ``new`` at ``out``: an earlier bundle there is moved aside
+    first and deleted only once the new one is in place."""
+    if not out.exists():
+        new.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    old.rmdir()
+    out.rename(old)
+    try:
+        new.rename(out)
+    except OSError:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _finished_run_point(run_dir: str | Path, *, source: str, **kw: Any):
+    """:func:`~cascade.router.load_run_point` of a run shown finished and unchanged
+    (:func:`cascade.run_record.check_finished`), its point recomputed from ``samples.csv``
+    (:func:`cascade.point_check.recompute_point`): the threshold and the expected figures
+    exported are the recomputed ones."""
+    from cascade.point_check import recompute_point
+    from cascade.router import load_run_point
+    from cascade.run_record import check_finished
+
+    check_finished(run_dir)
+    rp = load_run_point(run_dir, threshold_source=source, **kw)
+    rp.point = recompute_point(rp.run, rp.metrics, rp.point)
+    rp.router.threshold = float(rp.point["threshold"])
+    return rp
 
 
 def _manifest(rp, stages: list[dict], threshold: float) -> dict[str, Any]:
@@ -178,11 +260,13 @@ def _export_onnx(module: nn.Module, example: Tensor, dynamic: tuple, path: Path)
                                   external_data=False)  # one file per stage (networks under 2 GB)
             finally:
                 logging.disable(logging.NOTSET)
+    except OSError:  # a full disk is the export's failure, not the exporter's
+        raise
     except Exception as exc:  # noqa: BLE001  (the exporter fails in many types; the .pt2 is what counts)
         path.unlink(missing_ok=True)
         log.warning("%s: no ONNX file (%s)", path.name, _first_line(exc))
         return {"onnx": None, "onnx_error": _first_line(exc)}
-    return {"onnx": path.name}
+    return {"onnx": path.name, "onnx_sha256": _file_sha256(path)}
 
 
 def _first_line(exc: BaseException) -> str:

@@ -75,8 +75,10 @@ from cascade.methods import CascadeContext, MethodEntry, MethodKind, RoutedSyste
 from cascade.objectives import Objective, SupervisedObjective
 from cascade.perturb import perturb_splits
 from cascade.roles import Approximator, BlackBoxOracle, MethodContext, Mode, Oracle, Splits, Task, TaskKind, WhiteBoxOracle
+from cascade.run_record import clear_record, write_record
 from cascade.run_writer import RunWriter, timed_phase
 from cascade.trainer import HistoryHook, HookBase, ProgressHook, Trainer
+from cascade.training_checks import degenerate_training, loss_rise_problem, majority_class_problem
 
 log = logging.getLogger("cascade")
 
@@ -85,7 +87,7 @@ COLLAPSE_RANGE = 1e-3
 
 #: config keys that cannot change what training computes: a run may be resumed with them
 #: changed (``seeds`` is not one: the files of the seeds left out would be lost at the end)
-RESUME_IGNORES = ("name", "quick", "data_on_device", "big_cache", "pretrain_cache", "cache_dir")
+RESUME_IGNORES = ("name", "quick", "data_on_device", "big_cache", "pretrain_cache", "cache_dir", "checks")
 
 
 class _CacheSlot(NamedTuple):
@@ -167,6 +169,8 @@ class Experiment:
         self.error_names: set[str] = set()
         self.checkpoints: CheckpointStore | None = None
         self.writer: RunWriter | None = None
+        #: the seed's calibration split, on which trained networks are checked (inside run())
+        self._cal: Dataset | None = None
 
     @property
     def trained_methods(self) -> list[MethodEntry]:
@@ -193,10 +197,13 @@ class Experiment:
     # -- training -----------------------------------------------------------------------
 
     def _fit(self, model: nn.Module, objective: Objective, data: Dataset, oc: OptimConfig, seed: int, desc: str,
-             hooks: tuple[HookBase, ...] = (), params=None, cache: _CacheSlot | None = None) -> None:
+             hooks: tuple[HookBase, ...] = (), params=None, cache: _CacheSlot | None = None,
+             checked: str | None = None) -> None:
         """Train one phase: checkpointed inside :meth:`run`, on every process under torchrun
         (each taking its share of every batch). With ``cache``, the network is loaded from
-        the network cache when it holds it, else trained and stored there."""
+        the network cache when it holds it, else trained and stored there. ``checked``: the
+        config key of a supervised phase (``big_train``...), whose network is checked once
+        trained (:mod:`cascade.training_checks`), before it is cached."""
         world = distributed.world_size()
         if oc.batch_size % world:
             raise CascadeError(f"{desc}: batch_size {oc.batch_size} does not split evenly over {world} processes; "
@@ -225,10 +232,22 @@ class Experiment:
                 trainer.train()
             facts["steps"] = trainer.step
         self.histories[desc] = history.history
+        if checked is not None and oc.epochs > 0:
+            self._check_phase(desc, checked, oc, model, history.history)
         if cache is not None and cached is None and distributed.is_main():
             path = self.network_cache.save(cache.key, cache.label, model.state_dict(),
                                            {"steps": trainer.step, "history": history.state_dict()})
             log.info("%s network: saved to cache %s", cache.what, path)
+
+    def _check_phase(self, desc: str, key: str, oc: OptimConfig, model: nn.Module,
+                     history: list[dict[str, float]]) -> None:
+        """Stop the run when a supervised phase's loss rose or its network is no better than
+        the majority class on the calibration split (see :mod:`cascade.training_checks`)."""
+        problem = loss_rise_problem(history)
+        if problem is None and self._cal is not None:
+            problem = majority_class_problem(model, self.task.criterion, self._cal, self.cfg.evaluation.batch_size,
+                                             self.device)
+        degenerate_training(desc, key, oc.lr, [problem], self.cfg.checks.allow_degenerate)
 
     def _cache_slot(self, what: str, label: str, seed: int, spec: NetworkSpec, oc: OptimConfig,
                     **extra: Any) -> _CacheSlot | None:
@@ -305,7 +324,7 @@ class Experiment:
                     if cfg.big_cache else None
                 self._cached_fit([BIG, seed, self.big_spec, cfg.big_train], big, lambda: self._fit(
                     big, SupervisedObjective(self.task.criterion, cfg.big_train.label_smoothing), train, cfg.big_train,
-                    phase_seed(seed, "big"), f"seed {seed} big", cache=cache))
+                    phase_seed(seed, "big"), f"seed {seed} big", cache=cache, checked="big_train"))
         return freeze(big)
 
     def _train_stages(self, seed: int, pre_data: Dataset, tune_data: Dataset) -> tuple[list, list]:
@@ -323,14 +342,14 @@ class Experiment:
                                      net, lambda net=net, k=k, cache=cache: self._fit(
                                          net, SupervisedObjective(crit, cfg.pretrain.label_smoothing), pre_data,
                                          cfg.pretrain, phase_seed(seed, "pretrain", stage=k),
-                                         self._phase(seed, k, "pretrain"), cache=cache))
+                                         self._phase(seed, k, "pretrain"), cache=cache, checked="pretrain"))
             pretrained.append(net)
         plain = []
         for k, net in enumerate(pretrained):
             net = copy.deepcopy(net)
             # fairness: the post-hoc scores' stages train as long, on the same data, as any trained method
             self._fit(net, SupervisedObjective(crit, cfg.finetune.label_smoothing), tune_data, cfg.finetune,
-                      phase_seed(seed, "plain", stage=k), self._phase(seed, k, ""))
+                      phase_seed(seed, "plain", stage=k), self._phase(seed, k, ""), checked="finetune")
             plain.append(freeze(net))
         return pretrained, plain
 
@@ -395,12 +414,15 @@ class Experiment:
             self.checkpoints = checkpoint_store(cfg, self.out, resume)
             distributed.barrier()  # every rank has checked the folder before rank 0 writes into it
             main = distributed.is_main()
+            if main:  # before any write: from here until write_record the folder is unfinished
+                clear_record(self.out)
             self.writer = RunWriter(self.out) if main else None
             try:
                 with self.writer.logging_to_file(append=resume) if main else contextlib.nullcontext():
                     metrics = self._run()
                 if main:
                     self.checkpoints.clear()  # the final weights are in checkpoints/
+                    write_record(self.out, self.source)  # the run's last write: it finished
                 return metrics
             finally:
                 self.checkpoints = None
@@ -429,6 +451,7 @@ class Experiment:
             except CascadeError as exc:  # the key is in the message; the config file is not
                 raise CascadeError(f"{self.source or 'config'}: {exc}") from None
             torch.manual_seed(seed)
+            self._cal = splits.cal
             pre_data, tune_data = splits.train, splits.train
             if cfg.finetune_data == "holdout":
                 pre_data, tune_data = holdout_split(splits.train, cfg.holdout_fraction, seed)

@@ -7,7 +7,6 @@ and the big network only on the rest, so the wall-clock speed-up approaches
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor, nn
 
 from cascade.errors import CascadeError
@@ -167,11 +165,9 @@ def load_run_point(
     per target: the system the run chose there (``points.csv``'s ``variant``).
 
     Raises:
-        CascadeError: missing files, or no such method, mode, seed or operating point
-            (naming what the run has).
+        CascadeError: a missing or unreadable run file (one line naming it), or no
+            such method, mode, seed or operating point (naming what the run has).
     """
-    import pandas as pd
-
     from cascade.building import (
         BIG,
         build_network,
@@ -180,22 +176,18 @@ def load_run_point(
         stage_name,
         system_name,
     )
-    from cascade.checkpoint import load_checkpoint
-    from cascade.config import validate
     from cascade.evaluation import THRESHOLD_SOURCES
     from cascade.methods import CascadeContext, MethodKind, TrainedMethod, build_methods
     from cascade.roles import BlackBoxOracle, MethodContext, Mode, WhiteBoxOracle
+    from cascade.run_files import check_present, load_weights, read_config, read_metrics, read_points
 
     run = Path(run_dir)
-    for name in ("config.yaml", "metrics.json", "points.csv"):
-        if not (run / name).is_file():
-            raise CascadeError(f"{run / name}: not found; is {run} the output folder of a finished `cascade run`?")
-    metrics = json.loads((run / "metrics.json").read_text())
+    check_present(run)
+    metrics = read_metrics(run)
     for folder in (metrics.get("workdir"), str(Path.cwd())):  # where the run found the user's own modules
         if folder and folder not in sys.path:
             sys.path.insert(0, folder)
-    config_text = (run / "config.yaml").read_text()
-    cfg = validate(yaml.safe_load(config_text), str(run / "config.yaml"))
+    config_text, cfg = read_config(run)
     seed = metrics["seeds"][0] if seed is None else seed
     _choose(seed, metrics["seeds"], "seed", run)
     mode = _choose(mode or metrics["modes"][0], metrics["modes"], "mode", run)
@@ -207,7 +199,7 @@ def load_run_point(
         raise CascadeError(f"threshold source {threshold_source!r}: use "
                            + ", ".join(f"{k} ({v})" for k, v in THRESHOLD_SOURCES.items()))
 
-    points = pd.read_csv(run / "points.csv")
+    points = read_points(run)
     points = points[(points["seed"] == seed) & (points["mode"] == mode) & (points["method"] == method)
                     & (points["selection"] == "target_ad")]
     row = points[(points["threshold_source"] == threshold_source)
@@ -228,21 +220,26 @@ def load_run_point(
 
     def network(spec, name: str, role: str) -> nn.Module:
         net = build_network(spec.model_copy(update={"checkpoint": None}), task, role)
-        net.load_state_dict(load_checkpoint(run / "checkpoints" / f"seed{seed}_{name}.pt"))
-        return net.eval()
+        return load_weights(net, run / "checkpoints" / f"seed{seed}_{name}.pt", f"{role} network")
 
     plain = [network(s, stage_name(k), f"stages.{k}") for k, s in enumerate(specs)]
     big = network(big_spec, BIG, "big") if mode == Mode.WHITE_BOX.value else None
-    entry = next(e for e in build_methods(cfg.methods, task.criterion.kind) if e.label == method)
+    entry = next((e for e in build_methods(cfg.methods, task.criterion.kind) if e.label == method), None)
+    if entry is None:
+        raise CascadeError(f"{run / 'config.yaml'}: no method {method!r}, which metrics.json lists; the two files are "
+                           "not of one run: run the experiment again")
     if issubclass(entry.cls, TrainedMethod):
         oracle = WhiteBoxOracle(big) if big is not None else BlackBoxOracle(metrics["last_stage_mflops"][mode])
         ctx = CascadeContext(task=task, mode=Mode(mode), pretrained=plain, plain=plain, oracle=oracle,
                              stage_mflops=[], data=None, finetune=cfg.finetune, device=torch.device("cpu"),
                              fit=None, with_oracle_outputs=None)
         systems = {s.variant: s for s in entry.instance().build(ctx)}
+        if variant not in systems:
+            raise CascadeError(f"{run / 'points.csv'}: system {variant!r} of {method} is not one config.yaml builds "
+                               f"({', '.join(map(repr, systems))}); the files are not of one run")
         system = systems[variant]
         name = system_name(method, mode, variant)
-        system.module().load_state_dict(load_checkpoint(run / "checkpoints" / f"seed{seed}_{name}.pt"))
+        load_weights(system.module(), run / "checkpoints" / f"seed{seed}_{name}.pt", f"{method} system")
         stages = system.stages
     else:
         splits = None

@@ -16,13 +16,19 @@ from typing import Any, Iterator
 
 import pandas as pd
 
-from cascade.checkpoint import atomic_path, atomic_save, atomic_write_text
+from cascade.checkpoint import atomic_path, atomic_save, atomic_write_text, remove_stray_temporaries
 
 log = logging.getLogger("cascade")
 
 
+#: the folders of a run that atomic writes go to (see :meth:`RunWriter.remove_stray_temporaries`)
+WRITTEN_FOLDERS = (".", "figures", "checkpoints", "checkpoints/resume")
+
+
 class RunWriter:
     """Writes the files of one run into ``out``.
+
+    Creating it removes the temporary files a killed run left behind.
 
     Args:
         out: the run's folder (created).
@@ -31,6 +37,15 @@ class RunWriter:
     def __init__(self, out: str | Path):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.remove_stray_temporaries()
+
+    def remove_stray_temporaries(self) -> None:
+        """Delete the half-written temporary files (``.<name>.<random>.tmp``) that a run
+        killed mid-write leaves in the run's folders; one run writes a folder at a time."""
+        stray = [p for folder in WRITTEN_FOLDERS for p in remove_stray_temporaries(self.out / folder)]
+        if stray:
+            log.info("%s: removed %d temporary file(s) a killed run left: %s", self.out, len(stray),
+                     ", ".join(str(p.relative_to(self.out)) for p in stray[:5]) + (" ..." if len(stray) > 5 else ""))
 
     def path(self, name: str) -> Path:
         return self.out / name

@@ -54,7 +54,8 @@ class HookBase:
     def after_train(self, trainer: "Trainer") -> None: ...
 
     def on_interrupt(self, trainer: "Trainer") -> None:
-        """Ctrl-C stopped training at a step boundary; ``KeyboardInterrupt`` follows."""
+        """Ctrl-C (or SIGTERM, see :meth:`Trainer.train`) stopped training at a step
+        boundary; ``KeyboardInterrupt`` follows."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -241,26 +242,35 @@ class Trainer:
 
     @contextlib.contextmanager
     def _deferred_interrupts(self) -> Iterator[None]:
-        """Turn the first Ctrl-C into a request honoured at the next step boundary."""
-        previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
-        if previous is None or previous is signal.SIG_IGN or distributed.is_distributed():
-            # not ours to handle (a thread, or ignored); under DDP, a rank that stopped alone
-            # would leave the others waiting for it
+        """Turn the first Ctrl-C (or SIGTERM) into a request honoured at the next step boundary.
+
+        SIGINT is deferred unless it is ignored; SIGTERM only where the process turned it
+        into an interrupt (``cascade`` does, so that ``kill`` stops a run as Ctrl-C does):
+        left at its default, it still ends the process at once.
+        """
+        if threading.current_thread() is not threading.main_thread() or distributed.is_distributed():
+            # not ours to handle (a thread); under DDP, a rank that stopped alone would
+            # leave the others waiting for it
             yield
             return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        ours = [s for s, handler in previous.items() if handler not in (None, signal.SIG_IGN, signal.SIG_DFL)]
 
         def request(signum: int, frame: Any) -> None:
-            if self._interrupt_requested:  # a second Ctrl-C: stop now, without a checkpoint
+            if self._interrupt_requested:  # a second one: stop now, without a checkpoint
                 raise KeyboardInterrupt
             self._interrupt_requested = True
-            log.warning("%s: interrupted; stopping after this step and saving a checkpoint "
-                        "(Ctrl-C again to stop at once)", self.name)
+            what = "interrupted" if signum == signal.SIGINT else f"{signal.Signals(signum).name} received"
+            log.warning("%s: %s; stopping after this step and saving a checkpoint "
+                        "(Ctrl-C again to stop at once)", self.name, what)
 
-        signal.signal(signal.SIGINT, request)
+        for s in ours:
+            signal.signal(s, request)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s in ours:
+                signal.signal(s, previous[s])
 
     def _stop(self) -> None:
         for hook in self.hooks:

@@ -24,7 +24,7 @@ from typing import Annotated, Literal, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field
+from pydantic import Field, PositiveInt
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
@@ -352,9 +352,9 @@ class KeypointTask(Task):
 def build_keypoint_cnn(
     input_shape: tuple[int, ...],
     num_outputs: int,
-    channels: Sequence[int] = (16, 32, 64),
-    hidden: int = 128,
-    stem_stride: int = 2,
+    channels: Sequence[PositiveInt] = (16, 32, 64),
+    hidden: PositiveInt = 128,
+    stem_stride: PositiveInt = 2,
     dropout: float = 0.1,
 ) -> FeatureNet:
     """App. D's approximator: 3 convolutional layers, then 2 fully-connected layers.

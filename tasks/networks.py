@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from pydantic import PositiveInt
 from torch import nn
 
 from cascade import NETWORKS, FeatureNet, mlp
@@ -16,7 +17,7 @@ from cascade import NETWORKS, FeatureNet, mlp
 
 @NETWORKS.register("mlp")
 def build_mlp(
-    input_shape: tuple[int, ...], num_outputs: int, hidden: Sequence[int] = (32,), dropout: float = 0.0
+    input_shape: tuple[int, ...], num_outputs: int, hidden: Sequence[PositiveInt] = (32,), dropout: float = 0.0
 ) -> FeatureNet:
     """Flatten, then fully-connected layers ``hidden`` with ReLU; a linear head."""
     if not hidden:
@@ -32,8 +33,8 @@ def build_mlp(
 def build_cnn(
     input_shape: tuple[int, ...],
     num_outputs: int,
-    channels: Sequence[int] = (32, 64),
-    hidden: int = 128,
+    channels: Sequence[PositiveInt] = (32, 64),
+    hidden: PositiveInt = 128,
     pool: bool = True,
     dropout: float = 0.0,
 ) -> FeatureNet:

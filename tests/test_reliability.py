@@ -459,8 +459,9 @@ def test_nan_loss_stops_the_run_naming_the_step_and_keeping_the_last_good_checkp
 
 def test_collapsed_predictor_flagged_in_the_log_and_metrics(tmp_path, capsys):
     out = tmp_path / "out"
-    cfg = _config(tmp_path, "task: {name: digits}\n" + TINY.replace("{name: mlp, hidden: [8]}",
-                                                                       f"{{name: {__name__}.constant_net}}"))
+    # a network that ignores its input is at chance: kept on purpose (checks.allow_degenerate)
+    cfg = _config(tmp_path, "task: {name: digits}\nchecks: {allow_degenerate: true}\n"
+                  + TINY.replace("{name: mlp, hidden: [8]}", f"{{name: {__name__}.constant_net}}"))
     code, err = _cli(capsys, "run", cfg, "--out", out, "--quiet")
     assert code == 0 and "Traceback" not in err
     metrics = json.loads((out / "metrics.json").read_text())

@@ -1,0 +1,159 @@
+"""Reading and decoding a ``POST /predict`` body, within limits a client cannot get around.
+
+The body is read as a stream and counted: past ``max_bytes`` (or a ``Content-Length``
+that says so) the request is refused with a 413 before anything is parsed. Decoding is
+plain Python / numpy work the caller runs off the event loop: JSON through a pydantic
+model (a parser with a depth limit; numbers only), ``.npy`` through numpy's header
+reader (a header size cap), checking the claimed shape against the body's length and the
+inputs limit before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Union
+
+import numpy as np
+from fastapi import Request
+from numpy.lib import format as npy_format
+from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, ValidationError
+from typing_extensions import TypeAliasType
+
+#: Content-Type of a ``numpy.save`` body
+NPY_CONTENT_TYPE = "application/x-npy"
+JSON_TYPES = ("application/json", "text/json")
+NPY_TYPES = (NPY_CONTENT_TYPE, "application/octet-stream")
+#: the largest ``.npy`` header accepted (numpy's own default cap)
+NPY_MAX_HEADER = 10_000
+#: raw input values beyond this size are refused (the schema says so too): a float32
+#: network cannot give a meaningful answer to them
+MAX_ABS_INPUT = 1e30
+
+Numbers = TypeAliasType("Numbers", Union[StrictInt, StrictFloat, list["Numbers"]])
+
+
+class Problem(Exception):
+    """A request the server refuses: an HTTP status and one line."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(one_line(message))
+        self.status = status
+
+
+class _JsonBody(BaseModel):
+    """The JSON forms, as they are checked (the shapes are the bundle's to check; the
+    OpenAPI schema, in :mod:`cascade.serve.schema`, states them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    input: Numbers | None = None
+    inputs: list[Numbers] | None = None
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def content_type(request: Request) -> str:
+    return request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request's body, read as a stream and refused past ``max_bytes``.
+
+    Raises:
+        Problem: 413, a ``Content-Length`` or a body over the limit (nothing more is read);
+            400, a ``Content-Length`` that is not a number.
+    """
+    limit = f"send at most {max_bytes / 2 ** 20:g} MB (--max-body-mb)"
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise Problem(400, f"Content-Length {declared[:40]!r}: not a number") from None
+        if length > max_bytes:
+            raise Problem(413, f"body of {length} bytes: {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise Problem(413, f"body over {max_bytes} bytes: {limit}")
+    return bytes(body)
+
+
+def decode(body: bytes, ctype: str, max_inputs: int, *, batch_only: bool = False) -> np.ndarray:
+    """A body's raw inputs (one input comes as a batch of one; shapes are the bundle's to
+    check). Pure CPU work: run it off the event loop. ``batch_only``: JSON must be
+    ``{"inputs": [...]}`` (the oracle protocol).
+
+    Raises:
+        Problem: 415 an unknown content type; 400 a body that is not JSON / ``.npy``, or
+            lacks ``input`` / ``inputs``; 413 too many inputs; 422 values that are not a
+            rectangular array of numbers, or are too large.
+    """
+    if ctype in NPY_TYPES:
+        raw = _decode_npy(body, max_inputs)
+    elif ctype in JSON_TYPES:
+        raw = _decode_json(body, batch_only)
+    else:
+        raise Problem(415, f"content type {ctype[:60]!r}: send application/json or {NPY_CONTENT_TYPE} "
+                           "(the bytes of numpy.save)")
+    if raw.ndim >= 1 and len(raw) > max_inputs:
+        raise Problem(413, f"{len(raw)} inputs in one request: send at most {max_inputs}")
+    if raw.dtype.kind in "iuf" and raw.size and float(np.abs(raw).max(initial=0)) > MAX_ABS_INPUT:
+        raise Problem(422, f"inputs: values beyond ±{MAX_ABS_INPUT:g}")
+    return raw
+
+
+def _decode_json(body: bytes, batch_only: bool) -> np.ndarray:
+    try:
+        data = _JsonBody.model_validate_json(body)
+    except ValidationError as exc:
+        raise _json_problem(exc) from None
+    if batch_only and data.inputs is None:
+        raise Problem(400, 'body: give {"inputs": [[...], ...]} (a batch: the oracle protocol)')
+    if (data.input is None) == (data.inputs is None):
+        raise Problem(400, 'body: give {"input": [...]} (one input) or {"inputs": [[...], ...]} (a batch)')
+    try:
+        values = [data.input] if data.inputs is None else data.inputs
+        raw = np.asarray(values)
+        # integers beyond int64 make an object array: as floats they are numbers like the others
+        return np.asarray(values, dtype=np.float64) if raw.dtype == object else raw
+    except (ValueError, TypeError):  # ragged nested lists
+        raise Problem(422, "inputs: not a rectangular array of numbers (nested lists of different lengths)") from None
+
+
+def _json_problem(exc: ValidationError) -> Problem:
+    first = exc.errors(include_url=False)[0]
+    kind, where = first["type"], ".".join(str(p) for p in first["loc"] if isinstance(p, (int, str)) and
+                                            not str(p).startswith(("int", "float", "list")))
+    if kind == "json_invalid":
+        return Problem(400, f"body: not valid JSON ({first['msg'].removeprefix('Invalid JSON: ')})")
+    if kind in ("extra_forbidden", "model_type", "model_attributes_type"):
+        return Problem(400, f'body: give {{"input": [...]}} (one input) or {{"inputs": [[...], ...]}} (a batch)'
+                            f"{f'; unknown key {where!r}' if kind == 'extra_forbidden' else ''}")
+    return Problem(422, f"{where or 'inputs'}: not a numeric array (nested lists of JSON numbers; booleans, null "
+                        "and strings are not numbers)")
+
+
+def _decode_npy(body: bytes, max_inputs: int) -> np.ndarray:
+    """A ``numpy.save`` array, its header checked before anything is allocated."""
+    f = io.BytesIO(body)
+    try:
+        version = npy_format.read_magic(f)
+        read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+        shape, fortran, dtype = read(f, max_header_size=NPY_MAX_HEADER)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
+        raise Problem(400, f"body: not a .npy array written by numpy.save ({exc})") from None
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise Problem(422, f"inputs: dtype {dtype} is not a real number type")
+    if shape and shape[0] > max_inputs:
+        raise Problem(413, f"{shape[0]} inputs in one request: send at most {max_inputs}")
+    count = math.prod(shape)  # Python ints: no overflow
+    data = len(body) - f.tell()
+    if count * dtype.itemsize != data:
+        raise Problem(400, f"body: the .npy header claims shape {list(shape)} of {dtype} ({count * dtype.itemsize} "
+                           f"bytes) but {data} bytes follow it")
+    raw = np.frombuffer(body, dtype=dtype, count=count, offset=f.tell())
+    return raw.reshape(shape, order="F" if fortran else "C")

@@ -1,0 +1,279 @@
+"""Training that goes wrong is loud (issue 16, item 7): a diverging phase stops the run in
+one line naming the phase and its learning rate; a full disk during a checkpoint save is
+one line naming the file, with nothing partial left; SIGTERM stops a run as Ctrl-C does;
+files honour the umask; a killed run's temporary files go on the next run; ``validate``
+checks the config as ``--quick`` runs it; absurd sizes are refused before any work.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from cascade.checkpoint import atomic_save, atomic_write_text, load_checkpoint
+from cascade.cli import EXIT_INTERRUPTED, main
+from cascade.errors import CascadeError, TrainingError
+from cascade.losses import CrossEntropyTaskLoss, MaskedL2TaskLoss
+from cascade.roles import StageOutput
+from cascade.training_checks import degenerate_training, loss_rise_problem, majority_class_problem
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = REPO / "configs" / "digits.yaml"
+
+# a tiny experiment: 7 steps per epoch on digits' ~900 training inputs
+TINY = """\
+task: {name: digits}
+seeds: [0]
+threads: 1
+modes: [black_box]
+little: {name: mlp, hidden: [16]}
+pretrain: {epochs: 2, batch_size: 128, lr: 0.01}
+finetune: {epochs: 1, batch_size: 128, lr: 0.003}
+methods: [msp]
+evaluation: {violation_resplits: 0}
+"""
+
+
+def _cli(capsys, *argv) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def _one_error_line(code: int, err: str) -> str:
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _temporaries(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*.tmp"))
+
+
+# ============================================================================ degenerate training
+
+
+def test_a_diverging_lr_stops_the_run_naming_the_phase_and_its_lr(tmp_path, capsys, monkeypatch):
+    """The issue's case: big_train.lr 1e6 keeps the loss finite, and the big network answers
+    class 1 to everything (10.8 % on the calibration split, whose majority class is 10.3 %)."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    code, err = _cli(capsys, "run", DIGITS, "--quick", "--quiet", "--out", out, "--set", "big_train.lr=1e6")
+    line = _one_error_line(code, err)
+    assert line.startswith("error: seed 0 big (big_train, lr 1e+06): accuracy 0.108 on the calibration split is no "
+                           "better than always answering the majority class (0.103, give or take 0.032 on 360 inputs)")
+    assert "checks.allow_degenerate: true" in line
+    assert not (out / "metrics.json").exists()  # no tables built on it
+    # allowed on purpose: the same run, resumed, keeps the network with a warning and finishes
+    code = main(["run", str(DIGITS), "--quick", "--quiet", "--out", str(out), "--set", "big_train.lr=1e6",
+                 "--set", "checks.allow_degenerate=true", "--resume"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "warning: seed 0 big (big_train, lr 1e+06): accuracy 0.108" in err
+    assert "(kept: checks.allow_degenerate is true)" in err
+    assert (out / "metrics.json").is_file()
+
+
+def test_the_quick_configs_the_suite_runs_are_not_degenerate(quick_digits_run):
+    """The default config's quick run trains networks well above the majority class (it
+    finishes: the check did not stop it)."""
+    assert (quick_digits_run / "metrics.json").is_file()
+
+
+def test_loss_rise_known_values():
+    assert loss_rise_problem([{"loss": 2.0}, {"loss": 1.0}, {"loss": 2.5}]) == \
+        "loss rose from 2 (epoch 1) to 2.5 (epoch 3)"
+    assert loss_rise_problem([{"loss": 2.0}, {"loss": 2.1}]) is None  # within the 10 % tolerance
+    assert loss_rise_problem([{"loss": 2.0}, {"loss": 0.1}]) is None
+    assert loss_rise_problem([{"loss": 9.0}]) is None  # one epoch: nothing to compare
+
+
+class _Constant(nn.Module):
+    """Answers ``logits`` for every input."""
+
+    def __init__(self, logits: list[float]):
+        super().__init__()
+        self.logits = torch.tensor(logits)
+
+    def forward(self, x):
+        return StageOutput(self.logits.expand(len(x), -1))
+
+
+def test_majority_class_check_known_values():
+    x = torch.zeros(10, 2)
+    y = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2, 2])  # majority class 0: 0.6
+    always_0 = majority_class_problem(_Constant([1.0, 0.0, 0.0]), CrossEntropyTaskLoss(), TensorDataset(x, y), 4,
+                                      torch.device("cpu"))
+    assert always_0 == ("accuracy 0.600 on the calibration split is no better than always answering the majority "
+                        "class (0.600, give or take 0.310 on 10 inputs)")  # 2 * sqrt(0.6 * 0.4 / 10)
+
+    class Perfect(nn.Module):
+        def forward(self, x):
+            return StageOutput(nn.functional.one_hot(y[: len(x)], 3).float())
+
+    assert majority_class_problem(Perfect(), CrossEntropyTaskLoss(), TensorDataset(x, y), 16, torch.device("cpu")) \
+        is None
+    # regression is not checked against a constant (see cascade.training_checks)
+    assert majority_class_problem(_Constant([0.0, 0.0]), MaskedL2TaskLoss(), TensorDataset(x, torch.ones(10, 2)), 4,
+                                  torch.device("cpu")) is None
+
+
+def test_degenerate_training_stops_or_warns(caplog):
+    with pytest.raises(TrainingError, match=r"^seed 1 little pretrain \(pretrain, lr 0\.5\): loss rose from 1 "):
+        degenerate_training("seed 1 little pretrain", "pretrain", 0.5, [None, "loss rose from 1 to 2"], allow=False)
+    degenerate_training("seed 1 little pretrain", "pretrain", 0.5, ["loss rose from 1 to 2"], allow=True)
+    assert "seed 1 little pretrain (pretrain, lr 0.5): loss rose from 1 to 2 (kept" in caplog.text
+    degenerate_training("p", "pretrain", 0.5, [None, None], allow=False)  # nothing found: nothing said
+
+
+# ============================================================================ files
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_leaves_nothing_partial(tmp_path, capsys,
+                                                                                     monkeypatch):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    out = tmp_path / "out"
+    real_write_bytes = Path.write_bytes
+
+    def disk_full(self, data):  # half the checkpoint, then the disk is full
+        if ".pt." in self.name:
+            real_write_bytes(self, bytes(data)[:100])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_bytes(self, data)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_bytes", disk_full)
+        line = _one_error_line(*_cli(capsys, "run", cfg, "--quiet", "--out", out))
+    resume = out / "checkpoints" / "resume"
+    assert line.startswith(f"error: {resume / 'seed_0_little_pretrain.pt'}: cannot write it (No space left on device)")
+    assert not _temporaries(out) and not list(resume.glob("*.pt"))
+
+    # torch's own writer failing (what the issue saw) is one line too, and keeps the old file
+    path = tmp_path / "ckpt.pt"
+    atomic_save({"w": torch.ones(2)}, path)
+
+    def torch_writer_fails(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 5504 vs 5392")
+
+    monkeypatch.setattr(torch, "save", torch_writer_fails)
+    with pytest.raises(CascadeError, match=rf"^{path}: cannot write it \(torch's writer failed: RuntimeError: "
+                                           r"\[enforce fail at inline_container.cc:603\] . unexpected pos"):
+        atomic_save({"w": torch.zeros(2)}, path)
+    assert torch.equal(load_checkpoint(path)["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.glob(".*")] == []
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_honour_the_umask(tmp_path, umask, mode):
+    before = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        atomic_save({"w": torch.ones(1)}, tmp_path / "b.pt")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "b.pt").stat().st_mode) == mode
+
+
+def test_a_killed_runs_temporary_files_are_removed_on_the_next_run_and_on_resume(tmp_path, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    out = tmp_path / "out"
+    stray = [out / "figures" / ".accuracy_vs_cost_white_box.png.k2j3h4.tmp", out / ".metrics.json.abcd.tmp",
+             out / "checkpoints" / ".seed0_stage0.pt.x1.tmp", out / "checkpoints" / "resume" / ".seed_0_big.pt.y.tmp"]
+    for p in stray:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half a file")
+    keep = out / "figures" / "notes.tmp"  # not one of ours (no leading dot): left alone
+    keep.write_text("mine")
+    assert main(["run", str(cfg), "--quiet", "--out", str(out), "--resume"]) == 0, capsys.readouterr().err
+    assert _temporaries(out) == [keep]
+    for p in stray[:2]:
+        p.write_bytes(b"half a file")
+    assert main(["run", str(cfg), "--quiet", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert _temporaries(out) == [keep]
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
+    cfg = tmp_path / "long.yaml"
+    cfg.write_text(TINY.replace("pretrain: {epochs: 2,", "pretrain: {epochs: 2000,"))
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cascade", "run", str(cfg), "--quiet", "--out", str(out)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = out / "checkpoints" / "resume" / "seed_0_little_pretrain.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # waits for the first epoch's checkpoint: training is under way
+    assert checkpoint.exists(), proc.communicate(timeout=10)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert "Traceback" not in err
+    assert "SIGTERM received; stopping after this step and saving a checkpoint" in err
+    assert err.strip().splitlines()[-1] == f"interrupted; continue with: cascade run {cfg} --quiet --out {out} --resume"
+    assert not _temporaries(out)
+    assert load_checkpoint(checkpoint)["trainer"]["step"] >= 7  # saved on the way out, whole
+
+
+# ============================================================================ validation
+
+
+def test_validate_checks_the_quick_block_too(tmp_path, capsys):
+    bad_key = tmp_path / "bad_key.yaml"
+    bad_key.write_text("task: {name: digits}\nquick:\n  seeds: [0]\n  finetune.epoch: 1\n")
+    line = _one_error_line(*_cli(capsys, "validate", bad_key, "--config-only"))
+    assert line == (f"error: {bad_key}: finetune.epoch: unknown key (did you mean 'epochs'?) (with --quick, from "
+                    "quick: finetune.epoch)")
+    replaced = tmp_path / "replaced.yaml"
+    replaced.write_text("task: {name: digits}\npretrain: {epochs: -1}\nquick:\n  pretrain.epochs: 1\n")
+    expected = f"error: {replaced}: pretrain.epochs: Input should be greater than or equal to 0"
+    assert _one_error_line(*_cli(capsys, "validate", replaced, "--config-only")) == expected
+    assert _one_error_line(*_cli(capsys, "run", replaced, "--quick", "--out", tmp_path / "out")) == expected
+    assert not (tmp_path / "out").exists()
+
+
+def test_absurd_sizes_are_refused_at_validation_in_one_line_naming_the_key(tmp_path, capsys):
+    huge = tmp_path / "huge.yaml"  # the issue's 1.4 M targets: 9.8 MB, refused before parsing
+    huge.write_text("task: {name: digits}\nevaluation:\n  white_box_targets: [" + ", ".join(["0.001"] * 1_400_000)
+                    + "]\n")
+    start = time.perf_counter()
+    line = _one_error_line(*_cli(capsys, "validate", huge))
+    assert time.perf_counter() - start < 1.0
+    assert line == (f"error: {huge}: 9.8 MB; a config is at most 1 MB (a list of thousands of values? lists hold at "
+                    "most 1000 items)")
+    long = tmp_path / "long.yaml"
+    long.write_text("task: {name: digits}\nevaluation:\n  white_box_targets: [" + ", ".join(["0.001"] * 1001) + "]\n")
+    assert _one_error_line(*_cli(capsys, "validate", long, "--config-only")) == \
+        f"error: {long}: evaluation.white_box_targets: List should have at most 1000 items after validation, not 1001"
+    zero = tmp_path / "zero.yaml"
+    zero.write_text("task: {name: digits}\nlittle: {name: mlp, hidden: [0]}\n")
+    assert _one_error_line(*_cli(capsys, "validate", zero)) == \
+        f"error: {zero}: little.hidden.0: Input should be greater than 0"
+    code, err = _cli(capsys, "validate", zero, "--config-only", "--set", "little.hidden=[8]",
+                     "--set", "big.channels=[32, -1]", "--set", "seeds=[" + ", ".join(map(str, range(1001))) + "]")
+    assert code == 2 and f"error: {zero}: big.channels.1: Input should be greater than 0" in err.splitlines()
+    assert any(line.startswith(f"error: {zero}: seeds: List should have at most 1000 items") for line in
+               err.splitlines())
+    # YAML aliases standing for 10^9 values: refused after at most 100,000 steps
+    bomb = tmp_path / "bomb.yaml"
+    levels = ["a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"] + \
+        [f"{k}: &{k} [{', '.join([f'*{p}'] * 10)}]" for p, k in zip("abcdefgh", "bcdefghi")]
+    bomb.write_text("task: {name: digits}\n" + "\n".join(levels) + "\n")
+    start = time.perf_counter()
+    line = _one_error_line(*_cli(capsys, "validate", bomb, "--config-only"))
+    assert time.perf_counter() - start < 1.0
+    assert line.startswith(f"error: {bomb}: ") and "more than 100000 values (counted through YAML aliases)" in line
