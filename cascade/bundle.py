@@ -265,8 +265,9 @@ def _read_checked(file: Path, mf: Path, key: str, digest: str) -> bytes:
     except OSError as exc:
         raise CascadeError(f"{file}: cannot be read ({exc.strerror or exc})") from None
     if hashlib.sha256(data).hexdigest() != digest:
-        raise CascadeError(f"{file}: SHA-256 differs from {mf}'s {key.rsplit('.', 1)[0]}: this is not the file "
-                           "exported with that manifest (swapped, truncated or modified); export the run again")
+        hash_key = key.removesuffix(".file") + ".sha256" if key.endswith(".file") else key + "_sha256"
+        raise CascadeError(f"{file}: SHA-256 differs from {mf}'s {hash_key}: this is not the file exported with "
+                           "that manifest (swapped, truncated or modified); export the run again")
     return data
 
 

@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
                        "a header when it is not numeric or is 0,1,...,D-1 (what pandas writes with no column names)")
     route.add_argument("--max-pixels", type=int, default=None, metavar="N",
                        help="refuse images with more pixels (width x height) than this, before decoding them "
-                       "(default 50000000)")
+                       "(default cascade.inputs.MAX_IMAGE_PIXELS, 50 million)")
     _add_networks_parser(sub)
     _add_serve_parsers(sub)
     return p
@@ -288,16 +288,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_route(args: argparse.Namespace) -> int:
-    from dataclasses import fields
-
-    import numpy as np
-    import pandas as pd
-    import torch
-    from tqdm import tqdm
-
-    from cascade.bundle import Bundle, RoutedBatch
+    from cascade.bundle import Bundle
     from cascade.checkpoint import atomic_path
-    from cascade.inputs import MAX_IMAGE_PIXELS, load_inputs
+    from cascade.inputs import MAX_IMAGE_PIXELS, load_inputs, route_inputs
 
     if args.batch < 1:
         raise CascadeError(f"--batch {args.batch}: must be at least 1")
@@ -306,30 +299,7 @@ def _cmd_route(args: argparse.Namespace) -> int:
         raise CascadeError(f"--max-pixels {max_pixels}: must be at least 1")
     bundle = Bundle.load(args.bundle)
     inputs = load_inputs(args.inputs, bundle, header=args.header, max_pixels=max_pixels)
-    if len(inputs) == 0:
-        raise CascadeError(f"{args.inputs}: no inputs")
-    parts = []
-    for start in tqdm(range(0, len(inputs), args.batch), desc="route", unit="batch", file=sys.stderr,
-                      disable=not sys.stderr.isatty()):
-        batch = np.asarray(inputs.values[start:start + args.batch])
-        flat = batch.reshape(len(batch), -1)
-        bad = ~np.isfinite(flat).all(axis=1) if flat.dtype.kind == "f" else np.zeros(len(batch), bool)
-        if bad.any():  # named here by its index in the file, not its row in the batch
-            raise CascadeError(f"{inputs.path}: {inputs.where(start + int(np.flatnonzero(bad)[0]))} has NaN or "
-                               "infinite values")
-        try:
-            parts.append(bundle.route(batch))
-        except CascadeError as exc:  # a problem of the whole batch (its shape, its dtype)
-            raise CascadeError(f"{inputs.path}: inputs {start}-{start + len(batch) - 1}: {exc}") from None
-    r = RoutedBatch(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(RoutedBatch)))
-    pending = r.pending.numpy()
-    preds = bundle.predictions(r.output)  # no answer is made up for the oracle's rows
-    classes = bundle.kind == "classification"
-    answers = pd.DataFrame({"prediction": preds} if classes else preds, columns=None if classes else bundle.output_names)
-    answers.loc[pending] = None
-    frame = pd.concat([pd.DataFrame({"input": inputs.names}), answers,
-                       pd.DataFrame({"stage": r.stage.numpy(), "score": r.score.numpy(), "mflops": r.mflops.numpy(),
-                                     "pending": pending})], axis=1)
+    frame = route_inputs(bundle, inputs, args.batch, progress=sys.stderr.isatty())
     out = Path(args.out)
     with atomic_path(out) as tmp:  # whole or not at all: a full disk leaves no partial file, an earlier one as it was
         frame.to_csv(tmp, index=False)

@@ -26,21 +26,12 @@ from pydantic import (
     model_validator,
 )
 
+from cascade.config_limits import MAX_ITEMS, check_file_size, check_value_count
 from cascade.errors import CascadeError, ConfigError
 from cascade.perturb import PerturbConfig
 from cascade.registry import NETWORKS, TASKS
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
-
-#: the most items a config list may hold (seeds, targets, budgets, milestones, stages,
-#: methods): far more than any experiment needs, few enough to validate in milliseconds
-MAX_ITEMS = 1000
-#: the largest config file read (the repo's are under 4 kB): a bigger one is refused
-#: before it is parsed (PyYAML takes seconds per megabyte)
-MAX_CONFIG_BYTES = 1 << 20
-#: the most values (mappings, lists and scalars, counted through YAML aliases) a config
-#: may hold: a few aliases can otherwise stand for billions of values
-MAX_CONFIG_VALUES = 100_000
 
 
 class _Strict(BaseModel):
@@ -315,17 +306,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Parse a YAML mapping; errors name the file (and the line, for malformed YAML).
 
     Raises:
-        CascadeError: missing or unreadable file, one over :data:`MAX_CONFIG_BYTES` (before
-            it is read) or holding over :data:`MAX_CONFIG_VALUES` values, malformed YAML
+        CascadeError: missing or unreadable file, one too big (before it is read) or holding
+            too many values (:mod:`cascade.config_limits`), malformed YAML
             (with its line), a key given twice, or a document that is not a mapping.
     """
     path = Path(path)
     if not path.is_file():
         raise CascadeError(f"{path}: config file not found")
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise CascadeError(f"{path}: {size / 1e6:.1f} MB; a config is at most {MAX_CONFIG_BYTES >> 20} MB (a list of "
-                           f"thousands of values? lists hold at most {MAX_ITEMS} items)")
+    check_file_size(path)
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
@@ -339,31 +327,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise CascadeError(f"{path}: {where}malformed YAML: {problem}") from None
     if not isinstance(data, dict):
         raise CascadeError(f"{path}: a config must be a YAML mapping, got {type(data).__name__}")
-    crowded = _crowded_key(data)
-    if crowded is not None:
-        raise CascadeError(f"{path}: {crowded}: the config holds more than {MAX_CONFIG_VALUES} values (counted "
-                           f"through YAML aliases) from here on; lists hold at most {MAX_ITEMS} items")
+    check_value_count(path, data)
     return data
-
-
-def _crowded_key(data: Any, limit: int = MAX_CONFIG_VALUES) -> str | None:
-    """The key path at which a walk through ``data`` (aliases followed, so a value shared
-    by many keys counts each time) passes ``limit`` values, or None. Values are counted
-    before they are visited, so the walk stops within ``limit`` steps, however many values
-    the aliases stand for."""
-    count = 1
-    stack: list[tuple[str, Any]] = [("<root>", data)]
-    while stack:
-        key, node = stack.pop()
-        if isinstance(node, (dict, list)):
-            count += len(node)
-            if count > limit:
-                return key
-            if isinstance(node, dict):
-                stack += [(str(k) if key == "<root>" else f"{key}.{k}", v) for k, v in node.items()]
-            else:
-                stack += [(key, v) for v in node]
-    return None
 
 
 def apply_override(data: dict[str, Any], assignment: str, source: str = "--set") -> None:

@@ -1,4 +1,4 @@
-"""The inputs ``cascade route`` reads: a ``.npy`` array, a CSV of features, a folder of images.
+"""The inputs ``cascade route`` reads (a ``.npy`` array, a CSV of features, a folder of images), routed.
 
 Every reader keeps where each input came from (its CSV line, its image file), so an
 error names the input by its absolute index in the file and its line or file, never by
@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import torch
 
-from cascade.bundle import IMAGE_SUFFIXES, Bundle
+from cascade.bundle import IMAGE_SUFFIXES, Bundle, RoutedBatch
 from cascade.errors import CascadeError
 
 #: the most pixels (width x height) an input image may have: 50 M, e.g. 7071 x 7071
@@ -99,8 +101,6 @@ def _read_npy(path: Path) -> InputFile:
 
 
 def _read_csv(path: Path, bundle: Bundle, header: bool | None) -> InputFile:
-    import pandas as pd
-
     width = int(np.prod(bundle.input_shape))
     try:
         frame = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
@@ -163,3 +163,42 @@ def _read_images(folder: Path, bundle: Bundle, max_pixels: int) -> InputFile:
         a = a[None] if channels == 1 else a.transpose(2, 0, 1)
         images.append(a * (raw_max / 255.0))
     return InputFile(folder, [f.name for f in files], np.stack(images))
+
+
+def route_inputs(bundle: Bundle, inputs: InputFile, batch: int = 256, progress: bool = False) -> pd.DataFrame:
+    """Route ``inputs`` batch by batch: one row per input, ``input, prediction (or one
+    column per output), stage, score, mflops, pending``; an appealed input of a black-box
+    bundle gets no answer here (``pending``).
+
+    Raises:
+        CascadeError: no inputs; an input with NaN or infinite values (named by its index
+            in the file); a batch the bundle refuses (its shape, its dtype).
+    """
+    from dataclasses import fields
+
+    from tqdm import tqdm
+
+    if len(inputs) == 0:
+        raise CascadeError(f"{inputs.path}: no inputs")
+    parts = []
+    for start in tqdm(range(0, len(inputs), batch), desc="route", unit="batch", disable=not progress):
+        rows = np.asarray(inputs.values[start:start + batch])
+        flat = rows.reshape(len(rows), -1)
+        bad = ~np.isfinite(flat).all(axis=1) if flat.dtype.kind == "f" else np.zeros(len(rows), bool)
+        if bad.any():  # named by its index in the file, not its row in the batch
+            raise CascadeError(f"{inputs.path}: {inputs.where(start + int(np.flatnonzero(bad)[0]))} has NaN or "
+                               "infinite values")
+        try:
+            parts.append(bundle.route(rows))
+        except CascadeError as exc:  # a problem of the whole batch (its shape, its dtype)
+            raise CascadeError(f"{inputs.path}: inputs {start}-{start + len(rows) - 1}: {exc}") from None
+    r = RoutedBatch(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(RoutedBatch)))
+    pending = r.pending.numpy()
+    preds = bundle.predictions(r.output)  # no answer is made up for the oracle's rows
+    classes = bundle.kind == "classification"
+    answers = pd.DataFrame({"prediction": preds} if classes else preds,
+                           columns=None if classes else bundle.output_names)
+    answers.loc[pending] = None
+    return pd.concat([pd.DataFrame({"input": inputs.names}), answers,
+                      pd.DataFrame({"stage": r.stage.numpy(), "score": r.score.numpy(), "mflops": r.mflops.numpy(),
+                                    "pending": pending})], axis=1)

@@ -101,8 +101,8 @@ def recompute_point(run: Path, metrics: dict, point: dict[str, Any]) -> dict[str
                            f"{fresh['variant']!r}; the points are not this run's: run it again")
     for key in CHECKED:
         if not _same(point.get(key), fresh[key]):
-            raise CascadeError(f"{where} has {key} {point.get(key)!r}, but samples.csv gives {fresh[key]!r}; "
-                               "points.csv was edited or belongs to another run: run it again")
+            raise CascadeError(f"{where} has {key} {point.get(key)!r}, but samples.csv gives {fresh[key]!r}; the "
+                               "two files are not of one run (one was edited, cut short or swapped): run it again")
     return {**point, **{k: fresh[k] for k in (*CHECKED, "feasible")}}
 
 

@@ -41,7 +41,7 @@ _FIXED = {"archive_format", "archive_version", "byteorder", ".data/version", ".d
           "data/constants/model_constants_config.json", "data/sample_inputs/model.pt"}
 _REQUIRED = {"archive_format", "archive_version", "models/model.json", "data/weights/model_weights_config.json",
              "data/constants/model_constants_config.json"}
-_RECORD = {"weights": re.compile(r"weight_\d+"), "constants": re.compile(r"tensor_constant_\d+")}
+_RECORD = {"weights": re.compile(r"weight_\d+"), "constants": re.compile(r"tensor_\d+")}
 _ROOT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _FQN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 #: Python operators symbolic-shape nodes call (serialized as ``_operator.NAME``)

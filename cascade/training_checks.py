@@ -7,8 +7,10 @@ big network, the pre-trained and the plain routed stages), :func:`degenerate_tra
 stops the run, in one line naming the phase and its learning rate, when
 
 - the phase's loss ends above its first epoch's (by more than :data:`LOSS_RISE_TOLERANCE`), or
-- (classification) the network is no more accurate on the calibration split than
-  always answering that split's most frequent class (within two standard errors).
+- (classification) the network is worse on the calibration split than a constant answer:
+  no more accurate than always answering the most frequent class (within two standard
+  errors), and a loss above that of answering the class frequencies (see
+  :func:`majority_class_problem`: a network still at its initialization is let through).
 
 ``checks.allow_degenerate: true`` turns the stop into a warning.
 
@@ -38,7 +40,8 @@ from cascade.roles import TaskKind, TaskLoss
 log = logging.getLogger("cascade")
 
 #: a phase's last-epoch mean loss may exceed its first's by this fraction (noise: a
-#: fine-tuning phase starts near its floor, and its epoch means wobble)
+#: fine-tuning phase starts near its floor, and its epoch means wobble), and a network's
+#: loss that of a constant answer
 LOSS_RISE_TOLERANCE = 0.1
 #: a classifier within this many binomial standard errors of the majority class's accuracy
 #: is no better than it (on 360 inputs at 10 classes: 0.103 + 0.032)
@@ -59,12 +62,18 @@ def loss_rise_problem(history: list[dict[str, float]]) -> str | None:
 @torch.no_grad()
 def majority_class_problem(model: nn.Module, criterion: TaskLoss, data: Dataset, batch_size: int,
                            device: torch.device) -> str | None:
-    """``"accuracy A on the calibration split is no better than ..."`` when the classifier
-    ``model`` is at most as accurate on ``data`` as always answering its most frequent
-    class, else None (also for regression, see the module docstring, and empty data).
+    """What is wrong when the classifier ``model`` is no better on ``data`` than a constant
+    answer, else None (also for regression, see the module docstring, and empty data).
 
-    Correctness is the criterion's own (``correct(output, target)``), for the network and
-    for the constant answer (a one-hot output of that class) alike.
+    No better means both: its accuracy is within :data:`NOISE_STANDARD_ERRORS` of always
+    answering the split's most frequent class, and its mean loss is above that of
+    answering the split's class frequencies (the best constant under a log loss) by more
+    than :data:`LOSS_RISE_TOLERANCE`. So a network at chance *and* confidently wrong (a
+    diverged one: ``big_train.lr 1e6`` ends at a loss of 9e12) is refused, but not one that
+    has barely moved from its initialization (a smoke test's few steps: at chance, with the
+    constant's loss) nor one whose loss beats the constant's (it has learned something of
+    its input, though its argmax is still at chance). Accuracy and loss are the
+    criterion's own (``correct``, ``per_sample``).
     """
     if criterion.kind != TaskKind.CLASSIFICATION or len(data) == 0:
         return None
@@ -80,19 +89,22 @@ def majority_class_problem(model: nn.Module, criterion: TaskLoss, data: Dataset,
     output, target = torch.cat(outputs), torch.cat(targets)
     if target.dim() != 1 or target.is_floating_point():
         return None  # not class labels: no majority class to compare with
-    majority = int(torch.bincount(target).argmax())
-    constant = torch.zeros_like(output)
-    constant[:, majority] = 1.0
-    accuracy = float(criterion.correct(output, target).float().mean())
-    baseline = float(criterion.correct(constant, target).float().mean())
-    if baseline >= 1.0:
+    frequencies = torch.bincount(target, minlength=output.shape[1]).float() / len(target)
+    if float(frequencies.max()) >= 1.0:
         return None  # one class only: nothing to beat
-    # "no better": within NOISE_STANDARD_ERRORS binomial standard errors of the constant's
-    # accuracy (a constant network's accuracy is the frequency of the class it answers)
+    majority = torch.zeros_like(output)
+    majority[:, int(frequencies.argmax())] = 1.0
+    accuracy = float(criterion.correct(output, target).float().mean())
+    baseline = float(criterion.correct(majority, target).float().mean())
+    # a constant network's accuracy is the frequency of the class it answers: within a few
+    # binomial standard errors of the majority's is no better
     margin = NOISE_STANDARD_ERRORS * math.sqrt(baseline * (1 - baseline) / len(target))
-    if accuracy <= baseline + margin:
+    loss = float(criterion.per_sample(output, target).mean())
+    prior = float(criterion.per_sample(frequencies.clamp_min(1e-12).log().expand_as(output), target).mean())
+    if accuracy <= baseline + margin and not loss <= prior * (1 + LOSS_RISE_TOLERANCE):  # a NaN loss is no better
         return (f"accuracy {accuracy:.3f} on the calibration split is no better than always answering the majority "
-                f"class ({baseline:.3f}, give or take {margin:.3f} on {len(target)} inputs)")
+                f"class ({baseline:.3f}, give or take {margin:.3f} on {len(target)} inputs), and its loss {loss:.3g} "
+                f"is above that of answering the class frequencies ({prior:.3g})")
     return None
 
 

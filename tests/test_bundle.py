@@ -255,7 +255,7 @@ def test_export_refuses_a_random_score_an_occupied_folder_and_a_broken_bundle_is
     (bundle / "stage_0.pt2").write_bytes(b"garbage")
     np.save(tmp_path / "x.npy", np.zeros((1, 1, 8, 8)))
     code = main(["route", str(bundle), str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.csv")])
-    assert "stage_0.pt2: not a torch.export program" in one_line_error(code, capsys.readouterr().err)
+    assert "stage_0.pt2: SHA-256 differs from" in one_line_error(code, capsys.readouterr().err)
     (bundle / "manifest.json").write_text(json.dumps({"format_version": 99}))
     code = main(["route", str(bundle), str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.csv")])
     assert "format_version 99" in one_line_error(code, capsys.readouterr().err)

@@ -214,6 +214,11 @@ def _truncate(run: Path) -> None:
     (run / "metrics.json").write_bytes(data[: len(data) // 2])
 
 
+def _truncate_samples(run: Path) -> None:
+    data = (run / "samples.csv").read_bytes()
+    (run / "samples.csv").write_bytes(data[: data.rindex(b"\n", 0, -1) + 12])  # the last row cut short
+
+
 @pytest.mark.parametrize("damage, file, message", [
     (_flip_number, "points.csv", "line {line}: target_ad '0x005' is not a number"),
     (_bad_bytes, "points.csv", "not a readable CSV"),
@@ -221,6 +226,9 @@ def _truncate(run: Path) -> None:
     (lambda r: (r / "metrics.json").write_text('{"task": "digits", "seeds": "all"}'), "metrics.json",
      "seeds: Input should be a valid list"),
     (lambda r: (r / "config.yaml").write_text("task: [digits\n"), "config.yaml", "not readable YAML"),
+    (_truncate_samples, "samples.csv", "column big_correct holds values that are not True/False"),
+    (lambda r: pd.read_csv(r / "samples.csv").drop(columns="stage0_score_msp").to_csv(r / "samples.csv", index=False),
+     "samples.csv", "no column stage0_score_msp (metrics.json's variants of msp read it)"),
     (lambda r: (r / "config.yaml").write_text("task: {name: digits}\nlittel: 3\n"), "config.yaml", "littel"),
     (lambda r: (r / "checkpoints" / "seed0_stage0.pt").unlink(), "checkpoints/seed0_stage0.pt",
      "checkpoint not found"),

@@ -67,13 +67,16 @@ def _temporaries(folder: Path) -> list[Path]:
 
 def test_a_diverging_lr_stops_the_run_naming_the_phase_and_its_lr(tmp_path, capsys, monkeypatch):
     """The issue's case: big_train.lr 1e6 keeps the loss finite, and the big network answers
-    class 1 to everything (10.8 % on the calibration split, whose majority class is 10.3 %)."""
+    class 1 to nearly everything (10.8 % on the calibration split, whose majority class is
+    10.3 %), with a loss of 1e12 (answering the class frequencies: ln 10)."""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     code, err = _cli(capsys, "run", DIGITS, "--quick", "--quiet", "--out", out, "--set", "big_train.lr=1e6")
     line = _one_error_line(code, err)
     assert line.startswith("error: seed 0 big (big_train, lr 1e+06): accuracy 0.108 on the calibration split is no "
-                           "better than always answering the majority class (0.103, give or take 0.032 on 360 inputs)")
+                           "better than always answering the majority class (0.103, give or take 0.032 on 360 inputs), "
+                           "and its loss ")
+    assert "is above that of answering the class frequencies (2.3)" in line
     assert "checks.allow_degenerate: true" in line
     assert not (out / "metrics.json").exists()  # no tables built on it
     # allowed on purpose: the same run, resumed, keeps the network with a warning and finishes
@@ -114,10 +117,15 @@ class _Constant(nn.Module):
 def test_majority_class_check_known_values():
     x = torch.zeros(10, 2)
     y = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2, 2])  # majority class 0: 0.6
-    always_0 = majority_class_problem(_Constant([1.0, 0.0, 0.0]), CrossEntropyTaskLoss(), TensorDataset(x, y), 4,
-                                      torch.device("cpu"))
+    data, cpu, loss = TensorDataset(x, y), torch.device("cpu"), CrossEntropyTaskLoss()
+    # always class 0, confidently: loss 0.4 * 10 = 4.0, against 0.950 for the class frequencies
+    always_0 = majority_class_problem(_Constant([10.0, 0.0, 0.0]), loss, data, 4, cpu)
     assert always_0 == ("accuracy 0.600 on the calibration split is no better than always answering the majority "
-                        "class (0.600, give or take 0.310 on 10 inputs)")  # 2 * sqrt(0.6 * 0.4 / 10)
+                        "class (0.600, give or take 0.310 on 10 inputs), and its loss 4 is above that of answering "
+                        "the class frequencies (0.95)")  # 2 * sqrt(0.6 * 0.4 / 10) = 0.310
+    # at chance but with the constant's loss (a network still near its initialization): let through
+    assert majority_class_problem(_Constant([0.6, 0.2, 0.2]), loss, data, 4, cpu) is None
+    assert majority_class_problem(_Constant([1.0, 0.0, 0.0]), loss, data, 4, cpu) is None  # loss 0.951
 
     class Perfect(nn.Module):
         def forward(self, x):
@@ -263,9 +271,11 @@ def test_absurd_sizes_are_refused_at_validation_in_one_line_naming_the_key(tmp_p
     zero.write_text("task: {name: digits}\nlittle: {name: mlp, hidden: [0]}\n")
     assert _one_error_line(*_cli(capsys, "validate", zero)) == \
         f"error: {zero}: little.hidden.0: Input should be greater than 0"
+    seeds = "seeds=[" + ", ".join(map(str, range(1001))) + "]"
     code, err = _cli(capsys, "validate", zero, "--config-only", "--set", "little.hidden=[8]",
-                     "--set", "big.channels=[32, -1]", "--set", "seeds=[" + ", ".join(map(str, range(1001))) + "]")
-    assert code == 2 and f"error: {zero}: big.channels.1: Input should be greater than 0" in err.splitlines()
+                     "--set", "big={name: cnn, channels: [32, -1]}", "--set", seeds)
+    assert code == 2 and any(line.startswith(f"error: {zero}: big.channels.1: Input should be greater than 0")
+                             for line in err.splitlines())
     assert any(line.startswith(f"error: {zero}: seeds: List should have at most 1000 items") for line in
                err.splitlines())
     # YAML aliases standing for 10^9 values: refused after at most 100,000 steps

@@ -378,14 +378,14 @@ def test_a_damaged_entry_is_retrained_and_replaced_and_writes_are_atomic(tmp_pat
     replaced = torch.load(path, weights_only=True)["model"]
     assert all(torch.equal(replaced[k], v) for k, v in good.items())  # the same network again (deterministic)
 
-    import cascade.checkpoint
+    real_write_bytes = Path.write_bytes
 
-    def full_disk(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"half a file")
+    def full_disk(self, data):  # the archive is built in memory, then written: half of it, then the disk is full
+        real_write_bytes(self, b"half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cascade.checkpoint.torch, "save", full_disk)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(CascadeError, match="cannot write it \\(No space left on device\\)"):
         NetworkCache(tmp_path / "cache").save({"k": 1}, "big-cnn", {"w": torch.ones(1)}, {})
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [path.name]  # no partial file, no temporary
 

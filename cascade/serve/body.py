@@ -65,7 +65,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
         Problem: 413, a ``Content-Length`` or a body over the limit (nothing more is read);
             400, a ``Content-Length`` that is not a number.
     """
-    limit = f"send at most {max_bytes / 2 ** 20:g} MB (--max-body-mb)"
+    limit = f"send at most {max_bytes / 2 ** 20:.3g} MB (--max-body-mb)"
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -145,7 +145,9 @@ def _decode_npy(body: bytes, max_inputs: int) -> np.ndarray:
         read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
         shape, fortran, dtype = read(f, max_header_size=NPY_MAX_HEADER)
     except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
-        raise Problem(400, f"body: not a .npy array written by numpy.save ({exc})") from None
+        why = one_line(str(exc)).split(". ")[0]  # numpy's header-size refusal goes on for three sentences
+        raise Problem(400, f"body: not a .npy array written by numpy.save ({why}; headers up to "
+                           f"{NPY_MAX_HEADER} bytes)") from None
     if dtype.hasobject or dtype.kind not in "biuf":
         raise Problem(422, f"inputs: dtype {dtype} is not a real number type")
     if shape and shape[0] > max_inputs:
@@ -155,5 +157,5 @@ def _decode_npy(body: bytes, max_inputs: int) -> np.ndarray:
     if count * dtype.itemsize != data:
         raise Problem(400, f"body: the .npy header claims shape {list(shape)} of {dtype} ({count * dtype.itemsize} "
                            f"bytes) but {data} bytes follow it")
-    raw = np.frombuffer(body, dtype=dtype, count=count, offset=f.tell())
-    return raw.reshape(shape, order="F" if fortran else "C")
+    raw = np.frombuffer(body, dtype=dtype, count=count, offset=f.tell()).reshape(shape, order="F" if fortran else "C")
+    return raw if dtype.isnative else raw.astype(dtype.newbyteorder("="))  # torch takes native byte order only
