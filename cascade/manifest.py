@@ -11,6 +11,7 @@ not a number, preprocessing that would divide by zero, a kind that is not a
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -25,6 +26,8 @@ from cascade.roles import Mode, TaskKind
 FORMAT_VERSION = 2
 #: a manifest larger than this is not one ``cascade export`` wrote
 MAX_MANIFEST_BYTES = 1 << 20
+#: the most values one input may have (a 1 GiB float32 zero input is what load would run)
+MAX_INPUT_VALUES = 1 << 28
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -153,6 +156,9 @@ class Manifest(_Strict):
             raise ValueError(f"thresholds: {len(self.thresholds)} given for {len(self.stages) - 1} routed stage(s)")
         if len(set(self.output_names)) != len(self.output_names):
             raise ValueError("output_names: names repeat")
+        values = math.prod(self.input.shape)
+        if values > MAX_INPUT_VALUES:
+            raise ValueError(f"input.shape: {values:,} values per input, more than {MAX_INPUT_VALUES:,}")
         channels = self.input.shape[0]
         if self.preprocessing is not None:
             for key in ("mean", "std"):
@@ -195,14 +201,16 @@ def read_manifest(path: Path) -> tuple[Manifest, dict[str, Any]]:
         data = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CascadeError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
-    version = data.get("format_version") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise CascadeError(f"{path}: not a manifest (a JSON {type(data).__name__}, not an object)")
+    version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise CascadeError(f"{path}: format_version {version!r}; this cascade reads version {FORMAT_VERSION} "
                            "(export the run again with this version)")
     try:
         manifest = Manifest.model_validate_json(raw)
     except ValidationError as exc:
-        raise CascadeError(f"{path}: {_first_error(exc)}") from None
+        raise CascadeError(f"{path}: {_errors_line(exc)}") from None
     return manifest, data
 
 
@@ -210,15 +218,18 @@ def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _first_error(exc: ValidationError) -> str:
+def _errors_line(exc: ValidationError, shown: int = 3) -> str:
+    """The first few problems, each ``key.path: message``, on one line."""
     errors = exc.errors(include_url=False)
-    first = errors[0]
-    where = "".join(f"{p}: " if i == len(first["loc"]) - 1 else f"{p}." for i, p in enumerate(first["loc"]))
-    message = first["msg"].removeprefix("Value error, ")
-    if "input" in first and first["type"] not in ("missing", "extra_forbidden"):
-        message += f" (got {_short(first['input'])})"
-    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    return f"{where}{message}{more}".replace("\n", " ")
+    parts = []
+    for e in errors[:shown]:
+        where = "".join(f"{p}: " if i == len(e["loc"]) - 1 else f"{p}." for i, p in enumerate(e["loc"]))
+        message = e["msg"].removeprefix("Value error, ")
+        if "input" in e and e["type"] not in ("missing", "extra_forbidden"):
+            message += f" (got {_short(e['input'])})"
+        parts.append(f"{where}{message}")
+    more = f" (and {len(errors) - shown} more problem(s))" if len(errors) > shown else ""
+    return ("; ".join(parts) + more).replace("\n", " ")
 
 
 def _short(value: Any) -> str:

@@ -225,6 +225,7 @@ MANIFESTS = [
     (_edit("stages.1.file", ".."), "stages.1.file: '..' is not a plain file name"),
     (_edit("stages.0.sha256", None), "stages.0: sha256 must be given exactly when file is"),
     (_edit("input.shape", [1, 0, 8]), "input.shape.1: Input should be greater than or equal to 1"),
+    (_edit("input.shape", [1, 100_000, 100_000]), "input.shape: 10,000,000,000 values per input, more than"),
     (_edit("surprise", 1), "surprise: Extra inputs are not permitted"),
     (lambda m: m["stages"][0].pop("mflops"), "stages.0.mflops: Field required"),
 ]
