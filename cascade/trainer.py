@@ -478,14 +478,18 @@ class ProgressHook(HookBase):
 
 
 class HistoryHook(HookBase):
-    """Keeps the mean of every logged loss per epoch (``history[epoch][name]``)."""
+    """Keeps the mean of every logged loss per epoch (``history[epoch][name]``), and the
+    loss of the phase's first step (``first_loss``: the network before any update)."""
 
     def __init__(self) -> None:
         self.history: list[dict[str, float]] = []
+        self.first_loss: float | None = None
         self._sums: dict[str, float] = {}
         self._n = 0
 
     def after_step(self, trainer: Trainer, losses: dict[str, float]) -> None:
+        if trainer.step == 1:
+            self.first_loss = losses["loss"]
         for k, v in losses.items():
             self._sums[k] = self._sums.get(k, 0.0) + v
         self._n += 1
@@ -496,8 +500,9 @@ class HistoryHook(HookBase):
 
     def state_dict(self) -> dict[str, Any]:
         # the running sums too: a checkpoint written mid-epoch (Ctrl-C) resumes the epoch's mean
-        return {"history": self.history, "sums": dict(self._sums), "n": self._n}
+        return {"history": self.history, "sums": dict(self._sums), "n": self._n, "first_loss": self.first_loss}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = list(state["history"])
+        self.first_loss = state.get("first_loss")
         self._sums, self._n = dict(state.get("sums", {})), state.get("n", 0)

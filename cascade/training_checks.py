@@ -7,18 +7,14 @@ big network, the pre-trained and the plain routed stages), :func:`degenerate_tra
 stops the run, in one line naming the phase and its learning rate, when
 
 - the phase's loss ends above its first epoch's (by more than :data:`LOSS_RISE_TOLERANCE`), or
-- (classification) the network is worse on the calibration split than a constant answer:
-  no more accurate than always answering the most frequent class (within two standard
-  errors), and a loss above that of answering the class frequencies (see
-  :func:`majority_class_problem`: a network still at its initialization is let through).
+- training left the network worse on the calibration split than a constant answer: a
+  loss above both the best constant's (the class frequencies, or the mean target) and
+  its own before training, and, for a classifier, an accuracy no better than always
+  answering the most frequent class (within two standard errors). See
+  :func:`constant_answer_problem`: a network still at its initialization, or one that
+  improved without reaching the constant yet, is let through.
 
 ``checks.allow_degenerate: true`` turns the stop into a warning.
-
-Regression has no second check: the analogue, "no better than predicting the mean
-target", refuses working short runs (``configs/keypoints.yaml --quick``: 12.3 px RMSE
-after its one epoch, against 5.0 px for the mean), since a network starts far from the
-mean and gets there only after some epochs. The loss check and the NaN check
-(:class:`~cascade.trainer.Trainer`) cover a diverging regression phase.
 
 The routing methods' own objectives are not checked: their loss may rightly rise (the
 AppealNet lambda controller raises its multiplier while training).
@@ -40,12 +36,14 @@ from cascade.roles import TaskKind, TaskLoss
 log = logging.getLogger("cascade")
 
 #: a phase's last-epoch mean loss may exceed its first's by this fraction (noise: a
-#: fine-tuning phase starts near its floor, and its epoch means wobble), and a network's
-#: loss that of a constant answer
+#: fine-tuning phase starts near its floor, and its epoch means wobble)
 LOSS_RISE_TOLERANCE = 0.1
 #: a classifier within this many binomial standard errors of the majority class's accuracy
 #: is no better than it (on 360 inputs at 10 classes: 0.103 + 0.032)
 NOISE_STANDARD_ERRORS = 2.0
+#: a classifier at chance whose calibration loss exceeds a constant answer's, and its own
+#: before training, by more than this fraction was made worse by training
+WORSE_TOLERANCE = 0.02
 
 
 def loss_rise_problem(history: list[dict[str, float]]) -> str | None:
@@ -60,22 +58,28 @@ def loss_rise_problem(history: list[dict[str, float]]) -> str | None:
 
 
 @torch.no_grad()
-def majority_class_problem(model: nn.Module, criterion: TaskLoss, data: Dataset, batch_size: int,
-                           device: torch.device) -> str | None:
-    """What is wrong when the classifier ``model`` is no better on ``data`` than a constant
-    answer, else None (also for regression, see the module docstring, and empty data).
+def constant_answer_problem(model: nn.Module, criterion: TaskLoss, data: Dataset, batch_size: int,
+                            device: torch.device, start_loss: float | None = None) -> str | None:
+    """What is wrong when training left ``model`` worse on ``data`` than a constant answer,
+    else None (also for empty data).
 
-    No better means both: its accuracy is within :data:`NOISE_STANDARD_ERRORS` of always
-    answering the split's most frequent class, and its mean loss is above that of
-    answering the split's class frequencies (the best constant under a log loss) by more
-    than :data:`LOSS_RISE_TOLERANCE`. So a network at chance *and* confidently wrong (a
-    diverged one: ``big_train.lr 1e6`` ends at a loss of 9e12) is refused, but not one that
-    has barely moved from its initialization (a smoke test's few steps: at chance, with the
-    constant's loss) nor one whose loss beats the constant's (it has learned something of
-    its input, though its argmax is still at chance). Accuracy and loss are the
-    criterion's own (``correct``, ``per_sample``).
+    Worse means its mean loss is above, by more than :data:`WORSE_TOLERANCE`, both that of
+    the best constant answer and ``start_loss`` (the phase's first step: the network
+    before training), and, for a classifier, that its accuracy is also within
+    :data:`NOISE_STANDARD_ERRORS` of always answering the most frequent class. The best
+    constant answer is the split's class frequencies (under a log loss; its accuracy is
+    the majority class's) or its mean target (regression, under a squared loss).
+
+    So a network that training made worse than a constant (a diverged one: ``big_train.lr
+    1e6`` ends at a loss of 9e12, ``pretrain.lr 1`` at 2.5 from 2.3, at 10 % accuracy) is
+    refused, but not one that a few steps barely moved from its initialization (a smoke
+    test's: at chance, with the constant's loss), nor one that improved on its start
+    without reaching the constant yet (``configs/keypoints.yaml --quick``: 12.3 px RMSE
+    after its one epoch, 5.0 px for the mean), nor a classifier whose loss beats the
+    constant's (it learned something, though its argmax is still at chance). Accuracy and
+    loss are the criterion's own (``correct``, ``per_sample``).
     """
-    if criterion.kind != TaskKind.CLASSIFICATION or len(data) == 0:
+    if len(data) == 0:
         return None
     was_training = model.training
     model.eval()
@@ -87,11 +91,27 @@ def majority_class_problem(model: nn.Module, criterion: TaskLoss, data: Dataset,
     finally:
         model.train(was_training)
     output, target = torch.cat(outputs), torch.cat(targets)
-    if target.dim() != 1 or target.is_floating_point():
-        return None  # not class labels: no majority class to compare with
-    frequencies = torch.bincount(target, minlength=output.shape[1]).float() / len(target)
-    if float(frequencies.max()) >= 1.0:
-        return None  # one class only: nothing to beat
+    classes = criterion.kind == TaskKind.CLASSIFICATION
+    if classes:
+        if target.dim() != 1 or target.is_floating_point():
+            return None  # not class labels: no majority class to compare with
+        frequencies = torch.bincount(target, minlength=output.shape[1]).float() / len(target)
+        if float(frequencies.max()) >= 1.0:
+            return None  # one class only: nothing to beat
+        constant = frequencies.clamp_min(1e-12).log().expand_as(output)
+        what = "answering the class frequencies"
+    else:
+        constant = torch.nan_to_num(target.float().nanmean(dim=0)).expand_as(output)  # missing targets: NaN
+        what = "always answering the mean target"
+    loss = float(criterion.per_sample(output, target).mean())
+    baseline_loss = float(criterion.per_sample(constant, target).mean())
+    reference = max(baseline_loss, start_loss if start_loss is not None and math.isfinite(start_loss) else 0.0)
+    if loss <= reference * (1 + WORSE_TOLERANCE):  # False for a NaN loss: worse
+        return None
+    start = f" and of the network before training ({start_loss:.3g})" if start_loss is not None else ""
+    worse = f"its loss {loss:.3g} on the calibration split is above that of {what} ({baseline_loss:.3g}){start}"
+    if not classes:
+        return worse
     majority = torch.zeros_like(output)
     majority[:, int(frequencies.argmax())] = 1.0
     accuracy = float(criterion.correct(output, target).float().mean())
@@ -99,13 +119,10 @@ def majority_class_problem(model: nn.Module, criterion: TaskLoss, data: Dataset,
     # a constant network's accuracy is the frequency of the class it answers: within a few
     # binomial standard errors of the majority's is no better
     margin = NOISE_STANDARD_ERRORS * math.sqrt(baseline * (1 - baseline) / len(target))
-    loss = float(criterion.per_sample(output, target).mean())
-    prior = float(criterion.per_sample(frequencies.clamp_min(1e-12).log().expand_as(output), target).mean())
-    if accuracy <= baseline + margin and not loss <= prior * (1 + LOSS_RISE_TOLERANCE):  # a NaN loss is no better
-        return (f"accuracy {accuracy:.3f} on the calibration split is no better than always answering the majority "
-                f"class ({baseline:.3f}, give or take {margin:.3f} on {len(target)} inputs), and its loss {loss:.3g} "
-                f"is above that of answering the class frequencies ({prior:.3g})")
-    return None
+    if accuracy > baseline + margin:
+        return None
+    return (f"accuracy {accuracy:.3f} on the calibration split is no better than always answering the majority "
+            f"class ({baseline:.3f}, give or take {margin:.3f} on {len(target)} inputs), and {worse.replace(' on the calibration split', '')}")
 
 
 def degenerate_training(phase: str, key: str, lr: float, problems: list[str | None], allow: bool) -> None:

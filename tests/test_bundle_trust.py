@@ -120,10 +120,14 @@ def _plant(bundle: Path, where: str, marker: Path) -> None:
         elif where == "shape_expression":
             sizes = graph["graph_module"]["graph"]["tensor_values"]["x"]["sizes"]
             sizes[0]["as_expr"]["expr_str"] = f"__import__('os').system('touch {marker}')"
-        else:
+        elif where == "node_target":
             node = graph["graph_module"]["graph"]["nodes"][0]
             node["target"] = "torch.os.system"
             node["inputs"] = [{"name": "command", "arg": {"as_string": f"touch {marker}"}, "kind": 1}]
+        else:  # an ATen operator that reads a file outside the bundle into a tensor
+            node = graph["graph_module"]["graph"]["nodes"][0]
+            node["target"] = "torch.ops.aten.from_file.default"
+            node["inputs"] = [{"name": "filename", "arg": {"as_string": "/etc/passwd"}, "kind": 1}]
         members[name] = json.dumps(graph).encode()
     _write_members(file, members)
     _rehash(bundle)
@@ -151,6 +155,7 @@ PLACES = [
     ("guards_code", True, "models/model.json: guards_code: holds Python code"),
     ("shape_expression", True, "x.sizes.0.as_expr.expr_str: \"__import__('os')"),
     ("node_target", False, "nodes.0.target: 'torch.os.system' is not an ATen operator"),
+    ("node_reads_a_file", False, "nodes.0.target: 'torch.ops.aten.from_file.default' is not an ATen operator"),
 ]
 
 

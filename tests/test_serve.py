@@ -391,6 +391,9 @@ def test_serve_and_serve_oracle_refuse_bad_arguments_with_one_line(bundles, tmp_
                                                  "--port", "0")
     assert "max batch 0" in refused("serve", str(bundles["white_box"]), "--max-batch", "0", "--port", "0")
     assert "--threads 0" in refused("serve", str(bundles["white_box"]), "--threads", "0")
+    assert "--workers 0: must be at least 1" in refused("serve", str(bundles["white_box"]), "--workers", "0")
+    assert "max body MB 0.0: must be positive" in refused("serve", str(bundles["white_box"]), "--max-body-mb", "0")
+    assert "oracle timeout -1.0" in refused("serve", str(bundles["white_box"]), "--oracle-timeout", "-1")
     assert "black-box bundle holds no big network" in refused("serve-oracle", str(bundles["black_box"]),
                                                               "--port", "0")
     assert "neither a bundle" in refused("serve-oracle", str(tmp_path), "--port", "0")

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from cascade.bundle import Bundle
 from cascade.serve import ServerProcess, create_app, create_oracle_app
-from tests.test_serve import bundles, digits_raw  # noqa: F401  (fixtures)
+from tests.test_serve import bundles  # noqa: F401  (a fixture)
 
 
 def _openapi(app) -> dict:
@@ -69,22 +69,23 @@ def test_the_oracle_schema_states_the_protocol(bundles):
     assert set(op["responses"]) == {"200", "400", "413", "415", "422", "503"}
 
 
-def _schemathesis(url: str, examples: int) -> subprocess.CompletedProcess:
+def _schemathesis(url: str, examples: int, cwd: Path) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("schemathesis")
     return subprocess.run([str(exe) if exe.exists() else shutil.which("schemathesis") or "schemathesis", "run",
                            f"{url}/openapi.json", "--max-examples", str(examples), "--seed", "1", "--workers", "1",
-                           "--no-color"], capture_output=True, text=True, timeout=300, check=False)
+                           "--no-color"], capture_output=True, text=True, timeout=300, check=False,
+                          cwd=cwd)  # its .schemathesis/ cache goes there, not into the repository
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["serve", "serve-oracle"])
-def test_schemathesis_finds_no_failure_against_either_server(bundles, command):
+def test_schemathesis_finds_no_failure_against_either_server(bundles, command, tmp_path):
     """``schemathesis run`` with its default checks (no server errors; status codes,
     content types and response schemas as documented; schema-valid data accepted,
     schema-invalid data refused), seed 1, 10 examples per operation."""
     pytest.importorskip("schemathesis")
     with ServerProcess([command, str(bundles["white_box"])]) as server:
-        done = _schemathesis(server.url, 10)
+        done = _schemathesis(server.url, 10, tmp_path)
         assert server.proc.poll() is None
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "No issues found" in done.stdout and " passed" in done.stdout

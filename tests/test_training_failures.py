@@ -8,6 +8,7 @@ checks the config as ``--quick`` runs it; absurd sizes are refused before any wo
 from __future__ import annotations
 
 import errno
+import math
 import os
 import signal
 import stat
@@ -124,8 +125,14 @@ def test_majority_class_check_known_values():
                         "class (0.600, give or take 0.310 on 10 inputs), and its loss 4 is above that of answering "
                         "the class frequencies (0.95)")  # 2 * sqrt(0.6 * 0.4 / 10) = 0.310
     # at chance but with the constant's loss (a network still near its initialization): let through
-    assert majority_class_problem(_Constant([0.6, 0.2, 0.2]), loss, data, 4, cpu) is None
-    assert majority_class_problem(_Constant([1.0, 0.0, 0.0]), loss, data, 4, cpu) is None  # loss 0.951
+    assert majority_class_problem(_Constant([math.log(0.6), math.log(0.2), math.log(0.2)]), loss, data, 4, cpu) is None
+    assert majority_class_problem(_Constant([1.0, 0.0, 0.0]), loss, data, 4, cpu) is None  # loss 0.951: within 2 %
+    # loss 0.6 * 0.239 + 0.4 * 2.239 = 1.039: worse than the constant's 0.950 and the start's 1.0, refused; but
+    # not worse than a start at 1.1 (training improved it, only not enough)
+    assert majority_class_problem(_Constant([2.0, 0.0, 0.0]), loss, data, 4, cpu, start_loss=1.0).endswith(
+        "and its loss 1.04 is above that of answering the class frequencies (0.95) and of the network before "
+        "training (1)")
+    assert majority_class_problem(_Constant([2.0, 0.0, 0.0]), loss, data, 4, cpu, start_loss=1.1) is None
 
     class Perfect(nn.Module):
         def forward(self, x):
