@@ -163,9 +163,10 @@ class ChecksConfig(_Strict):
     """``checks:`` what happens when training goes wrong without a NaN (see
     :mod:`cascade.training_checks`).
 
-    ``allow_degenerate``: keep a network whose supervised phase's loss rose, or that is no
-    more accurate on the calibration split than always answering the majority class (a
-    warning); by default the run stops.
+    ``allow_degenerate``: keep a network whose supervised phase's loss rose, or that
+    training left worse on the calibration split than a constant answer (no more accurate
+    than always answering the majority class, with a loss above that of answering the
+    class frequencies or the mean target): a warning; by default the run stops.
     """
 
     allow_degenerate: bool = False
@@ -425,7 +426,7 @@ def _kwarg_type_errors(builder: Any, kwargs: dict[str, Any], key: str) -> list[s
     """``kwargs`` validated against ``builder``'s type hints (pydantic, lax: a YAML ``2.0``
     is an int); hints that cannot be resolved or turned into a validator are skipped."""
     try:
-        hints = typing.get_type_hints(builder, include_extras=True)
+        hints = typing.get_type_hints(builder.__init__ if isinstance(builder, type) else builder, include_extras=True)
     except Exception:  # a user's builder with hints that do not resolve here: not checked
         return []
     errors = []

@@ -78,7 +78,7 @@ from cascade.roles import Approximator, BlackBoxOracle, MethodContext, Mode, Ora
 from cascade.run_record import clear_record, write_record
 from cascade.run_writer import RunWriter, timed_phase
 from cascade.trainer import HistoryHook, HookBase, ProgressHook, Trainer
-from cascade.training_checks import degenerate_training, loss_rise_problem, majority_class_problem
+from cascade.training_checks import constant_answer_problem, degenerate_training, loss_rise_problem
 
 log = logging.getLogger("cascade")
 
@@ -244,8 +244,8 @@ class Experiment:
         than a constant answer on the calibration split (see :mod:`cascade.training_checks`)."""
         problem = loss_rise_problem(history.history)
         if problem is None and self._cal is not None:
-            problem = majority_class_problem(model, self.task.criterion, self._cal, self.cfg.evaluation.batch_size,
-                                             self.device, start_loss=history.first_loss)
+            problem = constant_answer_problem(model, self.task.criterion, self._cal, self.cfg.evaluation.batch_size,
+                                              self.device, start_loss=history.first_loss)
         degenerate_training(desc, key, oc.lr, [problem], self.cfg.checks.allow_degenerate)
 
     def _cache_slot(self, what: str, label: str, seed: int, spec: NetworkSpec, oc: OptimConfig,

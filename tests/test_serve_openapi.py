@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from cascade.bundle import Bundle
 from cascade.serve import ServerProcess, create_app, create_oracle_app
-from tests.test_serve import bundles  # noqa: F401  (a fixture)
+from tests.test_serve import bundles, digits_raw  # noqa: F401  (fixtures: bundles needs digits_raw)
 
 
 def _openapi(app) -> dict:

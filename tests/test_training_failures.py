@@ -27,7 +27,7 @@ from cascade.cli import EXIT_INTERRUPTED, main
 from cascade.errors import CascadeError, TrainingError
 from cascade.losses import CrossEntropyTaskLoss, MaskedL2TaskLoss
 from cascade.roles import StageOutput
-from cascade.training_checks import degenerate_training, loss_rise_problem, majority_class_problem
+from cascade.training_checks import degenerate_training, loss_rise_problem, constant_answer_problem
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "configs" / "digits.yaml"
@@ -72,8 +72,9 @@ def test_a_diverging_lr_stops_the_run_naming_the_phase_and_its_lr(tmp_path, caps
     10.3 %), with a loss of 1e12 (answering the class frequencies: ln 10)."""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    code, err = _cli(capsys, "run", DIGITS, "--quick", "--quiet", "--out", out, "--set", "big_train.lr=1e6")
-    line = _one_error_line(code, err)
+    run = ["run", str(DIGITS), "--quick", "--quiet", "--out", str(out), "--set", "big_train.lr=1e6",
+           "--set", "modes=[white_box]", "--set", "methods=[msp]"]  # fewer phases after the big one
+    line = _one_error_line(*_cli(capsys, *run))
     assert line.startswith("error: seed 0 big (big_train, lr 1e+06): accuracy 0.108 on the calibration split is no "
                            "better than always answering the majority class (0.103, give or take 0.032 on 360 inputs), "
                            "and its loss ")
@@ -81,13 +82,25 @@ def test_a_diverging_lr_stops_the_run_naming_the_phase_and_its_lr(tmp_path, caps
     assert "checks.allow_degenerate: true" in line
     assert not (out / "metrics.json").exists()  # no tables built on it
     # allowed on purpose: the same run, resumed, keeps the network with a warning and finishes
-    code = main(["run", str(DIGITS), "--quick", "--quiet", "--out", str(out), "--set", "big_train.lr=1e6",
-                 "--set", "checks.allow_degenerate=true", "--resume"])
+    code = main([*run, "--set", "checks.allow_degenerate=true", "--resume"])
     err = capsys.readouterr().err
     assert code == 0, err
     assert "warning: seed 0 big (big_train, lr 1e+06): accuracy 0.108" in err
     assert "(kept: checks.allow_degenerate is true)" in err
     assert (out / "metrics.json").is_file()
+
+
+def test_a_diverging_regression_phase_stops_the_run(tmp_path, capsys, monkeypatch):
+    """Keypoints, pretrain.lr 1: the loss stays finite (1e19 on the calibration split) and
+    far above both the mean target's (0.0121) and the network's before training."""
+    monkeypatch.chdir(tmp_path)
+    code, err = _cli(capsys, "run", REPO / "configs" / "keypoints.yaml", "--quick", "--quiet",
+                     "--out", tmp_path / "out", "--set", f"task.data_root={tmp_path / 'data'}",
+                     "--set", "pretrain.lr=1", "--set", "methods=[appealnet]")
+    line = _one_error_line(code, err)
+    assert line.startswith("error: seed 0 little pretrain (pretrain, lr 1): its loss ")
+    assert "on the calibration split is above that of always answering the mean target (0.0121) and of the network " \
+           "before training" in line
 
 
 def test_the_quick_configs_the_suite_runs_are_not_degenerate(quick_digits_run):
@@ -115,34 +128,41 @@ class _Constant(nn.Module):
         return StageOutput(self.logits.expand(len(x), -1))
 
 
-def test_majority_class_check_known_values():
+def test_constant_answer_check_known_values():
     x = torch.zeros(10, 2)
     y = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2, 2])  # majority class 0: 0.6
     data, cpu, loss = TensorDataset(x, y), torch.device("cpu"), CrossEntropyTaskLoss()
     # always class 0, confidently: loss 0.4 * 10 = 4.0, against 0.950 for the class frequencies
-    always_0 = majority_class_problem(_Constant([10.0, 0.0, 0.0]), loss, data, 4, cpu)
+    always_0 = constant_answer_problem(_Constant([10.0, 0.0, 0.0]), loss, data, 4, cpu)
     assert always_0 == ("accuracy 0.600 on the calibration split is no better than always answering the majority "
                         "class (0.600, give or take 0.310 on 10 inputs), and its loss 4 is above that of answering "
                         "the class frequencies (0.95)")  # 2 * sqrt(0.6 * 0.4 / 10) = 0.310
     # at chance but with the constant's loss (a network still near its initialization): let through
-    assert majority_class_problem(_Constant([math.log(0.6), math.log(0.2), math.log(0.2)]), loss, data, 4, cpu) is None
-    assert majority_class_problem(_Constant([1.0, 0.0, 0.0]), loss, data, 4, cpu) is None  # loss 0.951: within 2 %
+    assert constant_answer_problem(_Constant([math.log(0.6), math.log(0.2), math.log(0.2)]), loss, data, 4, cpu) is None
+    assert constant_answer_problem(_Constant([1.0, 0.0, 0.0]), loss, data, 4, cpu) is None  # loss 0.951: within 2 %
     # loss 0.6 * 0.239 + 0.4 * 2.239 = 1.039: worse than the constant's 0.950 and the start's 1.0, refused; but
     # not worse than a start at 1.1 (training improved it, only not enough)
-    assert majority_class_problem(_Constant([2.0, 0.0, 0.0]), loss, data, 4, cpu, start_loss=1.0).endswith(
+    assert constant_answer_problem(_Constant([2.0, 0.0, 0.0]), loss, data, 4, cpu, start_loss=1.0).endswith(
         "and its loss 1.04 is above that of answering the class frequencies (0.95) and of the network before "
         "training (1)")
-    assert majority_class_problem(_Constant([2.0, 0.0, 0.0]), loss, data, 4, cpu, start_loss=1.1) is None
+    assert constant_answer_problem(_Constant([2.0, 0.0, 0.0]), loss, data, 4, cpu, start_loss=1.1) is None
 
     class Perfect(nn.Module):
         def forward(self, x):
             return StageOutput(nn.functional.one_hot(y[: len(x)], 3).float())
 
-    assert majority_class_problem(Perfect(), CrossEntropyTaskLoss(), TensorDataset(x, y), 16, torch.device("cpu")) \
+    assert constant_answer_problem(Perfect(), CrossEntropyTaskLoss(), TensorDataset(x, y), 16, torch.device("cpu")) \
         is None
-    # regression is not checked against a constant (see cascade.training_checks)
-    assert majority_class_problem(_Constant([0.0, 0.0]), MaskedL2TaskLoss(), TensorDataset(x, torch.ones(10, 2)), 4,
-                                  torch.device("cpu")) is None
+    # regression: the constant is the mean target (here 1 and 3, a missing coordinate left out); answering 0 has
+    # loss (1 + 9) / 2 = 5 where the mean's is 0
+    targets = torch.tensor([[1.0, 3.0]] * 9 + [[1.0, float("nan")]])
+    regression = TensorDataset(x, targets)
+    assert constant_answer_problem(_Constant([0.0, 0.0]), MaskedL2TaskLoss(), regression, 4, cpu, start_loss=2.0) == \
+        ("its loss 4.6 on the calibration split is above that of always answering the mean target (0) and of the "
+         "network before training (2)")  # (9 * 5 + 1) / 10 = 4.6, over twice the start's
+    # not twice as bad as its start (a regression network's first batch says little): let through
+    assert constant_answer_problem(_Constant([0.0, 0.0]), MaskedL2TaskLoss(), regression, 4, cpu, start_loss=3.0) \
+        is None
 
 
 def test_degenerate_training_stops_or_warns(caplog):

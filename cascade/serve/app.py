@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from cascade.bundle import Bundle
 from cascade.errors import CascadeError
 from cascade.serve.batcher import MicroBatcher
-from cascade.serve.body import JSON_TYPES, NPY_TYPES, Problem, content_type, decode, one_line, read_body
+from cascade.serve.body import Problem, check_content_type, content_type, decode, one_line, read_body
 from cascade.serve.metrics import ServeMetrics
 from cascade.serve.oracle import CircuitBreaker, OracleClient, OracleUnavailable
 from cascade.serve.schema import PredictResponse, ServeHealth, error_responses, request_body
@@ -239,21 +239,20 @@ def create_app(bundle: Bundle, *, oracle_url: str | None = None, max_batch: int 
 
     async def predict_inputs(request: Request) -> list[dict]:
         ctype = content_type(request)
-        if ctype not in JSON_TYPES + NPY_TYPES:
-            decode(b"", ctype, max_request_inputs)  # raises the 415
+        check_content_type(ctype)  # before the body is read
         body = await read_body(request, max_bytes)
         batcher: MicroBatcher = state["batcher"]
         if len(body) > INLINE_DECODE_BYTES:  # a big body is parsed in a thread: other requests go on meanwhile
             raw, x = await anyio.to_thread.run_sync(decode_inputs, body, ctype)
             return await batcher.submit((raw, x), len(x))
         raw = decode(body, ctype, max_request_inputs)
-        if lone(batcher) and raw.size <= INLINE_ROUTE_INPUTS * input_size:
+        if raw.size <= INLINE_ROUTE_INPUTS * input_size and lone(batcher):
             for _ in range(3):  # let requests that already came in reach the server: then it is not alone
                 await asyncio.sleep(0)
-        if lone(batcher) and raw.size <= INLINE_ROUTE_INPUTS * input_size:
-            routed = route_inline(raw)
-            metrics.batch_size.observe(len(routed.stage))
-            return await resolve([raw], routed)
+            if lone(batcher):
+                routed = route_inline(raw)
+                metrics.batch_size.observe(len(routed.stage))
+                return await resolve([raw], routed)
         raw, x = preprocess(raw)
         return await batcher.submit((raw, x), len(x))
 

@@ -58,6 +58,13 @@ def content_type(request: Request) -> str:
     return request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
 
 
+def check_content_type(ctype: str) -> None:
+    """Raises: Problem: 415, a content type the server does not decode."""
+    if ctype not in JSON_TYPES + NPY_TYPES:
+        raise Problem(415, f"content type {ctype[:60]!r}: send application/json or {NPY_CONTENT_TYPE} "
+                           "(the bytes of numpy.save)")
+
+
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """The request's body, read as a stream and refused past ``max_bytes``.
 
@@ -92,13 +99,8 @@ def decode(body: bytes, ctype: str, max_inputs: int, *, batch_only: bool = False
             lacks ``input`` / ``inputs``; 413 too many inputs; 422 values that are not a
             rectangular array of numbers, or are too large.
     """
-    if ctype in NPY_TYPES:
-        raw = _decode_npy(body, max_inputs)
-    elif ctype in JSON_TYPES:
-        raw = _decode_json(body, batch_only)
-    else:
-        raise Problem(415, f"content type {ctype[:60]!r}: send application/json or {NPY_CONTENT_TYPE} "
-                           "(the bytes of numpy.save)")
+    check_content_type(ctype)
+    raw = _decode_npy(body, max_inputs) if ctype in NPY_TYPES else _decode_json(body, batch_only)
     if raw.ndim >= 1 and len(raw) > max_inputs:
         raise Problem(413, f"{len(raw)} inputs in one request: send at most {max_inputs}")
     if raw.dtype.kind in "iuf" and raw.size and float(np.abs(raw).max(initial=0)) > MAX_ABS_INPUT:

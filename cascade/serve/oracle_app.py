@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from cascade.bundle import Bundle
 from cascade.errors import CascadeError
 from cascade.serve.app import bearer_check, error_response
-from cascade.serve.body import JSON_TYPES, NPY_TYPES, Problem, content_type, decode, read_body
+from cascade.serve.body import Problem, check_content_type, content_type, decode, read_body
 from cascade.serve.schema import OracleHealth, error_responses, oracle_response_model, request_body
 
 log = logging.getLogger("cascade.serve")
@@ -65,8 +65,7 @@ def create_oracle_app(bundle: Bundle, *, max_request_inputs: int = 65536, max_bo
     async def predict(request: Request) -> Response:
         try:
             ctype = content_type(request)
-            if ctype not in JSON_TYPES + NPY_TYPES:
-                decode(b"", ctype, max_request_inputs)  # raises the 415
+            check_content_type(ctype)  # before the body is read
             body = await read_body(request, max_bytes)  # the same bodies as ``cascade serve``'s
             out = await anyio.to_thread.run_sync(outputs, body, ctype, limiter=limiter)
             return JSONResponse({"outputs": out})
