@@ -20,7 +20,7 @@ from torch.utils.data import (
     TensorDataset,
 )
 
-from cascade.checkpoint import load_checkpoint
+from cascade.files import load_checkpoint
 from cascade.config import ExperimentConfig, NetworkSpec, OptimConfig
 from cascade.errors import CascadeError, CheckpointError
 from cascade.registry import NETWORKS, TASKS

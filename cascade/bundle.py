@@ -21,7 +21,6 @@ earlier stage kept, and answers where its score is at least its threshold.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import torch
 from torch import Tensor
 
 from cascade.errors import CascadeError
-from cascade.manifest import FORMAT_VERSION, Manifest, read_manifest
+from cascade.manifest import Manifest, parse_manifest, read_manifest
 from cascade.pt2 import load_program
 
 #: a stage file larger than this is refused before it is read into memory
@@ -89,7 +88,7 @@ class Bundle:
     def __init__(self, path: Path, manifest: dict[str, Any], routed: list, last: Any | None):
         self.path, self.manifest = path, manifest
         self._routed, self._last = routed, last
-        spec = Manifest.model_validate_json(json.dumps(manifest, allow_nan=False))  # callers outside load() get the same checks
+        spec = parse_manifest(manifest, str(path / "manifest.json"))  # callers outside load() get the same checks
         self.kind: str = spec.kind.value
         self.input_shape: tuple[int, ...] = tuple(spec.input.shape)
         self.output_names: list[str] = list(spec.output_names)

@@ -289,7 +289,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_route(args: argparse.Namespace) -> int:
     from cascade.bundle import Bundle
-    from cascade.checkpoint import atomic_path
+    from cascade.files import atomic_path
     from cascade.inputs import MAX_IMAGE_PIXELS, load_inputs, route_inputs
 
     if args.batch < 1:

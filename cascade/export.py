@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cascade.bundle import FORMAT_VERSION
 from cascade.errors import CascadeError
+from cascade.files import current_umask
+from cascade.manifest import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ def export_bundle(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; a bundle folder is as any new folder
     except OSError as exc:
         raise CascadeError(f"{out.parent}: cannot write the bundle there ({exc.strerror or exc})") from None
     writing = tmp / "manifest.json"  # the file being written, for the one-line error

@@ -16,7 +16,14 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cascade.errors import CascadeError
 from cascade.roles import Mode, TaskKind
@@ -212,6 +219,20 @@ def read_manifest(path: Path) -> tuple[Manifest, dict[str, Any]]:
     except ValidationError as exc:
         raise CascadeError(f"{path}: {_errors_line(exc)}") from None
     return manifest, data
+
+
+def parse_manifest(data: dict[str, Any], label: str = "manifest") -> Manifest:
+    """Validate a manifest given as a dict (a bundle built in code, not read from a file).
+
+    Raises:
+        CascadeError: one line naming ``label`` and the first bad key path.
+    """
+    try:
+        return Manifest.model_validate_json(json.dumps(data, allow_nan=False))
+    except (TypeError, ValueError) as exc:  # NaN, or a value JSON cannot hold
+        if isinstance(exc, ValidationError):
+            raise CascadeError(f"{label}: {_errors_line(exc)}") from None
+        raise CascadeError(f"{label}: not a JSON document ({exc})") from None
 
 
 def _no_constant(name: str) -> float:

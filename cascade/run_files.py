@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cascade.errors import CascadeError, ConfigError
+from cascade.files import load_checkpoint
 
 #: the run files a deployment reads (checkpoints aside)
 RUN_FILES = ("config.yaml", "metrics.json", "points.csv")
@@ -118,8 +119,6 @@ def load_weights(net, path: Path, what: str):
     Raises:
         CascadeError: a missing or unreadable file, or weights that do not fit ``what``.
     """
-    from cascade.checkpoint import load_checkpoint
-
     state = load_checkpoint(path)
     try:
         net.load_state_dict(state)

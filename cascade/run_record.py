@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from cascade.checkpoint import atomic_write_text
+from cascade.files import atomic_write_text
 from cascade.errors import CascadeError
 
 #: the record's file name in a run folder

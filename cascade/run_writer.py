@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import pandas as pd
 
-from cascade.checkpoint import atomic_path, atomic_save, atomic_write_text, remove_stray_temporaries
+from cascade.files import atomic_path, atomic_save, atomic_write_text, remove_stray_temporaries
 
 log = logging.getLogger("cascade")
 

@@ -20,13 +20,13 @@ from its own generator, so the first ``k`` faces are the same whatever the total
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from cascade.files import atomic_path
 
 #: Kaggle's 15 keypoints in its column order; "left" is the subject's left (image right)
 KEYPOINT_NAMES = (
@@ -319,19 +319,12 @@ def write_faces_csv(path: str | Path, n: int, seed: int = 0, partial_fraction: f
         ``path``.
 
     Raises:
-        OSError: the folder cannot be written.
+        CascadeError: the folder cannot be written (one line naming the file).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frame = faces_frame(generate_faces(n, seed, partial_fraction))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:  # the umask applies; a failed write leaves no file
         # missing coordinates as empty fields, as in Kaggle's file
         frame.to_csv(tmp, index=False, float_format="%.4f", na_rep="")
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cascade import DataError
+from cascade import CascadeError, DataError
 from cascade.bundle import IMAGE_SUFFIXES
+from cascade.files import atomic_path
 
 log = logging.getLogger("cascade")
 
@@ -240,7 +240,7 @@ def load_images(
     images, sums = decode_images(listing, channels, size, resize, size_hint)
     try:
         _write_cache(path, stem, images=images, pixel_sums=sums)
-    except OSError as exc:  # a read-only or full disk: the run goes on, decoding again next time
+    except (OSError, CascadeError) as exc:  # a read-only or full disk: the run goes on, decoding again next time
         log.warning("%s: could not cache the decoded images (%s); set task.cache_dir or $%s to a writable folder",
                     path.parent, exc, CACHE_ENV)
     return DecodedImages(images, listing.labels, listing.classes, sums)
@@ -311,15 +311,8 @@ def _read_cache(path: Path, n: int) -> dict[str, np.ndarray] | None:
 def _write_cache(path: Path, stem: str, **arrays: np.ndarray) -> None:
     """Write ``arrays`` to ``path`` atomically (a temporary file renamed), then remove
     this folder's older cache files (same ``stem``, another key)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # the umask applies; a failed write leaves no file
+        np.savez(f, **arrays)
     for old in path.parent.iterdir():
         if old.name.startswith(f"{stem}-") and old.suffix == ".npz" and old != path:
             old.unlink(missing_ok=True)

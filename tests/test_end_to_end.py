@@ -286,11 +286,11 @@ def _files(folder: Path) -> set[str]:
 
 
 def test_every_output_file_is_written_to_a_temporary_name_and_renamed(tmp_path, monkeypatch, capsys):
-    import cascade.checkpoint
+    import cascade.files
     from cascade.cli import main
 
     renames: list[tuple[Path, Path]] = []
-    real_replace = cascade.checkpoint.os.replace
+    real_replace = cascade.files.os.replace
 
     def recording_replace(src, dst):
         renames.append((Path(src), Path(dst)))

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from cascade import CheckpointError, CheckpointStore, FeatureNet, SupervisedObjective, Trainer
 from cascade.cli import main
 from cascade.losses import CrossEntropyTaskLoss
-from cascade.checkpoint import atomic_save, load_checkpoint
+from cascade.files import atomic_save, load_checkpoint
 from tests.conftest import REPO
 
 TINY = """\

@@ -306,11 +306,11 @@ def test_a_malformed_request_gets_a_4xx_with_one_line(bundles, body, headers, st
         assert f'cascade_requests_total{{status="{status}"}} 1.0' in client.get("/metrics").text
 
 
-def test_too_many_inputs_in_one_request_is_a_413(bundles):
+def test_too_many_inputs_in_one_request_is_a_422(bundles):
     with TestClient(create_app(Bundle.load(bundles["white_box"]), max_request_inputs=3)) as client:
         r = client.post("/predict", content=_npy(np.zeros((4, 1, 8, 8), np.uint8)),
                         headers={"content-type": "application/x-npy"})
-        assert r.status_code == 413 and r.json()["detail"] == "4 inputs in one request: send at most 3"
+        assert r.status_code == 422 and r.json()["detail"] == "4 inputs in one request: send at most 3"
 
 
 def test_an_unreachable_oracle_gives_the_little_networks_answer_marked_fallback(bundles, digits_raw):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from cascade.checkpoint import atomic_save, atomic_write_text, load_checkpoint
+from cascade.files import atomic_save, atomic_write_text, load_checkpoint
 from cascade.cli import EXIT_INTERRUPTED, main
 from cascade.errors import CascadeError, TrainingError
 from cascade.losses import CrossEntropyTaskLoss, MaskedL2TaskLoss

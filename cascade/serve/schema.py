@@ -130,9 +130,9 @@ def error_responses(*statuses: int) -> dict:
     """``responses=`` for FastAPI: each status with the :class:`ErrorDetail` model."""
     why = {400: "the body is not JSON / .npy, or lacks `input` / `inputs`",
            401: "no bearer token, or a wrong one",
-           413: "the body or the number of inputs is over the limit",
+           413: "the body is over the byte limit (--max-body-mb); nothing of it was parsed",
            415: "a content type other than application/json or application/x-npy",
-           422: "not the bundle's input shape, or not finite numbers",
+           422: "not the bundle's input shape, not finite numbers, or more inputs than the limit",
            503: "routing or the network failed (the reason, in one line)"}
     return {s: {"model": ErrorDetail, "description": why[s]} for s in statuses}
 
