@@ -57,7 +57,8 @@ def load_inputs(path: str | Path, bundle: Bundle, *, header: bool | None = None,
                 max_pixels: int = MAX_IMAGE_PIXELS) -> InputFile:
     """Raw inputs from a file or folder, and a name for each (row number or file name).
 
-    - ``.npy``: an array ``[N, *input_shape]`` of real numbers (no pickled objects);
+    - ``.npy``: an array ``[N, *input_shape]`` (or ``[N, D]``, rows flattened) of real
+      numbers (no pickled objects);
     - ``.csv``: one input per row, its values flattened; see ``header``;
     - a folder of images: each resized to the input's height and width, grey or RGB by
       its channels, pixel values mapped to the task's raw range.
@@ -81,13 +82,13 @@ def load_inputs(path: str | Path, bundle: Bundle, *, header: bool | None = None,
     if not path.is_file():
         raise CascadeError(f"{path}: not found")
     if path.suffix.lower() == ".npy":
-        return _read_npy(path)
+        return _read_npy(path, bundle)
     if path.suffix.lower() == ".csv":
         return _read_csv(path, bundle, header)
     raise CascadeError(f"{path}: give a .npy array, a .csv of features, or a folder of images")
 
 
-def _read_npy(path: Path) -> InputFile:
+def _read_npy(path: Path, bundle: Bundle) -> InputFile:
     try:
         # a memory map: a header that claims more rows than the file holds fails here, and
         # a large array is read batch by batch, never whole
@@ -97,7 +98,17 @@ def _read_npy(path: Path) -> InputFile:
     if not isinstance(arr, np.ndarray) or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) \
             or np.issubdtype(arr.dtype, np.complexfloating):
         raise CascadeError(f"{path}: dtype {getattr(arr, 'dtype', type(arr).__name__)} is not a real number type")
-    return InputFile(path, [str(i) for i in range(len(arr))] if arr.ndim else [], arr)
+    shape, width = tuple(bundle.input_shape), int(np.prod(bundle.input_shape))
+    if arr.ndim == 2 and arr.shape[1] == width and shape != (width,):
+        arr = arr.reshape(len(arr), *shape)  # flattened rows, as a CSV holds them (a view: still a memory map)
+    grey = shape[0] == 1 and arr.shape[1:] == shape[1:]  # grey images without a channel axis
+    if arr.ndim < 1 or (arr.shape[1:] != shape and not grey and arr.shape != shape):
+        want = ", ".join(map(str, shape))
+        raise CascadeError(f"{path}: an array of shape {list(arr.shape)}; this bundle takes [N, {want}] "
+                           f"(or [N, {width}], each row flattened)")
+    if arr.shape == shape and not grey:  # one input
+        arr = arr.reshape(1, *shape)
+    return InputFile(path, [str(i) for i in range(len(arr))], arr)
 
 
 def _read_csv(path: Path, bundle: Bundle, header: bool | None) -> InputFile:

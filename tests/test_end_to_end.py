@@ -83,8 +83,15 @@ def test_metrics_contract(digits_run):
     # black-box: the big's cost stands for the oracle's (the config sets no oracle_mflops)
     assert m["last_stage_mflops"] == {"white_box": m["networks"]["big"]["mflops"],
                                       "black_box": m["networks"]["big"]["mflops"]}
+    # each network's accuracy: the mean over seeds of its test accuracy in samples.csv (std ddof=1)
+    samples = pd.read_csv(digits_run[0] / "samples.csv")
+    per_seed = samples[samples["split"] == "test"].groupby("seed")
     for net in ("big", "stage0", "appealnet_white_box_stage0", "appealnet_black_box_stage0"):
-        assert 0 <= m["accuracy"][net] <= 1 and net in m["accuracy_std"]
+        accs = [float(g[f"{net}_correct"].astype(bool).mean()) for _, g in per_seed]
+        assert len(accs) == len(SEEDS)
+        assert m["accuracy"][net] == pytest.approx(np.mean(accs), abs=1e-12)
+        assert m["accuracy_std"][net] == pytest.approx(np.std(accs, ddof=1), abs=1e-12)
+    assert m["accuracy"]["big"] > 0.8  # 10 digits: far above chance (0.1) even after a --quick training
     assert set(m["systems"]) == {"appealnet_white_box", "appealnet_black_box"}
     assert m["predictor_collapsed"] == {"appealnet_white_box": [], "appealnet_black_box": []}
     assert {(v["mode"], v["method"]) for v in m["variants"]} == {(mo, me) for mo in m["modes"] for me in METHODS}

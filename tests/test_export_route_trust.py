@@ -317,6 +317,25 @@ def test_a_nan_in_input_300_is_named_as_input_300(bundle, tmp_path, capsys):
     assert not (tmp_path / "p.csv").exists()
 
 
+def test_a_npy_of_flattened_rows_routes_as_its_csv_does_and_a_wrong_shape_names_the_file(bundle, tmp_path, capsys):
+    x = _digits(7)
+    pd.DataFrame(x).to_csv(tmp_path / "x.csv", index=False)
+    np.save(tmp_path / "flat.npy", x)  # [7, 64], as the CSV holds them
+    np.save(tmp_path / "grey.npy", x.reshape(7, 8, 8))  # no channel axis
+    got = {}
+    for name in ("x.csv", "flat.npy", "grey.npy"):
+        code, _ = _route(capsys, bundle, tmp_path / name, tmp_path / f"{name}.out.csv")
+        assert code == 0
+        got[name] = pd.read_csv(tmp_path / f"{name}.out.csv")
+    assert len(got["flat.npy"]) == 7
+    for name in ("flat.npy", "grey.npy"):
+        pd.testing.assert_frame_equal(got[name].drop(columns="input"), got["x.csv"].drop(columns="input"))
+    np.save(tmp_path / "wrong.npy", np.zeros((600, 10), np.float32))
+    code, err = _route(capsys, bundle, tmp_path / "wrong.npy", tmp_path / "p.csv", "--batch", "256")
+    assert one_line_error(code, err) == (f"error: {tmp_path / 'wrong.npy'}: an array of shape [600, 10]; this bundle "
+                                         "takes [N, 1, 8, 8] (or [N, 64], each row flattened)")
+
+
 def test_a_npy_header_claiming_more_rows_than_the_file_holds_is_one_line(bundle, tmp_path, capsys):
     with open(tmp_path / "x.npy", "wb") as f:  # claims 1e13 inputs, holds two
         np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,

@@ -4,6 +4,7 @@ re-split simulation against the selection functions it vectorizes, and a --quick
 report."""
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -329,7 +330,17 @@ def test_quick_run_reports_the_three_sources(quick_digits_run):
     targets = {"white_box": [0.0, 0.001, 0.005, 0.01], "black_box": [0.005, 0.01, 0.02, 0.05]}
     assert keys == sorted((mode, me, t, s) for mode, ts in targets.items() for me in m["methods"] for t in ts
                           for s in ("val", "guaranteed"))
-    assert all(r["resplits"] == 200 and r["delta"] == 0.1 and 0 <= r["violation_rate"] <= 1 for r in rows)
+    assert all(r["resplits"] == 200 and r["delta"] == 0.1 and r["seeds"] == 1 for r in rows)
+    # the rows are the simulation re-run on samples.csv (whose by-hand known answers are in
+    # test_wrong_answers.py), value for value
+    samples = pd.read_csv(out / "samples.csv")
+    variants = [Variant(**{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()}) for v in m["variants"]]
+    again = {(r["mode"], r["method"], r["target_ad"], r["threshold_source"]): r
+             for r in threshold_violations(samples, variants, targets, 0.1, resplits=200)}
+    for r in rows:
+        want = again[(r["mode"], r["method"], r["target_ad"], r["threshold_source"])]
+        for key in ("violation_rate", "pool_violation_rate", "mean_ad"):
+            assert r[key] == pytest.approx(want[key], abs=1e-12), (key, r)
     # a zero target: guaranteed never moves off the big network, so it never misses
     assert all(r["violation_rate"] == 0 for r in rows if r["target_ad"] == 0 and r["threshold_source"] == "guaranteed")
 
@@ -370,7 +381,21 @@ def test_report_without_the_simulation(quick_digits_run):
     from cascade.report import render_markdown
 
     m = json.loads((quick_digits_run / "metrics.json").read_text())
-    assert render_markdown(m) + "\n" == (quick_digits_run / "table.md").read_text()
+    # table.md's violation table shows metrics.json's rates: "val % (pool %)" per method and target
+    md = (quick_digits_run / "table.md").read_text()
+    rows = {(r["method"], r["target_ad"], r["threshold_source"]): r for r in m["threshold_violations"]
+            if r["mode"] == "white_box"}
+    table = md.split("## white-box: how often")[1].split("\n\n")[1].splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    cells = {}
+    for line in table[2:]:
+        method, *values = [c.strip() for c in line.strip("|").split("|")]
+        cells.update({(method, h): c for h, c in zip(header[1:], values)})
+    assert len(cells) == len(rows)
+    for (method, t, source), r in rows.items():
+        shown = re.fullmatch(r"([0-9.]+) % \(([0-9.]+) %\)", cells[(method, f"AD {t * 100:g} %: {source}")])
+        assert float(shown[1]) == pytest.approx(100 * r["violation_rate"], rel=5e-3, abs=1e-9)
+        assert float(shown[2]) == pytest.approx(100 * r["pool_violation_rate"], rel=5e-3, abs=1e-9)
     del m["threshold_violations"]
     md = render_markdown(m)
     assert "| msp | post-hoc | guaranteed |" in md and "how often" not in md
