@@ -39,6 +39,24 @@ def mnist_root() -> Path | None:
 
 
 @pytest.fixture
+def mnist_data() -> Path:
+    """Real MNIST's root (see :func:`require_mnist`)."""
+    return require_mnist()
+
+
+def require_mnist() -> Path:
+    """Real MNIST's root. Without it the test is skipped, except in CI (``CI=true``), where
+    ``../shared/data`` is always there: a skip there would hide a broken set-up, so it fails."""
+    root = mnist_root()
+    if root is None:
+        message = "real MNIST not found ($CASCADE_DATA or ../shared/data)"
+        if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
+            pytest.fail(f"{message}, and CI=true: in CI it must be there")
+        pytest.skip(message)
+    return root
+
+
+@pytest.fixture
 def repo() -> Path:
     return REPO
 

@@ -18,20 +18,26 @@ from cascade.cli import main
 from cascade.evaluation import exit_stages
 from tests.test_new_user import one_line_error
 
-#: routes a test split in a fresh process that imports nothing but the bundle loader:
-#: argv = bundle, raw inputs (.npy), where to write stage / prediction / score (.npz)
+#: routes test splits in ONE fresh process that imports nothing but the bundle loader (a
+#: fresh interpreter and torch cost seconds: one for every bundle, not one each):
+#: argv = (bundle, raw inputs .npy, where to write stage / output / score ... .npz) per bundle
 FRESH_PROCESS = """
 import sys
 import numpy as np
 from cascade.bundle import Bundle
 
-bundle = Bundle.load(sys.argv[1])
-r = bundle.route(np.load(sys.argv[2]))
-np.savez(sys.argv[3], stage=r.stage.numpy(), output=r.output.numpy(), score=r.score.numpy(),
-         mflops=r.mflops.numpy(), pending=r.pending.numpy())
+args = sys.argv[1:]
+for bundle, raw, out in zip(args[0::3], args[1::3], args[2::3]):
+    r = Bundle.load(bundle).route(np.load(raw))
+    np.savez(out, stage=r.stage.numpy(), output=r.output.numpy(), score=r.score.numpy(),
+             mflops=r.mflops.numpy(), pending=r.pending.numpy())
 loaded = sorted(m for m in sys.modules if m.split(".")[0] == "tasks" or m in ("cascade.pipeline", "cascade.trainer"))
 assert not [m for m in loaded if m.split(".")[0] == "tasks"], loaded  # no task code, no plugin
 """
+#: the bundles routed in that process: (method, mode) of the two-stage run, and the
+#: three-stage run's methods
+TWO_STAGE = [("appealnet", "white_box"), ("msp", "white_box"), ("appealnet", "black_box"), ("msp", "black_box")]
+THREE_STAGE = ["reinforce", "msp"]
 
 
 def _export(run: Path, out: Path, **kw) -> Path:
@@ -50,14 +56,28 @@ def _raw_test_split(seed: int) -> np.ndarray:
     return (test.tensors[0] * 16).round().to(torch.uint8).numpy()  # [N, 1, 8, 8]
 
 
-def _route_fresh(bundle: Path, raw: np.ndarray, tmp: Path) -> dict[str, np.ndarray]:
-    np.save(tmp / "raw.npy", raw)
+@pytest.fixture(scope="module")
+def fresh_routes(quick_digits_run, quick_cascade_run, tmp_path_factory) -> dict[tuple[str, str], tuple[Path, dict]]:
+    """Every bundle of :data:`TWO_STAGE` (AD 0.01, val) and :data:`THREE_STAGE` (AD 0.01,
+    test) exported, and its seed's raw test split routed by :data:`FRESH_PROCESS`:
+    ``(method, mode | "cascade") -> (bundle folder, routed arrays)``."""
+    tmp = tmp_path_factory.mktemp("fresh")
+    bundles = {(method, mode): _export(quick_digits_run, tmp / f"{method}_{mode}", method=method, mode=mode,
+                                       target_ad=0.01, source="val", no_onnx=True) for method, mode in TWO_STAGE}
+    bundles.update({(method, "cascade"): _export(quick_cascade_run, tmp / f"{method}_cascade", method=method,
+                                                 target_ad=0.01, source="test", no_onnx=True)
+                    for method in THREE_STAGE})
+    args = []
+    for bundle in bundles.values():
+        seed = json.loads((bundle / "manifest.json").read_text())["operating_point"]["seed"]
+        np.save(tmp / f"{bundle.name}.npy", _raw_test_split(seed))
+        args += [str(bundle), str(tmp / f"{bundle.name}.npy"), str(tmp / f"{bundle.name}.npz")]
     script = tmp / "route.py"
     script.write_text(FRESH_PROCESS)
-    done = subprocess.run([sys.executable, str(script), str(bundle), str(tmp / "raw.npy"), str(tmp / "out.npz")],
-                          check=False, capture_output=True, text=True, cwd=tmp, timeout=300)
+    done = subprocess.run([sys.executable, str(script), *args], check=False, capture_output=True, text=True, cwd=tmp,
+                          timeout=300)
     assert done.returncode == 0, done.stderr
-    return dict(np.load(tmp / "out.npz"))
+    return {key: (bundle, dict(np.load(tmp / f"{bundle.name}.npz"))) for key, bundle in bundles.items()}
 
 
 def _test_rows(run: Path, seed: int) -> pd.DataFrame:
@@ -66,15 +86,12 @@ def _test_rows(run: Path, seed: int) -> pd.DataFrame:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, mode", [("appealnet", "white_box"), ("msp", "white_box"),
-                                          ("appealnet", "black_box"), ("msp", "black_box")])
-def test_a_bundle_in_a_fresh_process_reproduces_the_runs_decisions_and_answers(quick_digits_run, tmp_path,
+@pytest.mark.parametrize("method, mode", TWO_STAGE)
+def test_a_bundle_in_a_fresh_process_reproduces_the_runs_decisions_and_answers(quick_digits_run, fresh_routes,
                                                                                 method, mode):
-    bundle = _export(quick_digits_run, tmp_path / "bundle", method=method, mode=mode, target_ad=0.01,
-                     source="val", no_onnx=True)
+    bundle, routed = fresh_routes[(method, mode)]
     manifest = json.loads((bundle / "manifest.json").read_text())
     seed = manifest["operating_point"]["seed"]
-    routed = _route_fresh(bundle, _raw_test_split(seed), tmp_path)
 
     rows = _test_rows(quick_digits_run, seed)
     prefix = f"{method}_{mode}_stage0" if method == "appealnet" else "stage0"
@@ -99,14 +116,12 @@ def test_a_bundle_in_a_fresh_process_reproduces_the_runs_decisions_and_answers(q
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["reinforce", "msp"])
-def test_a_three_stage_bundle_reproduces_the_runs_exit_stages_and_answers(quick_cascade_run, tmp_path, method):
-    bundle = _export(quick_cascade_run, tmp_path / "bundle", method=method, target_ad=0.01, source="test",
-                     no_onnx=True)
+@pytest.mark.parametrize("method", THREE_STAGE)
+def test_a_three_stage_bundle_reproduces_the_runs_exit_stages_and_answers(quick_cascade_run, fresh_routes, method):
+    bundle, routed = fresh_routes[(method, "cascade")]
     b = Bundle.load(bundle)
     assert b.num_stages == 3 and b.has_last_stage
     seed = b.manifest["operating_point"]["seed"]
-    routed = _route_fresh(bundle, _raw_test_split(seed), tmp_path)
 
     rows = _test_rows(quick_cascade_run, seed)
     variant = b.manifest["operating_point"]["variant"]
@@ -116,6 +131,9 @@ def test_a_three_stage_bundle_reproduces_the_runs_exit_stages_and_answers(quick_
     else:
         prefixes = ["stage0", "stage1"]
         scores = np.stack([rows[f"stage{k}_score_msp"] for k in range(2)], axis=1)
+    # export writes the run's one shared threshold for every stage (distinct per-stage
+    # thresholds: test_wrong_answers.py's hand-written manifest)
+    assert b.thresholds == [b.thresholds[0]] * 2
     expected = exit_stages(scores, b.thresholds[0])
     assert (routed["stage"] == expected).all()
     # the point routes: inputs exit at two stages at least (which ones depends on the quick networks)

@@ -15,7 +15,7 @@ import torch
 import yaml
 from scipy.stats import binom
 
-from tests.conftest import REPO, mnist_root
+from tests.conftest import REPO
 
 SEEDS = [0, 1]
 BUDGETS = [0.3, 0.6]  # fractions of the big side's cost: exercises the budget selection too
@@ -425,16 +425,37 @@ def test_router_reproduces_every_operating_point_of_the_run(digits_run, seed):
 # ============================================================================ MNIST
 
 
-@pytest.mark.skipif(mnist_root() is None, reason="real MNIST not found ($CASCADE_DATA or ../shared/data)")
-def test_mnist_quick_run(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "cascade", "run", "configs/mnist.yaml", "--quick", "--out", str(tmp_path),
-         "--set", f"task.data_root={mnist_root()}", "--set", "threads=1"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
+#: a few hundred training and calibration images (the test split is the official 10,000)
+MNIST_FEW = ["task.train_size=600", "task.cal_size=300", "big_train.epochs=3", "pretrain.epochs=2",
+             "evaluation.violation_resplits=20", "threads=1"]
+
+
+def test_mnist_quick_run(tmp_path, mnist_data):
+    from cascade.cli import main
+    from cascade.evaluation import cascade_point, cascade_sweep, select_by_accuracy
+
+    sets = [f"task.data_root={mnist_data}", *MNIST_FEW]
+    assert main(["run", str(REPO / "configs" / "mnist.yaml"), "--quick", "--quiet", "--out", str(tmp_path),
+                 *[a for s in sets for a in ("--set", s)]]) == 0
     m = _metrics(tmp_path)
-    assert m["task"] == "mnist" and m["accuracy"]["big"] > 0.8, m["accuracy"]
+    samples = pd.read_csv(tmp_path / "samples.csv")
+    test, cal = samples[samples["split"] == "test"], samples[samples["split"] == "cal"]
+    assert m["task"] == "mnist" and (len(test), len(cal)) == (10_000, 300)
+    for net in ("big", "stage0", "appealnet_white_box_stage0"):
+        assert m["accuracy"][net] == pytest.approx(test[f"{net}_correct"].astype(bool).mean(), abs=1e-12)
+    assert m["accuracy"]["big"] > 0.7, m["accuracy"]  # 10 digits, 600 images, 3 epochs: 0.79 here
+    # msp's white-box point at AD 1 %, val threshold: chosen on cal, measured on test, from samples.csv
+    (point,) = [p for p in m["operating_points"] if (p["mode"], p["method"], p["selection"], p["threshold_source"])
+                == ("white_box", "msp", "target_ad", "val") and p["target_ad"] == 0.01]
+    arrays = {name: (part[["stage0_score_msp"]].to_numpy(np.float64),
+                     part[["stage0_correct", "big_correct"]].to_numpy(bool)) for name, part in (("cal", cal),
+                                                                                               ("test", test))}
+    costs = (m["networks"]["stage0"]["mflops"], m["networks"]["big"]["mflops"])
+    sel = select_by_accuracy([cascade_sweep(*arrays["cal"], costs)], 300 * (cal["big_correct"].mean() - 0.01))
+    got = cascade_point(sel.threshold, *arrays["test"], costs)
+    assert point["threshold"] == sel.threshold
+    assert point["system_accuracy"] == pytest.approx(got.system_accuracy, abs=1e-12)
+    assert point["ad"] == pytest.approx(test["big_correct"].mean() - got.system_accuracy, abs=1e-12)
 
 
 def test_mnist_missing_data_root_is_one_line_error(tmp_path, capsys):

@@ -386,14 +386,15 @@ def test_report_without_the_simulation(quick_digits_run):
     rows = {(r["method"], r["target_ad"], r["threshold_source"]): r for r in m["threshold_violations"]
             if r["mode"] == "white_box"}
     table = md.split("## white-box: how often")[1].split("\n\n")[1].splitlines()
-    header = [c.strip() for c in table[0].strip("|").split("|")]
+    columns = [(t, s) for t in sorted({t for _, t, _ in rows}) for s in ("val", "guaranteed")]  # as rendered
+    assert [c.strip().split(": ")[1] for c in table[0].strip("|").split("|")[1:]] == [s for _, s in columns]
     cells = {}
     for line in table[2:]:
         method, *values = [c.strip() for c in line.strip("|").split("|")]
-        cells.update({(method, h): c for h, c in zip(header[1:], values)})
+        cells.update({(method, *col): c for col, c in zip(columns, values)})
     assert len(cells) == len(rows)
     for (method, t, source), r in rows.items():
-        shown = re.fullmatch(r"([0-9.]+) % \(([0-9.]+) %\)", cells[(method, f"AD {t * 100:g} %: {source}")])
+        shown = re.fullmatch(r"([0-9.]+) % \(([0-9.]+) %\)", cells[(method, t, source)])
         assert float(shown[1]) == pytest.approx(100 * r["violation_rate"], rel=5e-3, abs=1e-9)
         assert float(shown[2]) == pytest.approx(100 * r["pool_violation_rate"], rel=5e-3, abs=1e-9)
     del m["threshold_violations"]

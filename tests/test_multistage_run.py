@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from cascade.cli import main
-from tests.conftest import REPO, mnist_root
+from cascade.evaluation import cascade_point, cascade_sweep, select_by_accuracy
+from tests.conftest import REPO
 
 METHODS = ["reinforce", "appealnet", "msp", "gap", "entropy"]  # configs/digits_cascade.yaml, in order
 ALPHAS = [0.005, 0.01, 0.02, 0.05]
@@ -289,16 +290,34 @@ def test_old_cascade_override_gets_the_migration_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(mnist_root() is None, reason="real MNIST not found ($CASCADE_DATA or ../shared/data)")
-def test_mnist_cascade_quick(tmp_path, monkeypatch):
-    monkeypatch.setenv("CASCADE_DATA", str(mnist_root()))
-    rc = main(["run", str(REPO / "configs" / "mnist_cascade.yaml"), "--quick", "--quiet", "--out", str(tmp_path)])
+def test_mnist_cascade_quick(tmp_path, monkeypatch, mnist_data):
+    monkeypatch.setenv("CASCADE_DATA", str(mnist_data))
+    # a few hundred training and calibration images (the test split is the official 10,000)
+    sets = ["task.train_size=600", "task.cal_size=300", "big_train.epochs=3", "evaluation.violation_resplits=20"]
+    rc = main(["run", str(REPO / "configs" / "mnist_cascade.yaml"), "--quick", "--quiet", "--out", str(tmp_path),
+               *[a for s in sets for a in ("--set", s)]])
     assert rc == 0
     m = _metrics(tmp_path)
     assert m["task"] == "mnist" and m["num_stages"] == 3
     assert m["networks"]["big"]["mflops"] >= 10 * m["networks"]["stage0"]["mflops"]
-    assert m["accuracy"]["big"] > 0.8
     assert set(m["systems"]) == {"reinforce_a0.02_white_box", "appealnet_white_box"}  # quick: one alpha
+    samples = pd.read_csv(tmp_path / "samples.csv")
+    test, cal = samples[samples["split"] == "test"], samples[samples["split"] == "cal"]
+    assert (len(test), len(cal)) == (10_000, 300)
+    for net in ("big", "stage0", "stage1"):
+        assert m["accuracy"][net] == pytest.approx(test[f"{net}_correct"].astype(bool).mean(), abs=1e-12)
+    assert m["accuracy"]["big"] > 0.7, m["accuracy"]
+    # msp's 3-stage point at AD 1 %, val threshold, from samples.csv: chosen on cal, measured on test
+    (point,) = [p for p in m["operating_points"] if (p["method"], p["selection"], p["threshold_source"])
+                == ("msp", "target_ad", "val") and p["target_ad"] == 0.01]
+    cols = ["stage0_score_msp", "stage1_score_msp"], ["stage0_correct", "stage1_correct", "big_correct"]
+    costs = [m["networks"][n]["mflops"] for n in ("stage0", "stage1", "big")]
+    sel = select_by_accuracy([cascade_sweep(cal[cols[0]].to_numpy(np.float64), cal[cols[1]].to_numpy(bool), costs)],
+                             300 * (cal["big_correct"].mean() - 0.01))
+    got = cascade_point(sel.threshold, test[cols[0]].to_numpy(np.float64), test[cols[1]].to_numpy(bool), costs)
+    assert point["threshold"] == sel.threshold
+    assert point["system_accuracy"] == pytest.approx(got.system_accuracy, abs=1e-12)
+    assert point["cost_mflops"] == pytest.approx(got.cost_mflops, rel=1e-9)
 
 
 @pytest.mark.slow

@@ -50,7 +50,7 @@ def _npy_with_header(header: str) -> bytes:
 
 @pytest.mark.parametrize("body, headers, status, message", [
     (b'{"input":' + b"[" * 1000 + b"1" + b"]" * 1000 + b"}", None, 400,
-     "body: JSON nested 1001 deep; inputs are nested lists at most 32 deep"),
+     "body: JSON nested too deep; inputs are nested lists at most 32 deep"),
     (b"[" * 100_000, None, 400, "body: JSON nested 100000 deep"),
     (b'{"input": 1' + b"0" * 5000 + b"}", None, 400, "not valid JSON (Exceeds the limit (4300 digits)"),
     (json.dumps({"inputs": [ONE["input"]] * 4097}).encode(), None, 422, "4097 inputs in one request: send at most 4096"),

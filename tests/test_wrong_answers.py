@@ -241,3 +241,16 @@ def test_a_bundle_routes_each_stage_with_its_own_threshold(tmp_path):
     assert r.mflops.tolist() == [1.0, 3.0, 3.0, 15.0, 7.0, 15.0]
     assert r.score.tolist() == pytest.approx([0.75, 0.5, 0.6, 0.8, 0.875, 0.1])  # the last routed score seen
     assert not r.pending.any()
+
+
+# ---------------------------------------------------------------- MNIST in CI
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", pytest.fail.Exception), ("", pytest.skip.Exception)])
+def test_missing_mnist_fails_in_ci_and_skips_elsewhere(monkeypatch, ci, outcome):
+    import tests.conftest as conftest
+
+    monkeypatch.setattr(conftest, "mnist_root", lambda: None)
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="real MNIST not found"):
+        conftest.require_mnist()

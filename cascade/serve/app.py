@@ -44,6 +44,11 @@ INLINE_DECODE_BYTES = 16 * 1024
 #: at once on the event loop: there is nothing to batch it with, and the hop to the
 #: worker thread would cost more than routing it
 INLINE_ROUTE_INPUTS = 8
+#: once requests have overlapped, they go to the batcher for this long (under load, routing
+#: inline one by one would hold the event loop and batch nothing)
+CONCURRENT_HOLD_S = 0.1
+#: a batch expected to route in less than this runs on the event loop, not the worker
+INLINE_ROUTE_S = 0.001
 
 
 @dataclass
@@ -131,7 +136,9 @@ def create_app(bundle: Bundle, *, oracle_url: str | None = None, max_batch: int 
     last_mflops = bundle.stage_mflops[last] or 0.0
     max_bytes = int(max_body_mb * 2 ** 20)
     input_size = math.prod(bundle.input_shape)
-    state: dict[str, Any] = {"in_flight": 0}  # and what the lifespan starts: the worker, batcher, oracle client
+    # requests in the server, when it last had concurrent ones; and what the lifespan starts
+    # and the running mean routing time per input
+    state: dict[str, Any] = {"in_flight": 0, "concurrent_at": -math.inf, "row_s": math.inf}
 
     def route_sync(payloads: list[tuple[np.ndarray, torch.Tensor]], inline: bool = False) -> _Routed:
         x = torch.cat([p[1] for p in payloads]) if len(payloads) > 1 else payloads[0][1]
@@ -140,8 +147,21 @@ def create_app(bundle: Bundle, *, oracle_url: str | None = None, max_batch: int 
         return _Routed(x=x, raw=raw, output=r.output, stage=r.stage.tolist(), score=r.score.tolist(),
                        mflops=r.mflops.tolist(), pending=r.pending.numpy(), inline=inline)
 
+    async def on_worker(rows: int, fn, *args):
+        """``fn(*args)`` on the worker thread, or here on the event loop when ``rows`` are
+        expected to take under ``INLINE_ROUTE_S`` (the hop to the thread and back would
+        cost a good part of that, and the loop has nothing else to do meanwhile)."""
+        start = time.perf_counter()
+        if rows * state["row_s"] < INLINE_ROUTE_S:
+            out = fn(*args)
+        else:
+            out = await asyncio.get_running_loop().run_in_executor(state["worker"], fn, *args)
+        row_s = (time.perf_counter() - start) / max(rows, 1)
+        state["row_s"] = row_s if state["row_s"] == math.inf else 0.8 * state["row_s"] + 0.2 * row_s
+        return out
+
     async def route(payloads: list) -> _Routed:
-        return await asyncio.get_running_loop().run_in_executor(state["worker"], route_sync, payloads)
+        return await on_worker(sum(len(p[1]) for p in payloads), route_sync, payloads)
 
     async def resolve(payloads: list, r: _Routed) -> list[dict]:
         pending = np.flatnonzero(r.pending)
@@ -181,7 +201,7 @@ def create_app(bundle: Bundle, *, oracle_url: str | None = None, max_batch: int 
             return await state["oracle"].predict(r.raw[pending])
         if bundle.has_last_stage:
             x = r.x[torch.from_numpy(pending)]
-            return await asyncio.get_running_loop().run_in_executor(state["worker"], bundle.run_last, x)
+            return await on_worker(len(x), bundle.run_last, x)
         return None
 
     @contextlib.asynccontextmanager
@@ -235,7 +255,12 @@ def create_app(bundle: Bundle, *, oracle_url: str | None = None, max_batch: int 
                        score=r.score.tolist(), mflops=r.mflops.tolist(), pending=r.pending.numpy(), inline=True)
 
     def lone(batcher: MicroBatcher) -> bool:
-        return state["in_flight"] == 1 and batcher.idle
+        """No other request in the server, nor in the last ``CONCURRENT_HOLD_S``."""
+        now = time.monotonic()
+        if state["in_flight"] > 1 or not batcher.idle:
+            state["concurrent_at"] = now
+            return False
+        return now - state["concurrent_at"] > CONCURRENT_HOLD_S
 
     async def predict_inputs(request: Request) -> list[dict]:
         ctype = content_type(request)

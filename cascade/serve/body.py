@@ -101,6 +101,8 @@ def decode(body: bytes, ctype: str, max_inputs: int, *, batch_only: bool = False
 #: JSON nesting beyond this is refused before parsing (a batch of the deepest inputs the
 #: schema allows is far shallower)
 MAX_JSON_DEPTH = 32
+#: JSON bodies over this size are scanned for depth and inputs before they are parsed
+SCAN_BYTES = 16 * 1024
 #: JSON tokens that are never a number; in a valid body they cannot be inside a string
 #: either (its only strings are the keys "input" / "inputs")
 _NOT_NUMBERS = (b"true", b"false", b"null")
@@ -117,14 +119,18 @@ def _json_shape(body: bytes) -> tuple[int, int]:
 
 
 def _decode_json(body: bytes, batch_only: bool, max_inputs: int) -> np.ndarray:
-    deepest, items = _json_shape(body)
-    if deepest > MAX_JSON_DEPTH:
-        raise Problem(400, f"body: JSON nested {deepest} deep; inputs are nested lists at most {MAX_JSON_DEPTH} deep")
-    if b'"inputs"' in body and items > max_inputs:
-        raise Problem(422, f"{items} inputs in one request: send at most {max_inputs}")
+    if len(body) > SCAN_BYTES:  # a small body is parsed at once (the parser's own depth check is enough)
+        deepest, items = _json_shape(body)
+        if deepest > MAX_JSON_DEPTH:
+            raise Problem(400, f"body: JSON nested {deepest} deep; inputs are nested lists at most {MAX_JSON_DEPTH} "
+                               "deep")
+        if b'"inputs"' in body and items > max_inputs:
+            raise Problem(422, f"{items} inputs in one request: send at most {max_inputs}")
     try:
         data = json.loads(body)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bytes that are not UTF-8, a huge integer
+    except RecursionError:
+        raise Problem(400, f"body: JSON nested too deep; inputs are nested lists at most {MAX_JSON_DEPTH} deep") from None
+    except ValueError as exc:  # JSONDecodeError, bytes that are not UTF-8, a huge integer
         raise Problem(400, f"body: not valid JSON ({exc})") from None
     keys = set(data) if isinstance(data, dict) else None
     if batch_only and keys != {"inputs"}:
