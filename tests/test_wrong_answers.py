@@ -254,3 +254,43 @@ def test_missing_mnist_fails_in_ci_and_skips_elsewhere(monkeypatch, ci, outcome)
     monkeypatch.setenv("CI", ci)
     with pytest.raises(outcome, match="real MNIST not found"):
         conftest.require_mnist()
+
+
+# ---------------------------------------------------------------- the routing kernels at a threshold
+
+
+# catches (Bundle.route, run_last=False): pending rows not marked, their answer not the last
+# routed stage's, the big network's cost counted where it did not run
+def test_a_bundle_without_its_last_stage_leaves_appealed_rows_pending(tmp_path):
+    x = torch.tensor([[0.75, 0.0, 0.0], [0.1, 0.3, 0.8], [0.1, 0.1, 0.875]])
+    b = Bundle(tmp_path, _manifest([0.75, 0.5, 0.875]), [_Stage(0), _Stage(1), _Stage(2)], _Stage(3))
+    r = b.route(x, preprocessed=True, run_last=False)
+    assert r.pending.tolist() == [False, True, False] and r.stage.tolist() == [0, 3, 2]
+    assert r.output.argmax(1).tolist() == [0, 2, 2]  # the pending row holds stage 2's answer
+    assert r.mflops.tolist() == [1.0, 7.0, 7.0]
+
+
+class _Scored(nn.Module):
+    """A routed stage for :class:`cascade.Router`: ``q`` is input column ``k``, the answer the class ``k``."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x):
+        return StageOutput(output=nn.functional.one_hot(torch.full((len(x),), self.k), 3).float(), q=x[:, min(self.k, 1)])
+
+
+# catches (Router.forward): "q > threshold" for ">=", rows that stopped sent on, the big
+# network not run on the rows left
+def test_router_stops_at_the_first_stage_at_or_over_the_threshold():
+    from cascade import Router
+
+    x = torch.tensor([[0.75, 0.0], [0.5, 0.75], [0.5, 0.5], [0.9, 0.9]])
+    router = Router([_Scored(0), _Scored(1)], threshold=0.75, big=_Scored(2))
+    r = router(x)
+    assert r.exit_stage.tolist() == [0, 1, 2, 0]
+    assert r.output.argmax(1).tolist() == [0, 1, 2, 0]
+    assert r.appeal_rate == pytest.approx(0.25)
+    black_box = Router([_Scored(0), _Scored(1)], threshold=0.75)(x)
+    assert black_box.exit_stage.tolist() == [0, 1, 2, 0] and torch.isnan(black_box.output[2]).all()

@@ -1,10 +1,12 @@
 """Serving a bundle over HTTP (``cascade serve``) and its big network as an oracle
 (``cascade serve-oracle``).
 
-``cascade serve`` answers ``POST /predict`` with the bundle's routed stages. Requests are
-micro-batched: an idle worker routes a request at once, and requests that arrive while it
-is busy share the next batch (up to ``max_batch`` inputs). One worker thread runs torch
-(off the event loop), and the appealed inputs go to the last stage: a remote oracle
+``cascade serve`` answers ``POST /predict`` with the bundle's routed stages. A lone
+request is routed at once; requests that overlap are micro-batched: an idle batcher
+routes a request at once, and requests that arrive while it is busy share the next batch
+(up to ``max_batch`` inputs). A batch expected to take under a millisecond is routed on
+the event loop, a longer one on a worker thread (so a big network never holds the loop),
+and the appealed inputs go to the last stage: a remote oracle
 (``oracle_url``), else the bundle's own big network (white-box), else the little
 network's answer. The oracle is called within a deadline, with bounded retries inside it
 and a circuit breaker; while it fails, appealed inputs get the last routed stage's answer

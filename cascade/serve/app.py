@@ -206,7 +206,7 @@ def create_app(bundle: Bundle, *, oracle_url: str | None = None, max_batch: int 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        # one batch of torch at a time, off the event loop
+        # one long batch of torch at a time, off the event loop
         worker = state["worker"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cascade-route")
         client = httpx.AsyncClient() if oracle_url else None
         if client is not None:

@@ -1,0 +1,94 @@
+"""Mutants mutmut cannot make: the routing kernels and the cached certified count are
+decorated (``torch.no_grad``, ``functools.lru_cache``), and mutmut 3 leaves decorated
+functions alone. ``make mutate`` runs this after mutmut.
+
+Each mutant is one textual change, applied to a copy of the repository in a temporary
+folder (the working tree is never touched); the tests that cover the function then run
+in that copy and must fail. Prints one line per mutant and exits 1 if any survives.
+
+    python tests/mutants_by_hand.py
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COPY = ("cascade", "tasks", "baselines", "configs", "tests", "pyproject.toml")
+BUNDLE_TESTS = ["tests/test_wrong_answers.py", "-k", "bundle"]
+ROUTER_TESTS = ["tests/test_wrong_answers.py", "-k", "router", "tests/test_multistage.py::test_router_matches_the_full_forward"]
+CERTIFIED_TESTS = ["tests/test_guarantee.py", "tests/test_wrong_answers.py", "-k", "not quick_run and not report_without"]
+
+#: (name, file, the text, its replacement, the tests to run)
+MUTANTS = [
+    ("Bundle.route: > for >=", "cascade/bundle.py", "stop = q >= self.thresholds[k]", "stop = q > self.thresholds[k]",
+     BUNDLE_TESTS),
+    ("Bundle.route: stage 0's threshold everywhere", "cascade/bundle.py", "stop = q >= self.thresholds[k]",
+     "stop = q >= self.thresholds[0]", BUNDLE_TESTS),
+    ("Bundle.route: rows that stopped go on", "cascade/bundle.py", "active = active[~stop]", "active = active[stop]",
+     BUNDLE_TESTS),
+    ("Bundle.route: cost not summed", "cascade/bundle.py", "mflops[active] += self.stage_mflops[k]",
+     "mflops[active] = self.stage_mflops[k]", BUNDLE_TESTS),
+    ("Bundle.route: the last stage's cost not counted", "cascade/bundle.py",
+     "mflops[active] += self.stage_mflops[last]", "mflops[active] += 0.0", BUNDLE_TESTS),
+    ("Bundle.route: the last stage not run", "cascade/bundle.py",
+     "output[active] = self._last(x[active])[0].float()", "pass", BUNDLE_TESTS),
+    ("Bundle.route: pending rows not marked", "cascade/bundle.py", "pending[active] = True", "pending[active] = False",
+     BUNDLE_TESTS),
+    ("Bundle.route: the score kept is the first stage's", "cascade/bundle.py", "score[active] = q",
+     "score[active] = torch.where(torch.isnan(score[active]), q, score[active])", BUNDLE_TESTS),
+    ("Router.forward: > for >=", "cascade/router.py", "stop = out.q.double() >= self.threshold",
+     "stop = out.q.double() > self.threshold", ROUTER_TESTS),
+    ("Router.forward: rows that stopped go on", "cascade/router.py", "active = rows[~stop]", "active = rows[stop]",
+     ROUTER_TESTS),
+    ("Router.forward: exit stage always the last", "cascade/router.py", "here = torch.where(stop, k, last)",
+     "here = torch.where(stop, last, last)", ROUTER_TESTS),
+    ("Router.forward: the big network not run", "cascade/router.py", "if self.big is not None and len(active):",
+     "if False:", ROUTER_TESTS),
+    ("_certified_losses: one count too many", "cascade/evaluation.py",
+     'return int(np.searchsorted(p, level, side="right")) - 1', 'return int(np.searchsorted(p, level, side="right"))',
+     CERTIFIED_TESTS),
+    ("_certified_losses: p < level for p <= level", "cascade/evaluation.py",
+     'return int(np.searchsorted(p, level, side="right")) - 1', 'return int(np.searchsorted(p, level, side="left")) - 1',
+     CERTIFIED_TESTS),
+]
+
+
+def main() -> int:
+    survived = []
+    with tempfile.TemporaryDirectory(prefix="cascade-mutants-") as tmp:
+        root = Path(tmp)
+        for name in COPY:
+            src = REPO / name
+            if src.is_dir():
+                shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(src, root / name)
+        for label, file, old, new, tests in MUTANTS:
+            path = root / file
+            original = path.read_text()
+            if original.count(old) != 1:
+                print(f"STALE    {label}: {file} no longer has {old!r} exactly once")
+                survived.append(label)
+                continue
+            path.write_text(original.replace(old, new))
+            try:
+                done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly", "-p",
+                                       "no:cacheprovider", *tests], cwd=root, capture_output=True, text=True)
+            finally:
+                path.write_text(original)
+            killed = done.returncode == 1
+            print(f"{'killed ' if killed else 'SURVIVED'} {label}" + ("" if killed or done.returncode == 0
+                                                                     else f" (pytest exit {done.returncode})"))
+            if not killed:
+                survived.append(label)
+    print(f"{len(MUTANTS) - len(survived)}/{len(MUTANTS)} hand-made mutants killed")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
