@@ -232,7 +232,7 @@ def test_a_black_box_bundle_leaves_appealed_inputs_pending_for_the_oracle(quick_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("write, expected", [
-    (lambda d: np.save(d / "x.npy", np.zeros((3, 9, 9))), "inputs 0-2: inputs of shape [3, 9, 9]: this bundle takes [1, 8, 8]"),
+    (lambda d: np.save(d / "x.npy", np.zeros((3, 9, 9))), "x.npy: an array of shape [3, 9, 9]; this bundle takes [N, 1, 8, 8]"),
     (lambda d: np.save(d / "x.npy", np.full((2, 1, 8, 8), np.nan)), "x.npy: input 0 has NaN"),
     (lambda d: (d / "x.csv").write_text("a,b\n1,2\n"), "x.csv: 2 columns; this bundle's input [1, 8, 8] has 64"),
     (lambda d: (d / "x.csv").write_text(("1," * 63 + "1\n") * 2 + "1," * 63 + "oops\n"), "x.csv: line 3: a cell"),

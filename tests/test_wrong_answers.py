@@ -101,6 +101,15 @@ def test_threshold_violations_by_hand_on_fixed_resplits(monkeypatch):
         assert (r["seeds"], r["resplits"], r["delta"], r["mode"], r["method"]) == (2, 3, 0.6, "white_box", "m")
 
 
+# catches: a p-value exactly at the level not certified (p < level for p <= level), one count too many
+def test_the_certified_count_includes_a_p_value_exactly_at_the_level():
+    from cascade.evaluation import _certified_losses
+
+    # Binom(2, .5): P(<= 0) = .25, P(<= 1) = .75 exactly; Binom(4, .5): P(<= 0) = .0625
+    assert [_certified_losses(2, 0.5, lv) for lv in (0.2, 0.25, 0.5, 0.75)] == [-1, 0, 0, 1]
+    assert _certified_losses(4, 0.5, 0.0625) == 0
+
+
 # ---------------------------------------------------------------- AppealNet objective
 
 

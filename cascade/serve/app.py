@@ -104,7 +104,7 @@ def create_app(bundle: Bundle, *, oracle_url: str | None = None, max_batch: int 
         oracle_retries: further attempts after a failed one (backoff 50 ms, doubled).
         breaker_failures: consecutive oracle failures that open the circuit breaker.
         breaker_cooldown_s: seconds the open breaker sends nothing before one probe.
-        max_request_inputs: the most inputs one request may hold (413 above).
+        max_request_inputs: the most inputs one request may hold (422 above).
         max_body_mb: the largest body read (413 above, before anything is parsed).
         token: a bearer token ``/predict`` and ``/metrics`` require (None: no auth).
         oracle_token: the bearer token sent to the oracle.

@@ -29,7 +29,7 @@ def create_oracle_app(bundle: Bundle, *, max_request_inputs: int = 65536, max_bo
 
     Args:
         bundle: a white-box bundle.
-        max_request_inputs: the most inputs one request may hold (413 above).
+        max_request_inputs: the most inputs one request may hold (422 above).
         max_body_mb: the largest body read (413 above, before anything is parsed).
         token: a bearer token ``/predict`` requires (None: no auth).
 

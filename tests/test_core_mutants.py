@@ -1,0 +1,322 @@
+"""Known answers written to kill mutants that ``make mutate`` found alive in the numeric
+core (the mutmut name of each is in the comment above its check): the oracle router's
+scores, the method comparisons and gap tables, gap_closed's edge cases, and the
+pre-training objective's label smoothing."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cascade import BlackBoxOracle, CrossEntropyTaskLoss, StageOutput
+from cascade.evaluation import ORACLE, Variant, aggregate, comparisons, gap_closed, gap_table, operating_points, oracle_scores
+from cascade.objectives import SupervisedObjective
+
+# ---------------------------------------------------------------- oracle_scores
+
+
+def test_oracle_scores_three_stages_by_hand():
+    # x_oracle_scores 3, 5 (correctness as 0/1 integers, not bools), 8, 11 (the stage slices
+    # for K = 3), 16 (the seed ignored)
+    correct = np.array([[0, 1, 1],    # stage 0 wrong, the last right: unsafe at 0; stage 1 safe
+                        [0, 0, 0],    # the last wrong too: safe everywhere
+                        [1, 0, 1],    # safe at 0, unsafe at 1
+                        [0, 0, 1]])   # unsafe at both
+    s = oracle_scores(correct, seed=3)
+    assert s.shape == (4, 2)
+    assert (s == 1.0).tolist() == [[False, True], [True, True], [True, False], [False, False]]
+    unsafe = s[s < 1]
+    assert ((0 <= unsafe) & (unsafe < 0.5)).all()
+    assert s[3, 0] == s[3, 1]  # one random value per input, the same at every stage
+    np.testing.assert_array_equal(oracle_scores(correct, seed=3), s)  # the seed fixes the order
+    assert not np.array_equal(oracle_scores(correct, seed=4), s)
+    # the same as bools
+    np.testing.assert_array_equal(oracle_scores(correct.astype(bool), seed=3), s)
+
+
+# ---------------------------------------------------------------- gap_closed
+
+
+def test_gap_closed_edge_cases():
+    # x_gap_closed 2-6: no oracle, no gap (exactly 1e-12 counts as none), a method worse
+    assert gap_closed(0.18, 0.16, 0.08) == pytest.approx(0.2)
+    assert gap_closed(0.18, 0.16, None) is None
+    assert gap_closed(0.5, 0.4, 0.5) is None  # baseline = oracle: nothing to close
+    assert gap_closed(1e-12, 0.0, 0.0) is None  # a gap of exactly the 1e-12 slack is none
+    assert gap_closed(3.0, 4.0, 1.0) == pytest.approx(-0.5)
+
+
+# ---------------------------------------------------------------- comparisons and gap tables
+
+
+def _p(method, source, target, cost, ad=0.0):
+    return {"mode": "white_box", "method": method, "selection": "target_ad", "threshold_source": source,
+            "target_ad": target, "cost_mflops": cost, "appeal_rate": None, "ad": ad}
+
+
+def test_comparisons_with_an_oracle_point_by_hand():
+    # x_comparisons 22 (the first point not trained: continue, not break), 39 (an AD exactly
+    # at the target meets it), 42-45 and 67-73 (the oracle looked up, gap_closed computed),
+    # 65-66 (the key). Post-hoc points listed first.
+    # An AD of exactly target + the 1e-9 slack still meets it. A trained point without a rival
+    # (target 0.02) comes before the others: skipped, not the end.
+    points = [_p("msp", "test", 0.01, 0.18, ad=0.005), _p(ORACLE, "test", 0.01, 0.08),
+              _p("an", "test", 0.02, 0.1), _p("an", "test", 0.01, 0.16, ad=0.01 + 1e-9),
+              _p("msp", "val", 0.01, 0.19, ad=0.02), _p("an", "val", 0.01, 0.17, ad=0.0)]
+    rows = {r["threshold_source"]: r for r in comparisons(points, ["an"], ["msp"])}
+    assert set(rows) == {"test", "val"} and all(r["target_ad"] == 0.01 for r in rows.values())
+    test, val = rows["test"], rows["val"]
+    assert (test["method"], test["best_post_hoc"], test["field"]) == ("an", "msp", "cost_mflops")
+    assert test["ratio"] == pytest.approx(0.18 / 0.16) and test["targets_met"] is True  # AD .01 <= .01
+    assert test["gap_closed"] == pytest.approx(0.02 / 0.10)
+    # val: msp missed its target (AD .02 > .01); the gap is measured against the oracle's test point
+    assert val["ratio"] == pytest.approx(0.19 / 0.17) and val["targets_met"] is False
+    assert val["gap_closed"] == pytest.approx(0.02 / 0.11)
+
+
+def test_gap_table_skips_what_it_cannot_compare_by_hand():
+    # x_gap_table 21-24 (each skip condition on its own), 30 (continue, not break), 32-51 (the keys)
+    points = [
+        _p("an", "test", 0.02, 0.5),                                # no oracle point at 0.02: skipped (listed first)
+        _p(ORACLE, "test", 0.01, 0.08), _p("msp", "test", 0.01, 0.18), _p("gap", "test", 0.01, 0.20),
+        _p("an", "test", 0.01, 0.16), _p("msp", "val", 0.01, 0.19), _p("an", "val", 0.01, 0.17),
+        _p(ORACLE, "test", 0.03, 0.1), _p("an", "test", 0.03, 0.2),  # no post-hoc rival at 0.03: skipped
+        _p(ORACLE, "test", 0.05, None), _p("msp", "test", 0.05, 0.3), _p("an", "test", 0.05, 0.2),  # no oracle cost
+    ]
+    rows = gap_table(points, ["msp", "gap"])
+    keys = {"mode", "threshold_source", "target_ad", "method", "field", "value", "best_post_hoc",
+            "best_post_hoc_value", "oracle_value", "gap_closed"}
+    assert all(set(r) == keys for r in rows)
+    got = [(r["threshold_source"], r["target_ad"], r["method"], r["value"], r["best_post_hoc"],
+            r["best_post_hoc_value"], r["oracle_value"], r["gap_closed"]) for r in rows]
+    want = [("test", 0.01, "msp", 0.18, "msp", 0.18, 0.08, 0.0),
+            ("test", 0.01, "gap", 0.20, "msp", 0.18, 0.08, -0.2),
+            ("test", 0.01, "an", 0.16, "msp", 0.18, 0.08, 0.2),
+            ("val", 0.01, "msp", 0.19, "msp", 0.19, 0.08, 0.0),
+            ("val", 0.01, "an", 0.17, "msp", 0.19, 0.08, 0.02 / 0.11)]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g[:3] == w[:3] and g[4] == w[4] and g[3:4] + g[5:] == pytest.approx(w[3:4] + w[5:])
+    assert all((r["mode"], r["field"]) == ("white_box", "cost_mflops") for r in rows)
+
+
+# ---------------------------------------------------------------- label smoothing
+
+
+def test_label_smoothing_bounds_and_a_batch_of_three():
+    # SupervisedObjective.__init__ 5-7: 1.0 is outside [0, 1), with its message;
+    # __call__ 21: the uniform term per row (3 rows, 2 classes: a mean over the wrong axis
+    # cannot broadcast)
+    with pytest.raises(ValueError, match=r"label_smoothing must lie in \[0, 1\), got 1.0"):
+        SupervisedObjective(CrossEntropyTaskLoss(), label_smoothing=1.0)
+    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0], [math.log(3.0), 0.0]])  # p_1 = .75, .5, .25
+    y = torch.tensor([1, 1, 0])
+    loss = SupervisedObjective(CrossEntropyTaskLoss(), label_smoothing=0.2)(lambda x: StageOutput(output=x),
+                                                                            (logits, y))["loss"]
+    # rows: CE [-ln .75, ln 2, -ln .75]; uniform term [-(ln .25 + ln .75) / 2, ln 2, same as row 0]
+    ce = [-math.log(0.75), math.log(2.0), -math.log(0.75)]
+    uniform = [-(math.log(0.25) + math.log(0.75)) / 2, math.log(2.0), -(math.log(0.25) + math.log(0.75)) / 2]
+    assert float(loss) == pytest.approx(np.mean([0.8 * c + 0.2 * u for c, u in zip(ce, uniform)]), abs=1e-6)
+
+
+# ---------------------------------------------------------------- aggregate
+
+
+def _row(seed, **values):
+    base = {"seed": seed, "mode": "white_box", "method": "m", "selection": "target_ad", "threshold_source": "val",
+            "target_ad": 0.01, "budget_fraction": None, "anchor": None, "delta": None, "variant": f"v{seed}",
+            "feasible": True, "exit_fractions": [0.5, 0.5], "threshold": 0.5, "target_mflops": None,
+            "system_accuracy": 0.9, "cost_mflops": 2.0, "relative_cost": 0.2, "ad": 0.0, "skipping_rate": 0.5,
+            "appeal_rate": 0.5}
+    return base | values
+
+
+def test_aggregate_with_missing_and_infinite_values_by_hand():
+    # x_aggregate 20-21 (no value at all: None; values: their mean), 27-28 and 41-45 (one value
+    # among two seeds: std 0.0; an inf: std None), 34
+    (row,) = aggregate([_row(0, threshold=np.inf, cost_mflops=2.0, ad=0.01),
+                        _row(1, threshold=0.5, cost_mflops=None, ad=0.03)])
+    assert row["threshold"] == np.inf and row["threshold_std"] is None  # a guaranteed fallback on seed 0
+    assert row["cost_mflops"] == 2.0 and row["cost_mflops_std"] == 0.0  # known on one seed only
+    assert row["target_mflops"] is None and "target_mflops_std" not in row
+    assert row["ad"] == pytest.approx(0.02) and row["ad_std"] == pytest.approx(0.02 / math.sqrt(2))
+    assert row["variants"] == ["v0", "v1"] and row["feasible"] and row["exit_fractions"] == [0.5, 0.5]
+
+
+# ---------------------------------------------------------------- operating_points, three stages
+
+
+def _three_stage_table() -> pd.DataFrame:
+    """2 seeds (seed 1's rows first) x cal/test x 20 rows, 3 stages; stage 1's correctness
+    differs from the big one's, so a point read against the wrong stage would show."""
+    rng = np.random.default_rng(5)
+    frames = []
+    for seed in (1, 0):
+        for split in ("cal", "test"):
+            n = 20
+            frames.append(pd.DataFrame({
+                "seed": seed, "split": split, "index": np.arange(n),
+                "s0": rng.random(n).round(2), "s1": rng.random(n).round(2),
+                "c0": rng.random(n) < 0.6, "c1": rng.random(n) < 0.3, "big": rng.random(n) < 0.9}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_operating_points_of_a_three_stage_cascade_read_the_last_stage():
+    # x_operating_points 10-15 (seeds in order), 58 (the oracle's seed), 78, 81, 109, 118, 122
+    # (the LAST stage: the reference accuracy, whether its cost is known, the relative cost,
+    # skipping and appeal rates)
+    # 179-200 (the budget: a fraction of the last stage's cost), 245-255 (the oracle's rows),
+    # 297 (a fixed threshold without a cost is skipped, not the end of the matched-cost rows)
+    samples = _three_stage_table()
+    wb = Variant("m", "white_box", "", ("s0", "s1"), ("c0", "c1", "big"), (1.0, 2.0, 10.0))
+    bb = Variant("m", "black_box", "", ("s0", "s1"), ("c0", "c1", None), (1.0, 2.0, None))
+    fixed_bb = Variant("r", "black_box", "", ("s1", "s0"), ("c0", "c1", None), (1.0, 2.0, None), fixed_threshold=0.5)
+    fixed_wb = Variant("r", "white_box", "", ("s1", "s0"), ("c0", "c1", "big"), (1.0, 2.0, 10.0), fixed_threshold=0.5)
+    oracle = Variant(ORACLE, "white_box", "", (), ("c0", "c1", "big"), (1.0, 2.0, 10.0))
+    targets = {"white_box": [0.0, 0.1], "black_box": [0.3]}
+    variants = [fixed_bb, wb, fixed_wb, bb]
+    rows = operating_points(samples, variants, targets, budgets=[0.5], oracles=[oracle])
+    seeds = [r["seed"] for r in rows]
+    assert seeds == sorted(seeds) and set(seeds) == {0, 1}
+    budget = [r for r in rows if r["selection"] == "budget"]
+    assert len(budget) == 2 * 2 * 2  # seeds x white-box methods x sources (no budget without a cost)
+    assert all(r["feasible"] and r["target_mflops"] == 5.0 for r in budget)
+    assert all(r["cost_mflops"] <= 5.0 for r in budget if r["threshold_source"] == "test")
+    assert {r["selection"] for r in rows if r["method"] == ORACLE} == {"target_ad"}
+    matched = [r for r in rows if r["selection"] == "matched_cost"]
+    assert {(r["mode"], r["method"], r["anchor"]) for r in matched} == {("white_box", "m", "r")}
+    assert len(matched) == 2 * 2  # seeds x sources
+    for r in rows:
+        test = samples[(samples["seed"] == r["seed"]) & (samples["split"] == "test")]
+        last = test["big"].mean() if r["mode"] == "white_box" else 1.0
+        assert r["ad"] == pytest.approx(last - r["system_accuracy"], abs=1e-12), r
+        assert r["appeal_rate"] == r["exit_fractions"][2] and r["skipping_rate"] == pytest.approx(
+            1 - r["exit_fractions"][2])
+        if r["selection"] == "target_ad" and r["threshold_source"] == "test":  # chosen on test: meets it there
+            assert r["ad"] <= r["target_ad"] + 1e-12, r
+        if r["mode"] == "white_box":
+            assert r["relative_cost"] == pytest.approx(r["cost_mflops"] / 10.0)
+        else:
+            assert r["cost_mflops"] is None and r["relative_cost"] is None
+    again = operating_points(samples, variants, targets, budgets=[0.5], oracles=[oracle])
+    assert [r["threshold"] for r in again] == [r["threshold"] for r in rows]  # the oracle's order is seeded
+
+
+# ---------------------------------------------------------------- AppealNet's direct targets, oracle asked
+
+
+def test_direct_targets_ask_a_white_box_oracle_when_its_outputs_are_not_carried():
+    # x_AppealNetObjective._direct 17-19, 32-41 (the oracle asked with x and the criterion),
+    # 59-67 (the logged keys)
+    from cascade import AppealNetObjective, WhiteBoxOracle
+
+    little = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    q = torch.tensor([0.2, 0.9])
+    y = torch.tensor([0, 0])
+    x = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # the big network here: its input, as logits
+
+    def model(_):
+        return StageOutput(output=little, q=q)
+
+    class Echo(torch.nn.Module):
+        def forward(self, inputs):
+            return StageOutput(output=inputs)
+
+    big = WhiteBoxOracle(Echo())
+    ce = torch.nn.functional.cross_entropy
+    # safe: big wrong on row 0 (appealing cannot help: safe), little right on row 1: safe = [1, 1]
+    out = AppealNetObjective(CrossEntropyTaskLoss(), big, lam=0.3, predictor_target="safe")(model, (x, y))
+    assert out["L_P"].item() == pytest.approx(-(math.log(0.2) + math.log(0.9)) / 2, abs=1e-6)
+    assert out["L_A"].item() == pytest.approx(ce(little, y).item(), abs=1e-6)
+    assert out["lambda"].item() == pytest.approx(0.3) and out["q_mean"].item() == pytest.approx(0.55)
+    # loss_gap: the logit of q regresses L(big) - L(little), the big's loss on x
+    out = AppealNetObjective(CrossEntropyTaskLoss(), big, lam=0.3, predictor_target="loss_gap")(model, (x, y))
+    gap = ce(x, y, reduction="none") - ce(little, y, reduction="none")
+    want = ((torch.logit(q) - gap) ** 2).mean()
+    assert out["L_P"].item() == pytest.approx(want.item(), abs=1e-5)
+    assert out["L_A"].item() == pytest.approx(ce(little, y).item(), abs=1e-6) and "q_mean" in out
+
+
+# ---------------------------------------------------------------- select_guaranteed
+
+
+def test_select_guaranteed_arguments_ties_and_a_p_value_at_the_level():
+    # x_select_guaranteed 4-10, 20 (argument errors, one line each), 39 (p = level certifies),
+    # 42 (nothing fails: the lowest threshold), 49-59 (ties: the more accurate, then the first
+    # variant; the fallback's own cost and correct count)
+    from cascade.evaluation import cascade_sweep, degradation_scores, select_guaranteed
+
+    scores = np.array([[0.9], [0.8]])
+    right = np.ones((2, 2), bool)
+    sw = cascade_sweep(scores, right, (1.0, 10.0))
+    s = degradation_scores(scores, right)  # no degradation anywhere
+    for delta in (0.0, 1.0):
+        with pytest.raises(ValueError, match=rf"delta must lie in \(0, 1\), got {delta}"):
+            select_guaranteed([sw], [s], 0.1, delta)
+    with pytest.raises(ValueError, match="1 sweeps for 2 degradation arrays"):
+        select_guaranteed([sw], [s, s], 0.1, 0.1)
+    with pytest.raises(ValueError, match="0 sweeps for 0 degradation arrays"):
+        select_guaranteed([], [], 0.1, 0.1)
+    with pytest.raises(ValueError, match="variant 0: 3 degradation scores for a sweep of 2 inputs"):
+        select_guaranteed([sw], [np.zeros(3)], 0.1, 0.1)
+    # no loss anywhere, Binom(2, .5): P(0 losses) = .25 <= delta = .25: every threshold certified
+    sel = select_guaranteed([sw], [s], 0.5, 0.25)
+    assert (sel.variant, sel.threshold) == (0, 0.8)
+    # one loss (row 1 wrong at stage 0) at threshold .8: P(<= 1) = .75 > .25 stops there
+    wrong = np.array([[1, 1], [0, 1]], bool)
+    sel = select_guaranteed([cascade_sweep(scores, wrong, (1.0, 10.0))], [degradation_scores(scores, wrong)], 0.5,
+                            0.25)
+    assert sel.threshold == 0.9
+    # two variants at equal cost: the one with more correct answers wins, whichever comes first
+    # (delta .5 over 2 variants: level .25 again)
+    a = (cascade_sweep(scores, wrong, (1.0, 10.0)), np.array([-np.inf, -np.inf]))  # its loss not counted
+    b = (cascade_sweep(scores, right, (1.0, 10.0)), s)
+    for order, winner in (((a, b), 1), ((b, a), 0)):
+        sel = select_guaranteed([o[0] for o in order], [o[1] for o in order], 0.5, 0.5)
+        assert (sel.variant, sel.threshold) == (winner, 0.8)
+    # all alike: the first
+    assert select_guaranteed([b[0], b[0]], [s, s], 0.5, 0.5).variant == 0
+    # nothing certified (target 0): threshold inf; of two variants the one whose all-last cost
+    # is lower: 2 x (9 + 10) = 38 < 2 x (1 + 20) = 42 (though its next point costs more: 28 > 22)
+    y, x = cascade_sweep(scores, right, (1.0, 20.0)), cascade_sweep(scores, right, (9.0, 10.0))
+    sel = select_guaranteed([y, x], [s, s], 0.0, 0.5)
+    assert (sel.variant, sel.threshold, sel.feasible) == (1, np.inf, True)
+
+
+def test_small_rules_at_their_boundaries():
+    # x__resplit_masks 13 (n_cal rows per split, no more), x_threshold_violations 1 (200
+    # re-splits by default); and a mean cost exactly at the budget fits
+    from cascade.evaluation import _resplit_masks, cascade_sweep, select_by_cost, threshold_violations
+    from tests.test_wrong_answers import _violations_table
+
+    # mean costs 11 (2 right), 6 (2 right), 1 (1 right)
+    sw = cascade_sweep(np.array([[0.9], [0.8]]), np.array([[1, 1], [0, 1]], bool), (1.0, 10.0))
+    sel = select_by_cost([sw], 6.0)
+    assert (sel.threshold, sel.feasible) == (0.9, True)
+    cal = _resplit_masks(np.random.default_rng(0), 10, 3, 5)
+    assert cal.shape == (10, 5) and cal.sum(axis=0).tolist() == [3] * 5
+    v = Variant("m", "white_box", "", ("s",), ("c0", "c1"), (1.0, 10.0))
+    rows = threshold_violations(_violations_table(), [v], {"white_box": [0.25]}, delta=0.6)
+    assert {r["resplits"] for r in rows} == {200}
+
+
+def test_appealnet_objective_clamps_q_reads_x_and_logs_its_keys():
+    # x_AppealNetObjective.__call__ 11 (the model reads x), 13-17 (q clamped to [eps, 1 - eps]
+    # on both sides), 111-115 (the logged keys)
+    from cascade import AppealNetObjective
+
+    class FromX(torch.nn.Module):  # logits are x itself, q its first column
+        def forward(self, x):
+            return StageOutput(output=x, q=x[:, 0])
+
+    x = torch.tensor([[0.0, 0.5], [1.0, 0.5]])  # q = [0, 1]: clamped to 1e-6 and 1 - 1e-6
+    y = torch.tensor([1, 0])
+    out = AppealNetObjective(CrossEntropyTaskLoss(), BlackBoxOracle(), lam=0.1)(FromX(), (x, y))
+    ce = torch.nn.functional.cross_entropy(x, y, reduction="none")
+    assert out["L_P"].item() == pytest.approx((-math.log(1e-6) - math.log(1 - 1e-6)) / 2, rel=1e-6)
+    assert out["L_A"].item() == pytest.approx(((1e-6 * ce[0] + (1 - 1e-6) * ce[1]) / 2).item(), rel=1e-5)
+    assert out["lambda"].item() == pytest.approx(0.1) and out["q_mean"].item() == pytest.approx(0.5)
