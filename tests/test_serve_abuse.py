@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-import cascade.serve.app as serve_app
+import cascade.serve.service as serve_service
 from cascade.bundle import Bundle
 from cascade.serve import (
     NPY_MAX_HEADER,
@@ -168,11 +168,11 @@ def test_the_server_process_refuses_a_huge_body_at_once_and_asks_for_its_token(b
 def test_a_big_body_is_parsed_off_the_event_loop_while_a_small_request_is_answered(bundles, monkeypatch):
     """The big body's decoding is made to take 1.5 s (in whatever thread runs it): a small
     request sent meanwhile is answered long before, so the decoding did not hold the loop."""
-    real = serve_app.decode
+    real = serve_service.decode
     where: list[bool] = []
 
     def slow_decode(body, ctype, max_inputs, **kw):
-        if len(body) > serve_app.INLINE_DECODE_BYTES:
+        if len(body) > serve_service.INLINE_DECODE_BYTES:
             try:
                 asyncio.get_running_loop()
                 where.append(True)   # on the event loop
@@ -181,7 +181,7 @@ def test_a_big_body_is_parsed_off_the_event_loop_while_a_small_request_is_answer
             time.sleep(1.5)
         return real(body, ctype, max_inputs, **kw)
 
-    monkeypatch.setattr(serve_app, "decode", slow_decode)
+    monkeypatch.setattr(serve_service, "decode", slow_decode)
     app = create_app(Bundle.load(bundles["white_box"]))
     big = json.dumps({"inputs": [ONE["input"]] * 400}).encode()  # ~80 kB
 

@@ -15,7 +15,9 @@ or oversized input (bodies are read within ``--max-body-mb`` before any parsing,
 ones parsed off the event loop), 401 without the bearer token when one is set, a 503 only
 if routing itself fails, never a 500.
 
-Modules: :mod:`~cascade.serve.app` (the serve app), :mod:`~cascade.serve.oracle_app`
+Modules: :mod:`~cascade.serve.app` (the serve app: HTTP), :mod:`~cascade.serve.service` (what
+it does with a request: decoding, inline or batched routing, appealed inputs),
+:mod:`~cascade.serve.oracle_app`
 (the oracle app), :mod:`~cascade.serve.batcher`, :mod:`~cascade.serve.oracle` (the
 oracle client, its circuit breaker and protocol), :mod:`~cascade.serve.body` (reading and
 decoding bodies within limits), :mod:`~cascade.serve.schema` (the OpenAPI models),

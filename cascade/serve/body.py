@@ -129,7 +129,8 @@ def _decode_json(body: bytes, batch_only: bool, max_inputs: int) -> np.ndarray:
     try:
         data = json.loads(body)
     except RecursionError:
-        raise Problem(400, f"body: JSON nested too deep; inputs are nested lists at most {MAX_JSON_DEPTH} deep") from None
+        raise Problem(400, f"body: JSON nested too deep; inputs are nested lists at most {MAX_JSON_DEPTH} "
+                           "deep") from None
     except ValueError as exc:  # JSONDecodeError, bytes that are not UTF-8, a huge integer
         raise Problem(400, f"body: not valid JSON ({exc})") from None
     keys = set(data) if isinstance(data, dict) else None
