@@ -320,3 +320,27 @@ def test_appealnet_objective_clamps_q_reads_x_and_logs_its_keys():
     assert out["L_P"].item() == pytest.approx((-math.log(1e-6) - math.log(1 - 1e-6)) / 2, rel=1e-6)
     assert out["L_A"].item() == pytest.approx(((1e-6 * ce[0] + (1 - 1e-6) * ce[1]) / 2).item(), rel=1e-5)
     assert out["lambda"].item() == pytest.approx(0.1) and out["q_mean"].item() == pytest.approx(0.5)
+
+
+def test_infeasible_selection_one_resplit_one_seed_and_sweep_errors():
+    # x_select_by_accuracy 15-17 (the infeasible fallback's variant and flag),
+    # x_threshold_violations 3-4 (one re-split is allowed), 140 (one seed: no std),
+    # x_cascade_sweep 14-27 (the error messages)
+    from cascade.evaluation import cascade_sweep, select_by_accuracy, threshold_violations
+    from tests.test_wrong_answers import _violations_table
+
+    scores = np.array([[0.9], [0.8]])
+    sw = cascade_sweep(scores, np.array([[1, 1], [0, 1]], bool), (1.0, 10.0))
+    sel = select_by_accuracy([sw, sw], min_correct=3)  # 2 inputs: unreachable
+    assert (sel.variant, sel.feasible) == (0, False) and isinstance(sel.variant, int)
+    table = _violations_table()
+    v = Variant("m", "white_box", "", ("s",), ("c0", "c1"), (1.0, 10.0))
+    rows = threshold_violations(table[table["seed"] == 0], [v], {"white_box": [0.25]}, delta=0.6, resplits=1)
+    assert [(r["resplits"], r["seeds"]) for r in rows] == [(1, 1)] * 2
+    assert all("violation_rate_std" not in r for r in rows)
+    with pytest.raises(ValueError, match="cannot sweep an empty split"):
+        cascade_sweep(np.zeros((0, 1)), np.zeros((0, 2), bool), (1.0, 10.0))
+    with pytest.raises(ValueError, match=r"scores must be \[N, K-1\] = \[2, 1\], got \[2, 2\]"):
+        cascade_sweep(np.zeros((2, 2)), np.zeros((2, 2), bool), (1.0, 10.0))
+    with pytest.raises(ValueError, match="3 stage costs for 2 stages"):
+        cascade_sweep(scores, np.zeros((2, 2), bool), (1.0, 2.0, 3.0))
