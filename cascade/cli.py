@@ -136,6 +136,8 @@ def _add_serve_parsers(sub) -> None:
     serve.add_argument("--max-wait-ms", type=float, default=0.0,
                        help="how long a micro-batch waits for more requests after its first (default 0: an idle "
                        "worker routes at once; requests batch while it is busy)")
+    serve.add_argument("--max-request-inputs", type=int, default=4096, metavar="N",
+                       help="the most inputs one request may hold, refused (422) above (default 4096)")
     serve.add_argument("--max-body-mb", type=float, default=32.0,
                        help="the largest request body, refused (413) while it is read (default 32)")
     serve.add_argument("--token", help=f"require Authorization: Bearer TOKEN on /predict and /metrics (default: "
@@ -188,7 +190,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     options = dict(oracle_url=args.oracle_url, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                    oracle_timeout_s=args.oracle_timeout, oracle_retries=args.oracle_retries,
                    breaker_failures=args.breaker_failures, breaker_cooldown_s=args.breaker_cooldown,
-                   max_body_mb=args.max_body_mb, token=args.token or os.environ.get(_TOKEN_ENV) or None,
+                   max_body_mb=args.max_body_mb, max_request_inputs=args.max_request_inputs,
+                   token=args.token or os.environ.get(_TOKEN_ENV) or None,
                    oracle_token=args.oracle_token or os.environ.get(_ORACLE_TOKEN_ENV) or None)
     with _torch_threads(args.threads):
         bundle = Bundle.load(args.bundle)

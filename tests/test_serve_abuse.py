@@ -140,8 +140,8 @@ def _post_raw(url: str, headers: str, body_chunks, pause_s: float = 0.0) -> tupl
 def test_the_server_process_refuses_a_huge_body_at_once_and_asks_for_its_token(bundles, digits_raw):
     """A real server (uvicorn): a 500 MB Content-Length is refused before the body is
     sent; a chunked body is refused after about the limit; the token comes from
-    $CASCADE_TOKEN; /health stays open."""
-    with ServerProcess(["serve", str(bundles["white_box"]), "--max-body-mb", "1"],
+    $CASCADE_TOKEN; /health stays open; --max-request-inputs bounds a request's inputs."""
+    with ServerProcess(["serve", str(bundles["white_box"]), "--max-body-mb", "1", "--max-request-inputs", "2"],
                        env={"CASCADE_TOKEN": "s3cret"}) as server:
         auth = "Authorization: Bearer s3cret\r\n"
         head = f"POST /predict HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n"
@@ -154,10 +154,13 @@ def test_the_server_process_refuses_a_huge_body_at_once_and_asks_for_its_token(b
                                  (b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(8000)))
         assert answer.startswith(b"HTTP/1.1 413") and b"body over 1048576 bytes" in answer
         assert sent < 8 * 2 ** 20, sent
-        body = {"inputs": digits_raw[:3].tolist()}
+        body = {"inputs": digits_raw[:2].tolist()}
         assert httpx.post(f"{server.url}/predict", json=body, timeout=20).status_code == 401
         ok = httpx.post(f"{server.url}/predict", json=body, timeout=20, headers={"authorization": "Bearer s3cret"})
-        assert ok.status_code == 200 and len(ok.json()["predictions"]) == 3
+        assert ok.status_code == 200 and len(ok.json()["predictions"]) == 2
+        three = httpx.post(f"{server.url}/predict", json={"inputs": digits_raw[:3].tolist()}, timeout=20,
+                           headers={"authorization": "Bearer s3cret"})
+        assert three.status_code == 422 and three.json() == {"detail": "3 inputs in one request: send at most 2"}
         assert httpx.get(f"{server.url}/health", timeout=20).status_code == 200
         assert server.proc.poll() is None
 
