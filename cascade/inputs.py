@@ -104,8 +104,8 @@ def _read_npy(path: Path, bundle: Bundle) -> InputFile:
     grey = shape[0] == 1 and arr.shape[1:] == shape[1:]  # grey images without a channel axis
     if arr.ndim < 1 or (arr.shape[1:] != shape and not grey and arr.shape != shape):
         want = ", ".join(map(str, shape))
-        raise CascadeError(f"{path}: an array of shape {list(arr.shape)}; this bundle takes [N, {want}] "
-                           f"(or [N, {width}], each row flattened)")
+        flat = f" (or [N, {width}], each row flattened)" if len(shape) > 1 else ""
+        raise CascadeError(f"{path}: an array of shape {list(arr.shape)}; this bundle takes [N, {want}]{flat}")
     if arr.shape == shape and not grey:  # one input
         arr = arr.reshape(1, *shape)
     return InputFile(path, [str(i) for i in range(len(arr))], arr)
