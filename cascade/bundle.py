@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cascade.errors import CascadeError
+from cascade.errors import CascadeError, described
 from cascade.manifest import Manifest, parse_manifest, read_manifest
 from cascade.pt2 import load_program
 
@@ -278,9 +278,8 @@ def _check_outputs(file: Path, program: Any, spec: Manifest) -> None:
     try:
         result = program(torch.zeros(1, *spec.input.shape))
     except Exception as exc:  # noqa: BLE001  (whatever the graph raises, it cannot route)
-        text = str(exc).strip()
         raise CascadeError(f"{file}: fails on one input of the manifest's input.shape {spec.input.shape} "
-                           f"({type(exc).__name__}: {text.splitlines()[0] if text else ''})") from None
+                           f"({described(exc)})") from None
     if (not isinstance(result, (tuple, list)) or len(result) != 2
             or not all(isinstance(t, Tensor) for t in result)):
         raise CascadeError(f"{file}: does not return (output, score) tensors")

@@ -8,6 +8,18 @@ everything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def described(exc: BaseException) -> str:
+    """``Type: first line`` of an exception, for a one-line error about a library's failure."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 class CascadeError(Exception):
     """An error caused by the user's input, reported without a traceback.
 

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cascade.errors import CascadeError
-from cascade.files import current_umask
+from cascade.errors import CascadeError, described
+from cascade.files import current_umask, file_sha256
 from cascade.manifest import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def export_bundle(
                 program = torch.export.export(module, (example,), dynamic_shapes=dynamic)
             except Exception as exc:  # noqa: BLE001  (torch.export raises many types: all "cannot capture")
                 raise CascadeError(f"{rp.run}: stage {k} ({role}) of {rp.method} could not be exported with "
-                                   f"torch.export: {_first_line(exc)}") from None
+                                   f"torch.export: {described(exc)}") from None
             file = f"stage_{k}.pt2"
             writing = tmp / file
             digest = _write_file(writing, _program_bytes(program))
@@ -169,14 +169,6 @@ def _write_file(path: Path, data: bytes) -> str:
         f.flush()
         os.fsync(f.fileno())
     return hashlib.sha256(data).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _replace_folder(new: Path, out: Path) -> None:
@@ -271,11 +263,8 @@ def _export_onnx(module: nn.Module, example: Tensor, dynamic: tuple, path: Path)
         raise
     except Exception as exc:  # noqa: BLE001  (the exporter fails in many types; the .pt2 is what counts)
         path.unlink(missing_ok=True)
-        log.warning("%s: no ONNX file (%s)", path.name, _first_line(exc))
-        return {"onnx": None, "onnx_error": _first_line(exc)}
-    return {"onnx": path.name, "onnx_sha256": _file_sha256(path)}
+        log.warning("%s: no ONNX file (%s)", path.name, described(exc))
+        return {"onnx": None, "onnx_error": described(exc)}
+    return {"onnx": path.name, "onnx_sha256": file_sha256(path)}
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"

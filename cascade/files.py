@@ -9,6 +9,7 @@ about training: the deploy path (``cascade route``, export) writes through it to
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import pickle
@@ -24,6 +25,15 @@ from cascade.errors import CascadeError, CheckpointError
 
 #: what the temporary files of :func:`atomic_path` are called: ``.<name>.<random>.tmp``
 TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def current_umask() -> int:

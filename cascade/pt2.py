@@ -33,7 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from cascade.errors import CascadeError
+from cascade.errors import CascadeError, described
 
 #: the members of a program archive, below its root folder, that are not tensor records
 _FIXED = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id",
@@ -101,9 +101,7 @@ def load_program(label: str, data: bytes) -> nn.Module:
             lg.disabled = True
         return torch.export.load(io.BytesIO(data)).module()
     except Exception as exc:  # noqa: BLE001  (torch raises many types for an archive it cannot read)
-        text = str(exc).strip()
-        raise CascadeError(f"{label}: not a torch.export program ({type(exc).__name__}: "
-                           f"{text.splitlines()[0] if text else ''})") from None
+        raise CascadeError(f"{label}: not a torch.export program ({described(exc)})") from None
     finally:
         for lg, b in zip(loggers, before):
             lg.disabled = b

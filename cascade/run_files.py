@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from cascade.errors import CascadeError, ConfigError
+from cascade.errors import CascadeError, ConfigError, first_line
 from cascade.files import load_checkpoint
 
 #: the run files a deployment reads (checkpoints aside)
@@ -57,8 +57,8 @@ def read_metrics(run: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise CascadeError(f"{path}: not valid JSON ({_first_line(exc)}); the file is damaged: run the experiment "
-                           "again") from None
+        raise CascadeError(f"{path}: not valid JSON ({first_line(exc)}); the file is "
+                           "damaged: run the experiment again") from None
     try:
         RunMetrics.model_validate(data)
     except ValidationError as exc:
@@ -77,7 +77,7 @@ def read_config(run: Path):
         text = path.read_text()
         data = yaml.safe_load(text)
     except (UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise CascadeError(f"{path}: not readable YAML ({_first_line(exc)}); the run's resolved config is "
+        raise CascadeError(f"{path}: not readable YAML ({first_line(exc)}); the run's resolved config is "
                            "damaged: run the experiment again") from None
     try:
         return text, validate(data, str(path))
@@ -94,7 +94,8 @@ def read_points(run: Path):
     try:
         points = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
-        raise CascadeError(f"{path}: not a readable CSV ({_first_line(exc)}); the file is damaged") from None
+        raise CascadeError(f"{path}: not a readable CSV ({first_line(exc)}); the file is "
+                           "damaged") from None
     missing = [c for c in POINT_COLUMNS if c not in points.columns]
     if missing:
         raise CascadeError(f"{path}: no column {', '.join(missing)}; the file is damaged")
@@ -123,10 +124,7 @@ def load_weights(net, path: Path, what: str):
     try:
         net.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:  # torch: size mismatches, missing keys; not a dict
-        raise CascadeError(f"{path}: does not fit the {what} of config.yaml ({_first_line(exc)})") from None
+        raise CascadeError(f"{path}: does not fit the {what} of config.yaml ({first_line(exc)})") from None
     return net.eval()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -12,15 +12,14 @@ found too. :func:`check_finished` is what ``cascade export`` asks before it read
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from cascade.files import atomic_write_text
 from cascade.errors import CascadeError
+from cascade.files import atomic_write_text, file_sha256
 
 #: the record's file name in a run folder
 RECORD = "complete.json"
@@ -56,15 +55,6 @@ def recorded_files(run: str | Path) -> list[Path]:
     run = Path(run)
     names = [Path(n) for n in RECORDED if (run / n).is_file()]
     return names + sorted(p.relative_to(run) for p in (run / "checkpoints").glob("*.pt") if p.is_file())
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def clear_record(run: str | Path) -> None:

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 
 from cascade.bundle import Bundle
 from cascade.errors import CascadeError
+from cascade.run_files import read_points
 from cascade.serve.app import bearer_check, error_response
 from cascade.serve.body import Problem, check_content_type, content_type, decode, read_body
 from cascade.serve.schema import OracleHealth, error_responses, oracle_response_model, request_body
@@ -133,12 +134,10 @@ def oracle_bundle(source: str | Path):
 def _white_box_points(run: Path) -> list[tuple[str, float, str]]:
     """One (method, target AD, threshold source) per method with a white-box point,
     ``val`` points first."""
-    import pandas as pd
-
     points = run / "points.csv"
     if not points.is_file():
         raise CascadeError(f"{points}: not found; is {run} the output folder of a finished `cascade run`?")
-    p = pd.read_csv(points)
+    p = read_points(run)
     p = p[(p["mode"] == "white_box") & (p["selection"] == "target_ad")]
     if p.empty:
         raise CascadeError(f"{points}: no white_box operating point to export the big network from")
