@@ -85,10 +85,12 @@ class Bundle:
         has_last_stage: True when the big network is in the bundle (white-box).
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], routed: list, last: Any | None):
+    def __init__(self, path: Path, manifest: dict[str, Any], routed: list, last: Any | None,
+                 spec: Manifest | None = None):
         self.path, self.manifest = path, manifest
         self._routed, self._last = routed, last
-        spec = parse_manifest(manifest, str(path / "manifest.json"))  # callers outside load() get the same checks
+        if spec is None:  # built in code, not by load(): the same checks
+            spec = parse_manifest(manifest, str(path / "manifest.json"))
         self.kind: str = spec.kind.value
         self.input_shape: tuple[int, ...] = tuple(spec.input.shape)
         self.output_names: list[str] = list(spec.output_names)
@@ -141,7 +143,7 @@ class Bundle:
         for k, program in enumerate(programs):
             if program is not None:
                 _check_outputs(path / spec.stages[k].file, program, spec)
-        return cls(path, manifest, programs[:-1], programs[-1])
+        return cls(path, manifest, programs[:-1], programs[-1], spec)
 
     # -- inputs --------------------------------------------------------------------------
 

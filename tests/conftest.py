@@ -6,6 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,3 +89,47 @@ def quick_cascade_run(tmp_path_factory) -> Path:
     the big last)."""
     return run_quick(tmp_path_factory.mktemp("cascade"), REPO / "configs" / "digits_cascade.yaml",
                      "methods.0.alphas=[0.02, 0.05]")
+
+
+# -- serving: bundles of the quick digits run (one export per session, for every serve test file)
+
+
+@pytest.fixture(scope="session")
+def digits_raw() -> np.ndarray:
+    """The digits test split (seed 0) as a client has it: grey levels 0-16, [N, 1, 8, 8]."""
+    from tasks.digits import DigitsTask
+
+    test = DigitsTask().build_splits(0).test
+    return (test.tensors[0] * 16).round().to(torch.uint8).numpy()
+
+
+def _appeal_half(bundle: Path, raw: np.ndarray) -> Path:
+    """Set the bundle's threshold inside the widest gap of stage-0 scores near their median,
+    so that about half of ``raw`` is appealed, and no score sits near the threshold (a
+    server on another thread count routes them alike)."""
+    import json
+
+    from cascade.bundle import Bundle
+
+    score = np.sort(Bundle.load(bundle).route(raw, run_last=False).score.numpy())
+    lo, hi = int(0.4 * len(score)), int(0.6 * len(score))
+    gaps = np.diff(score[lo:hi])
+    k = lo + int(gaps.argmax())
+    assert gaps.max() > 1e-6
+    mf = bundle / "manifest.json"
+    manifest = json.loads(mf.read_text())
+    manifest["thresholds"] = [float(score[k] + score[k + 1]) / 2]
+    mf.write_text(json.dumps(manifest))
+    return bundle
+
+
+@pytest.fixture(scope="session")
+def bundles(quick_digits_run, tmp_path_factory, digits_raw) -> dict[str, Path]:
+    """A white-box and a black-box bundle of the quick digits run, each appealing about
+    half of the test split."""
+    from cascade.export import export_bundle
+
+    out = tmp_path_factory.mktemp("serve_bundles")
+    return {mode: _appeal_half(export_bundle(quick_digits_run, out / mode, method="appealnet", mode=mode,
+                                             target_ad=0.01, onnx=False), digits_raw)
+            for mode in ("white_box", "black_box")}

@@ -31,7 +31,7 @@ from cascade.serve import (
     create_app,
     create_oracle_app,
 )
-from tests.test_serve import _npy, bundles, digits_raw  # noqa: F401  (fixtures)
+from tests.test_serve import _npy
 
 NPY = {"content-type": "application/x-npy"}
 ONE = {"input": [[0] * 8] * 8}

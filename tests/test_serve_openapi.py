@@ -15,7 +15,6 @@ from fastapi.testclient import TestClient
 
 from cascade.bundle import Bundle
 from cascade.serve import ServerProcess, create_app, create_oracle_app
-from tests.test_serve import bundles, digits_raw  # noqa: F401  (fixtures: bundles needs digits_raw)
 
 
 def _openapi(app) -> dict:
