@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from cascade import METHODS, MethodContext, Predictor, StageOutput, TaskKind
-from cascade.building import make_loader
-from cascade.confidence import max_softmax, normalized_neg_entropy, top2_gap
+from cascade.training.building import make_loader
+from cascade.nn.confidence import max_softmax, normalized_neg_entropy, top2_gap
 
 
 def _probs(stage: StageOutput) -> Tensor:

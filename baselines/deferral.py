@@ -34,12 +34,12 @@ from cascade import (
     StageOutput,
     TaskKind,
 )
-from cascade.building import make_loader
-from cascade.networks import head_input
+from cascade.training.building import make_loader
+from cascade.nn.networks import head_input
 
 log = logging.getLogger("cascade")
 
-#: what the regression reads (see cascade.networks.head_input)
+#: what the regression reads (see cascade.nn.networks.head_input)
 INPUTS = ("features", "sorted_log_probs", "logit_stats")
 
 

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from cascade.config import load_config
-from cascade.errors import CascadeError
+from cascade.core.errors import CascadeError
 from cascade.evaluation import comparisons
-from cascade.pipeline import Experiment
+from cascade.engine.experiment import Experiment
 
 #: the baselines every setting runs: the paper's, and what a user would try before training anything
 BASELINES = ["msp", "msp_ts", "doctor", "energy", "gap", "entropy", "deferral_head"]
@@ -69,7 +69,7 @@ SETTINGS: dict[str, list[str]] = {
     # plain little the baselines score) fine-tunes on the held-out 30 %, where the little's
     # errors are not memorized
     "holdout": ["finetune_data=holdout"],
-    # where learned deferral should win (cascade.perturb): 20 % of the training labels flipped;
+    # where learned deferral should win (cascade.nn.perturb): 20 % of the training labels flipped;
     # a big network that saw only 10 % of classes 5-9; the test split corrupted by Gaussian noise
     "noise": ["perturb.label_noise=0.2"],
     "specialist": ["perturb.big_classes=[0, 1, 2, 3, 4]", "perturb.big_other_fraction=0.1"],

@@ -12,7 +12,7 @@ On a CPU the defaults take long (ResNet-101 runs a batch of 256 in tens of secon
 
 The little network's score is its max softmax probability; the threshold is set between
 the batch's sorted scores so that exactly round(AR * batch) inputs are appealed. Every
-time is the median of ``--repeats`` runs after warm-up (cascade.cost.median_time_ms);
+time is the median of ``--repeats`` runs after warm-up (cascade.nn.cost.median_time_ms);
 the networks are untrained, which changes nothing about their speed. Three routed paths:
 
 - ``router``: ``cascade.Router`` as deployed: one host sync per routed stage
@@ -44,9 +44,9 @@ import torch
 
 from baselines.confidence import MaxSoftmaxScore
 from cascade import NETWORKS, Router
-from cascade.cost import latency_device, median_time_ms
-from cascade.errors import CascadeError
-from cascade.router import ScoredStage
+from cascade.nn.cost import latency_device, median_time_ms
+from cascade.core.errors import CascadeError
+from cascade.deploy.router import ScoredStage
 
 #: the bucket capacity of the static path is a multiple of this (tensor cores like it)
 BUCKET = 8

@@ -23,7 +23,7 @@ import uvicorn  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 
-from cascade.bundle import Bundle  # noqa: E402
+from cascade.deploy.bundle import Bundle  # noqa: E402
 
 
 def bare_app(bundle: Bundle) -> FastAPI:

@@ -92,7 +92,7 @@ def _raw_inputs(run: Path, manifest: dict, limit: int = 1024) -> np.ndarray:
     import torch
     import yaml
 
-    from cascade.building import build_task
+    from cascade.training.building import build_task
     from cascade.config import validate
 
     cfg = validate(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             oracle = Path(args.oracle) if args.oracle else bundle if white else Path(manifest["run"]["path"])
             run = Path(manifest["run"]["path"])
         else:
-            from cascade.export import export_bundle
+            from cascade.deploy.export import export_bundle
 
             bundle = export_bundle(source, Path(tmp) / "bundle", method=args.method, mode=args.mode,
                                    target_ad=args.target_ad, onnx=False)

@@ -15,7 +15,7 @@ import torch
 from baselines.confidence import MaxSoftmaxScore
 from cascade import Router
 from cascade.evaluation import Variant, cascade_point, cascade_sweep, operating_points, select_by_accuracy
-from cascade.router import ScoredStage
+from cascade.deploy.router import ScoredStage
 from tasks.networks import build_cnn, build_mlp
 
 torch.set_num_threads(2)

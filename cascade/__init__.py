@@ -6,17 +6,17 @@ REINFORCE stopping policy); concrete tasks and baselines are plugins, loaded on 
 """
 
 from cascade.config import ExperimentConfig, load_config
-from cascade.cost import NetworkCost, measure_cost
-from cascade.errors import CascadeError, CheckpointError, ConfigError, DataError, TrainingError
-from cascade.losses import CrossEntropyTaskLoss, MaskedL2TaskLoss
+from cascade.nn.cost import NetworkCost, measure_cost
+from cascade.core.errors import CascadeError, CheckpointError, ConfigError, DataError, TrainingError
+from cascade.nn.losses import CrossEntropyTaskLoss, MaskedL2TaskLoss
 from cascade.methods import CascadeContext, MethodKind, RoutedSystem, TrainedMethod
-from cascade.networks import FeatureNet, PredictorHead, TwoHeadNetwork, mlp
-from cascade.objectives import AppealNetObjective, Objective, SupervisedObjective
-from cascade.appealnet import AppealNet
-from cascade.augment import random_crop_flip
-from cascade.reinforce import MultiStageCascade, Reinforce, ReinforceObjective, StoppingPolicy
-from cascade.registry import METHODS, NETWORKS, TASKS, Registry
-from cascade.roles import (
+from cascade.nn.networks import FeatureNet, PredictorHead, TwoHeadNetwork, mlp
+from cascade.nn.objectives import AppealNetObjective, Objective, SupervisedObjective
+from cascade.methods.appealnet import AppealNet
+from cascade.training.augment import random_crop_flip
+from cascade.methods.reinforce import MultiStageCascade, Reinforce, ReinforceObjective, StoppingPolicy
+from cascade.core.registry import METHODS, NETWORKS, TASKS, Registry
+from cascade.contracts.roles import (
     Approximator,
     BlackBoxOracle,
     MethodContext,
@@ -34,12 +34,12 @@ from cascade.roles import (
     WhiteBoxOracle,
 )
 from cascade.evaluation import CascadePoint, CascadeSweep, cascade_point, cascade_sweep
-from cascade.checkpoint import CheckpointHook, CheckpointStore
-from cascade.pipeline import Experiment
-from cascade.router import RoutedOutput, Router
-from cascade.bundle import Bundle, RoutedBatch
-from cascade.inputs import InputFile, load_inputs
-from cascade.trainer import HistoryHook, HookBase, LambdaControllerHook, ProgressHook, Trainer
+from cascade.training.checkpoint import CheckpointHook, CheckpointStore
+from cascade.engine.experiment import Experiment
+from cascade.deploy.router import RoutedOutput, Router
+from cascade.deploy.bundle import Bundle, RoutedBatch
+from cascade.deploy.inputs import InputFile, load_inputs
+from cascade.training.trainer import HistoryHook, HookBase, LambdaControllerHook, ProgressHook, Trainer
 
 __all__ = [
     "AppealNet",

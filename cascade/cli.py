@@ -19,7 +19,7 @@ import sys
 import threading
 from pathlib import Path
 
-from cascade.errors import CascadeError
+from cascade.core.errors import CascadeError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
@@ -68,13 +68,13 @@ def _parser() -> argparse.ArgumentParser:
                        "a header when it is not numeric or is 0,1,...,D-1 (what pandas writes with no column names)")
     route.add_argument("--max-pixels", type=int, default=None, metavar="N",
                        help="refuse images with more pixels (width x height) than this, before decoding them "
-                       "(default cascade.inputs.MAX_IMAGE_PIXELS, 50 million)")
+                       "(default cascade.deploy.inputs.MAX_IMAGE_PIXELS, 50 million)")
     _add_networks_parser(sub)
     _add_serve_parsers(sub)
     return p
 
 
-# -- networks (cascade.cost.list_networks) -----------------------------------------------------
+# -- networks (cascade.nn.cost.list_networks) -----------------------------------------------------
 
 
 def _add_networks_parser(sub) -> None:
@@ -93,7 +93,7 @@ def _add_networks_parser(sub) -> None:
 
 
 def _cmd_networks(args: argparse.Namespace) -> int:
-    from cascade.cost import list_networks
+    from cascade.nn.cost import list_networks
 
     try:
         shape = tuple(int(d) for d in args.input.split(","))
@@ -182,7 +182,7 @@ def _torch_threads(threads: int | None, flag: str = "--threads"):
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from cascade.bundle import Bundle
+    from cascade.deploy.bundle import Bundle
     from cascade.serve import SETTINGS_ENV, bind_socket, create_app, run_server, server_url
 
     if args.workers < 1:
@@ -237,7 +237,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_experiment(cfg, out: Path, args: argparse.Namespace) -> int:
-    from cascade.pipeline import Experiment
+    from cascade.engine.experiment import Experiment
     from cascade.report import render_markdown
 
     metrics = Experiment(cfg, out, quiet=args.quiet or not sys.stderr.isatty(), source=args.config).run(args.resume)
@@ -253,7 +253,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides, resolve_data=not args.config_only)
     if not args.config_only:  # the task, its data and its networks, on one batch per split
-        from cascade.pipeline import Experiment
+        from cascade.engine.experiment import Experiment
 
         Experiment(cfg, Path("."), quiet=True, source=args.config).check()
     print(f"{args.config}: ok" + (" (config only)" if args.config_only else " (config, task, data, networks)"))
@@ -262,7 +262,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from cascade.methods import method_kind
-    from cascade.registry import METHODS, NETWORKS, TASKS
+    from cascade.core.registry import METHODS, NETWORKS, TASKS
 
     for reg in (TASKS, NETWORKS):
         print(f"{reg.role}s: {', '.join(reg.names())}")
@@ -273,7 +273,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from cascade.export import export_bundle
+    from cascade.deploy.export import export_bundle
 
     out = export_bundle(args.run_dir, args.out, method=args.method, mode=args.mode, target_ad=args.target_ad,
                         source=args.source, seed=args.seed, onnx=not args.no_onnx)
@@ -291,9 +291,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_route(args: argparse.Namespace) -> int:
-    from cascade.bundle import Bundle
-    from cascade.files import atomic_path
-    from cascade.inputs import MAX_IMAGE_PIXELS, load_inputs, route_inputs
+    from cascade.deploy.bundle import Bundle
+    from cascade.core.files import atomic_path
+    from cascade.deploy.inputs import MAX_IMAGE_PIXELS, load_inputs, route_inputs
 
     if args.batch < 1:
         raise CascadeError(f"--batch {args.batch}: must be at least 1")

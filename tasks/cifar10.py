@@ -23,7 +23,7 @@ from cascade import (
     Task,
     TaskOptions,
 )
-from cascade.augment import random_crop_flip
+from cascade.training.augment import random_crop_flip
 from tasks.data import describe_data_root, resolve_data_root, stratified_split
 from tasks.images import check_same_classes, load_images, normalize, resolve_cache_dir
 

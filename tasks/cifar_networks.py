@@ -8,7 +8,7 @@ the stride-2 stem (and max-pool), so that a 32x32 image is not shrunk to 8x8 bef
 first stage. What else each one changes is in its builder's docstring.
 
 Cost. Table 3 counts what ``thop`` counts: the multiply-accumulates of convolutions and
-linear layers, plus 2 per batch-norm output element. :func:`cascade.cost.measure_cost`
+linear layers, plus 2 per batch-norm output element. :func:`cascade.nn.cost.measure_cost`
 counts the first part only (batch norm folds into the preceding convolution at
 deployment), so its figures sit 0.4-4.5 % under the table's (MFLOPs = millions of MACs):
 

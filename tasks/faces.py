@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cascade.files import atomic_path
+from cascade.core.files import atomic_path
 
 #: Kaggle's 15 keypoints in its column order; "left" is the subject's left (image right)
 KEYPOINT_NAMES = (

@@ -21,7 +21,7 @@ from cascade import (
     Task,
     TaskOptions,
 )
-from cascade.augment import random_crop_flip
+from cascade.training.augment import random_crop_flip
 from tasks.data import stratified_split
 from tasks.images import (
     DecodedImages,

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from cascade import CascadeError, DataError
-from cascade.bundle import IMAGE_SUFFIXES
-from cascade.files import atomic_path
+from cascade.deploy.bundle import IMAGE_SUFFIXES
+from cascade.core.files import atomic_path
 
 log = logging.getLogger("cascade")
 

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from cascade import NETWORKS, TASKS, DataError, FeatureNet, MaskedL2TaskLoss, Preprocessing, Splits, Task, TaskOptions
-from cascade.files import atomic_path
+from cascade.core.files import atomic_path
 from tasks.data import DATA_ENV, resolve_data_root
 from tasks.faces import GENERATOR_VERSION, IMAGE_COLUMN, IMAGE_SIZE, KEYPOINT_COLUMNS, write_faces_csv
 

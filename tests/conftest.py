@@ -12,7 +12,7 @@ import torch
 
 torch.set_num_threads(2)
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-# the trained networks that runs cache (cascade.checkpoint.NetworkCache) go to a temporary
+# the trained networks that runs cache (cascade.training.checkpoint.NetworkCache) go to a temporary
 # folder, never to ~/.cache: a fresh one for each test (see pytest_runtest_setup)
 _NETWORK_CACHES = tempfile.mkdtemp(prefix="cascade-test-networks-")
 os.environ["CASCADE_CACHE"] = _NETWORK_CACHES
@@ -109,7 +109,7 @@ def _appeal_half(bundle: Path, raw: np.ndarray) -> Path:
     server on another thread count routes them alike)."""
     import json
 
-    from cascade.bundle import Bundle
+    from cascade.deploy.bundle import Bundle
 
     score = np.sort(Bundle.load(bundle).route(raw, run_last=False).score.numpy())
     lo, hi = int(0.4 * len(score)), int(0.6 * len(score))
@@ -127,7 +127,7 @@ def _appeal_half(bundle: Path, raw: np.ndarray) -> Path:
 def bundles(quick_digits_run, tmp_path_factory, digits_raw) -> dict[str, Path]:
     """A white-box and a black-box bundle of the quick digits run, each appealing about
     half of the test split."""
-    from cascade.export import export_bundle
+    from cascade.deploy.export import export_bundle
 
     out = tmp_path_factory.mktemp("serve_bundles")
     return {mode: _appeal_half(export_bundle(quick_digits_run, out / mode, method="appealnet", mode=mode,

@@ -34,7 +34,7 @@ from cascade.evaluation import (
     operating_points,
     oracle_scores,
 )
-from cascade.perturb import (
+from cascade.nn.perturb import (
     PerturbConfig,
     ShiftConfig,
     corrupt,
@@ -42,7 +42,7 @@ from cascade.perturb import (
     perturb_splits,
     specialist_rows,
 )
-from cascade.roles import Preprocessing, Splits
+from cascade.contracts.roles import Preprocessing, Splits
 from tests.conftest import REPO, run_quick
 
 

@@ -24,14 +24,14 @@ from tests.test_new_user import one_line_error
 FRESH_PROCESS = """
 import sys
 import numpy as np
-from cascade.bundle import Bundle
+from cascade.deploy.bundle import Bundle
 
 args = sys.argv[1:]
 for bundle, raw, out in zip(args[0::3], args[1::3], args[2::3]):
     r = Bundle.load(bundle).route(np.load(raw))
     np.savez(out, stage=r.stage.numpy(), output=r.output.numpy(), score=r.score.numpy(),
              mflops=r.mflops.numpy(), pending=r.pending.numpy())
-loaded = sorted(m for m in sys.modules if m.split(".")[0] == "tasks" or m in ("cascade.pipeline", "cascade.trainer"))
+loaded = sorted(m for m in sys.modules if m.split(".")[0] == "tasks" or m in ("cascade.engine.experiment", "cascade.training.trainer"))
 assert not [m for m in loaded if m.split(".")[0] == "tasks"], loaded  # no task code, no plugin
 """
 #: the bundles routed in that process: (method, mode) of the two-stage run, and the
@@ -286,7 +286,7 @@ def test_export_refuses_a_random_score_an_occupied_folder_and_a_broken_bundle_is
     ({"preprocessing": Preprocessing(std=(0.0,))}, "std > 0"),
 ])
 def test_a_task_with_wrong_output_names_or_preprocessing_is_named_before_any_training(attrs, message):
-    from cascade.checks import task_attribute_problems
+    from cascade.engine.checks import task_attribute_problems
     from tasks.digits import DigitsTask
 
     task = type("MyDigits", (DigitsTask,), attrs)()

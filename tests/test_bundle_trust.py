@@ -312,7 +312,7 @@ def test_the_manifest_holds_each_files_sha256_and_the_programs_carry_no_pickles(
 
 
 def _disk_full_at(monkeypatch, name: str) -> None:
-    import cascade.export as export
+    import cascade.deploy.export as export
 
     real = export._write_file
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from cascade import NETWORKS, FeatureNet
 from cascade.cli import main
-from cascade.cost import measure_cost, measure_latency, median_time_ms
+from cascade.nn.cost import measure_cost, measure_latency, median_time_ms
 
 #: AppealNet's Table 3 (32x32 inputs, 10 classes): MFLOPs (millions of MACs) and millions
 #: of parameters. ResNet-18 has no row there: its figures are the ones thop gives for the

@@ -35,12 +35,12 @@ from cascade import (
     TwoHeadNetwork,
     WhiteBoxOracle,
 )
-from cascade.building import build_optimizer, freeze, make_loader, with_oracle_outputs
-from cascade.checks import task_attribute_problems
+from cascade.training.building import build_optimizer, freeze, make_loader, with_oracle_outputs
+from cascade.engine.checks import task_attribute_problems
 from cascade.config import NetworkSpec, OptimConfig
-from cascade.cost import measure_cost
+from cascade.nn.cost import measure_cost
 from cascade.methods import method_class, method_kind
-from cascade.registry import Registry
+from cascade.core.registry import Registry
 
 #: input shapes for networks that no registered task uses by default (the CIFAR networks'
 #: is the 32x32 they are designed for)
@@ -298,7 +298,7 @@ def test_trained_method_builds_and_trains_systems_of_stage_outputs(name, kind, m
 
 
 def test_method_head_inputs_match_the_network_code():
-    from cascade.networks import HEAD_INPUTS, HeadInput
+    from cascade.nn.networks import HEAD_INPUTS, HeadInput
 
     for name, key in (("appealnet", "predictor"), ("reinforce", "policy")):
         options = method_class(name).Options

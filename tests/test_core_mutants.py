@@ -14,7 +14,7 @@ import torch
 
 from cascade import BlackBoxOracle, CrossEntropyTaskLoss, StageOutput
 from cascade.evaluation import ORACLE, Variant, aggregate, comparisons, gap_closed, gap_table, operating_points, oracle_scores
-from cascade.objectives import SupervisedObjective
+from cascade.nn.objectives import SupervisedObjective
 
 # ---------------------------------------------------------------- oracle_scores
 

@@ -1,4 +1,4 @@
-"""Several processes: ``torchrun --nproc_per_node N -m cascade run`` (cascade.distributed).
+"""Several processes: ``torchrun --nproc_per_node N -m cascade run`` (cascade.training.distributed).
 
 Each rank takes an equal, disjoint share of every batch, DDP averages the gradients, so
 a step of 2 ranks computes the single process's step up to the order in which floats are
@@ -19,11 +19,11 @@ import pytest
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-import cascade.distributed
-from cascade.building import make_loader
+import cascade.training.distributed
+from cascade.training.building import make_loader
 from cascade.cli import main
-from cascade.errors import CascadeError
-from cascade.trainer import HistoryHook, loader_generators
+from cascade.core.errors import CascadeError
+from cascade.training.trainer import HistoryHook, loader_generators
 from tests.conftest import REPO
 
 
@@ -62,9 +62,9 @@ def test_data_not_in_memory_is_sharded_the_same_way():
 
 
 def test_a_single_process_is_not_distributed():
-    assert not cascade.distributed.is_distributed() and cascade.distributed.shard() is None
-    assert cascade.distributed.world_size() == 1 and cascade.distributed.is_main()
-    assert cascade.distributed.broadcast("x") == "x"
+    assert not cascade.training.distributed.is_distributed() and cascade.training.distributed.shard() is None
+    assert cascade.training.distributed.world_size() == 1 and cascade.training.distributed.is_main()
+    assert cascade.training.distributed.broadcast("x") == "x"
 
 
 TINY = """\
@@ -86,10 +86,10 @@ def test_batch_size_must_split_evenly_over_the_processes(tmp_path, monkeypatch):
     import yaml
 
     from cascade.config import validate
-    from cascade.pipeline import Experiment
+    from cascade.engine.experiment import Experiment
 
     exp = Experiment(validate(yaml.safe_load(TINY)), tmp_path, quiet=True)
-    monkeypatch.setattr(cascade.distributed, "world_size", lambda: 3)
+    monkeypatch.setattr(cascade.training.distributed, "world_size", lambda: 3)
     with pytest.raises(CascadeError, match="^seed 0 big: batch_size 64 does not split evenly over 3 processes; "
                                            "use a multiple of 3$"):
         exp._train_big(0, exp.task.build_splits(0).train)

@@ -293,17 +293,17 @@ def _files(folder: Path) -> set[str]:
 
 
 def test_every_output_file_is_written_to_a_temporary_name_and_renamed(tmp_path, monkeypatch, capsys):
-    import cascade.files
+    import cascade.core.files
     from cascade.cli import main
 
     renames: list[tuple[Path, Path]] = []
-    real_replace = cascade.files.os.replace
+    real_replace = cascade.core.files.os.replace
 
     def recording_replace(src, dst):
         renames.append((Path(src), Path(dst)))
         real_replace(src, dst)
 
-    monkeypatch.setattr(cascade.checkpoint.os, "replace", recording_replace)
+    monkeypatch.setattr(cascade.training.checkpoint.os, "replace", recording_replace)
     (tmp_path / "tiny.yaml").write_text(TINY)
     out = tmp_path / "out"
     assert main(["run", str(tmp_path / "tiny.yaml"), "--out", str(out), "--quiet"]) == 0

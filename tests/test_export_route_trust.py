@@ -22,8 +22,8 @@ import pytest
 
 from cascade import Bundle
 from cascade.cli import main
-from cascade.export import export_bundle
-from cascade.run_record import RECORD, check_finished, write_record
+from cascade.deploy.export import export_bundle
+from cascade.runs.record import RECORD, check_finished, write_record
 from tests.conftest import REPO
 from tests.test_new_user import one_line_error
 
@@ -32,7 +32,7 @@ from tests.test_new_user import one_line_error
 KILLED_DURING_EVALUATE_TEST = """
 import os, signal, sys
 from cascade.cli import main
-from cascade.pipeline import Experiment
+from cascade.engine.experiment import Experiment
 
 samples = Experiment._samples
 
@@ -133,8 +133,8 @@ def test_resume_state_left_behind_is_refused_and_a_stray_temporary_file_is_not(r
 
 def test_a_run_or_resume_removes_the_record_before_it_writes_anything(run, tmp_path, monkeypatch):
     from cascade.config import load_config
-    from cascade.pipeline import Experiment
-    from cascade.run_writer import RunWriter
+    from cascade.engine.experiment import Experiment
+    from cascade.runs.writer import RunWriter
 
     seen = []
     init = RunWriter.__init__

@@ -17,7 +17,7 @@ from PIL import Image
 
 import tasks.images as images_mod
 from cascade import DataError, Task, TaskOptions
-from cascade.augment import random_crop_flip
+from cascade.training.augment import random_crop_flip
 from tasks.cifar10 import CLASSES, Cifar10Options, Cifar10Task
 from tasks.image_folder import SPLIT_SEED, ImageFolderOptions, ImageFolderTask
 from tasks.images import list_images, load_images

@@ -21,7 +21,7 @@ from cascade import (
     Trainer,
 )
 from cascade.cli import main
-from cascade.cost import measure_cost
+from cascade.nn.cost import measure_cost
 from cascade.methods import MethodKind, build_methods
 from tasks.faces import IMAGE_COLUMN, KEYPOINT_COLUMNS, KEYPOINT_NAMES, generate_faces, write_faces_csv
 from tasks.keypoints import KeypointTask, build_keypoint_cnn, read_keypoints_csv

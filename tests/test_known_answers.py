@@ -460,7 +460,7 @@ def test_measure_cost_conv():
 
 def test_logit_stats():
     # logits [2, 0, 0]: margin 2; log-odds of the MSP = -log(e^-2 + e^-2) = 2 - ln 2 = 1.306853
-    from cascade.confidence import logit_stats
+    from cascade.nn.confidence import logit_stats
 
     out = logit_stats(torch.tensor([[0.0, 2.0, 0.0]]))
     assert out.tolist()[0] == pytest.approx([2.0, 1.306853], abs=1e-6)

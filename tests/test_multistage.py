@@ -29,7 +29,7 @@ from cascade import (
     WhiteBoxOracle,
     load_config,
 )
-from cascade.building import make_loader
+from cascade.training.building import make_loader
 from cascade.config import OptimConfig
 from cascade.evaluation import (
     cascade_point,
@@ -40,7 +40,7 @@ from cascade.evaluation import (
     select_by_cost,
 )
 from cascade.methods import method_class, method_kind
-from cascade.reinforce import (
+from cascade.methods.reinforce import (
     CascadeOutput,
     MultiStageCascade,
     PolicyStage,

@@ -25,7 +25,7 @@ from torch.utils.data import TensorDataset
 
 from cascade import DataError, FeatureNet, Splits
 from cascade.cli import main
-from cascade.checks import check_splits
+from cascade.engine.checks import check_splits
 from tasks.data import read_image
 from tasks.digits import DigitsOptions, DigitsTask
 from tasks.faces import IMAGE_COLUMN, KEYPOINT_COLUMNS

@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cascade import CheckpointError, CheckpointStore, FeatureNet, SupervisedObjective, Trainer
 from cascade.cli import main
-from cascade.losses import CrossEntropyTaskLoss
-from cascade.files import atomic_save, load_checkpoint
+from cascade.nn.losses import CrossEntropyTaskLoss
+from cascade.core.files import atomic_save, load_checkpoint
 from tests.conftest import REPO
 
 TINY = """\
@@ -51,7 +51,7 @@ STOP_PHASE, STOP_STEP = "seed 0 appealnet white_box", 10  # epoch 2, after its 3
 INTERRUPTING_CLI = """\
 import os, signal, sys
 from cascade.cli import main
-from cascade.trainer import HistoryHook
+from cascade.training.trainer import HistoryHook
 
 PHASE, STEP = os.environ["STOP_PHASE"], int(os.environ["STOP_STEP"])
 _after_step = HistoryHook.after_step

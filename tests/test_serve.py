@@ -20,9 +20,9 @@ import torch
 from fastapi.testclient import TestClient
 
 from benchmarks.serve_load import metric, send_requests
-from cascade.bundle import Bundle
+from cascade.deploy.bundle import Bundle
 from cascade.cli import main
-from cascade.errors import CascadeError
+from cascade.core.errors import CascadeError
 from cascade.serve import (
     BreakerState,
     CircuitBreaker,

@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import cascade.serve.service as serve_service
-from cascade.bundle import Bundle
+from cascade.deploy.bundle import Bundle
 from cascade.serve import (
     NPY_MAX_HEADER,
     CircuitBreaker,

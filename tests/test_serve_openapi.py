@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from cascade.bundle import Bundle
+from cascade.deploy.bundle import Bundle
 from cascade.serve import ServerProcess, create_app, create_oracle_app
 
 

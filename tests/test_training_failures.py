@@ -22,12 +22,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from cascade.files import atomic_save, atomic_write_text, load_checkpoint
+from cascade.core.files import atomic_save, atomic_write_text, load_checkpoint
 from cascade.cli import EXIT_INTERRUPTED, main
-from cascade.errors import CascadeError, TrainingError
-from cascade.losses import CrossEntropyTaskLoss, MaskedL2TaskLoss
-from cascade.roles import StageOutput
-from cascade.training_checks import degenerate_training, loss_rise_problem, constant_answer_problem
+from cascade.core.errors import CascadeError, TrainingError
+from cascade.nn.losses import CrossEntropyTaskLoss, MaskedL2TaskLoss
+from cascade.contracts.roles import StageOutput
+from cascade.training.checks import degenerate_training, loss_rise_problem, constant_answer_problem
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "configs" / "digits.yaml"

@@ -28,8 +28,8 @@ from cascade import (
     SupervisedObjective,
     Trainer,
 )
-from cascade.augment import random_crop_flip
-from cascade.building import (
+from cascade.training.augment import random_crop_flip
+from cascade.training.building import (
     build_optimizer,
     build_trainer,
     make_loader,
@@ -37,14 +37,14 @@ from cascade.building import (
     resolve_channels_last,
     with_oracle_outputs,
 )
-from cascade.checkpoint import NetworkCache, network_cache_dir
+from cascade.training.checkpoint import NetworkCache, network_cache_dir
 from cascade.cli import main
 from cascade.config import OptimConfig, validate
-from cascade.errors import CascadeError
-from cascade.losses import CrossEntropyTaskLoss, MaskedL2TaskLoss
-from cascade.pipeline import Experiment
-from cascade.roles import StageOutput, WhiteBoxOracle
-from cascade.trainer import HookBase
+from cascade.core.errors import CascadeError
+from cascade.nn.losses import CrossEntropyTaskLoss, MaskedL2TaskLoss
+from cascade.engine.experiment import Experiment
+from cascade.contracts.roles import StageOutput, WhiteBoxOracle
+from cascade.training.trainer import HookBase
 from tests.conftest import REPO
 
 # ============================================================================ schedules

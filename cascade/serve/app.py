@@ -16,8 +16,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from cascade.bundle import Bundle
-from cascade.errors import CascadeError
+from cascade.deploy.bundle import Bundle
+from cascade.core.errors import CascadeError
 from cascade.serve.body import Problem, one_line
 from cascade.serve.metrics import ServeMetrics
 from cascade.serve.oracle import CircuitBreaker

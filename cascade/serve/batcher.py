@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cascade.errors import CascadeError
+from cascade.core.errors import CascadeError
 
 
 @dataclass

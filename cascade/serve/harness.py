@@ -21,7 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.supervisors import Multiprocess
 
-from cascade.errors import CascadeError
+from cascade.core.errors import CascadeError
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

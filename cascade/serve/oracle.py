@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import torch
 
-from cascade.errors import CascadeError
+from cascade.core.errors import CascadeError
 from cascade.serve.body import one_line
 
 log = logging.getLogger("cascade.serve")

@@ -13,9 +13,9 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from cascade.bundle import Bundle
-from cascade.errors import CascadeError
-from cascade.run_files import read_points
+from cascade.deploy.bundle import Bundle
+from cascade.core.errors import CascadeError
+from cascade.runs.reader import read_points
 from cascade.serve.app import bearer_check, error_response
 from cascade.serve.body import Problem, check_content_type, content_type, decode, read_body
 from cascade.serve.schema import OracleHealth, error_responses, oracle_response_model, request_body
@@ -91,7 +91,7 @@ def oracle_bundle(source: str | Path):
     (removed on exit).
 
     Yields:
-        The loaded :class:`~cascade.bundle.Bundle`.
+        The loaded :class:`~cascade.deploy.bundle.Bundle`.
 
     Raises:
         CascadeError: a path that is neither; a black-box bundle; a run with no
@@ -113,7 +113,7 @@ def oracle_bundle(source: str | Path):
     if "white_box" not in modes:
         raise CascadeError(f"{source}: the run has no white_box mode (modes: {', '.join(modes) or 'none'}), so no "
                            "big network to serve; run it with modes: [white_box, ...]")
-    from cascade.export import export_bundle
+    from cascade.deploy.export import export_bundle
 
     with tempfile.TemporaryDirectory(prefix="cascade-oracle-") as tmp:
         # every white-box operating point carries the same big network (the oracle ignores

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from fastapi import Request
 
-from cascade.bundle import Bundle
-from cascade.errors import CascadeError
+from cascade.deploy.bundle import Bundle
+from cascade.core.errors import CascadeError
 from cascade.serve.batcher import MicroBatcher
 from cascade.serve.body import (
     Problem,
