@@ -198,7 +198,7 @@ def network_cache_dir(setting: str | None) -> Path:
     """
     folder = Path(setting or os.environ.get("CASCADE_CACHE") or Path.home() / ".cache" / "cascade" / "networks")
     folder = folder.expanduser().resolve()
-    source = Path(__file__).resolve().parents[1]
+    source = Path(__file__).resolve().parents[2]
     if (source / "pyproject.toml").is_file() and folder.is_relative_to(source):
         raise CascadeError(f"cache_dir: {folder} is inside the source tree {source}; choose a folder outside it "
                            "(default: $CASCADE_CACHE or ~/.cache/cascade/networks)")
