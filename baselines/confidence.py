@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from cascade import METHODS, MethodContext, Predictor, StageOutput, TaskKind
-from cascade.training.building import make_loader
+from cascade.training.data import make_loader
 from cascade.nn.confidence import max_softmax, normalized_neg_entropy, top2_gap
 
 

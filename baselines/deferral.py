@@ -34,7 +34,7 @@ from cascade import (
     StageOutput,
     TaskKind,
 )
-from cascade.training.building import make_loader
+from cascade.training.data import make_loader
 from cascade.nn.networks import head_input
 
 log = logging.getLogger("cascade")

@@ -92,7 +92,7 @@ def _raw_inputs(run: Path, manifest: dict, limit: int = 1024) -> np.ndarray:
     import torch
     import yaml
 
-    from cascade.training.building import build_task
+    from cascade.engine.tasks import build_task
     from cascade.config import validate
 
     cfg = validate(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))

@@ -9,37 +9,25 @@ from cascade.config import ExperimentConfig, load_config
 from cascade.nn.cost import NetworkCost, measure_cost
 from cascade.core.errors import CascadeError, CheckpointError, ConfigError, DataError, TrainingError
 from cascade.nn.losses import CrossEntropyTaskLoss, MaskedL2TaskLoss
-from cascade.methods import CascadeContext, MethodKind, RoutedSystem, TrainedMethod
-from cascade.nn.networks import FeatureNet, PredictorHead, TwoHeadNetwork, mlp
-from cascade.nn.objectives import AppealNetObjective, Objective, SupervisedObjective
-from cascade.methods.appealnet import AppealNet
+from cascade.contracts.methods import CascadeContext, MethodKind, RoutedSystem, TrainedMethod
+from cascade.nn.networks import FeatureNet, PredictorHead, mlp
+from cascade.nn.objectives import Objective, SupervisedObjective
+from cascade.methods.appealnet import AppealNet, AppealNetObjective, LambdaControllerHook, TwoHeadNetwork
 from cascade.training.augment import random_crop_flip
 from cascade.methods.reinforce import MultiStageCascade, Reinforce, ReinforceObjective, StoppingPolicy
 from cascade.core.registry import METHODS, NETWORKS, TASKS, Registry
-from cascade.contracts.roles import (
-    Approximator,
-    BlackBoxOracle,
-    MethodContext,
-    MethodOptions,
-    Mode,
-    Oracle,
-    Predictor,
-    Preprocessing,
-    Splits,
-    StageOutput,
-    Task,
-    TaskKind,
-    TaskLoss,
-    TaskOptions,
-    WhiteBoxOracle,
-)
+from cascade.contracts.methods import MethodContext, MethodOptions, Predictor
+from cascade.contracts.stages import Approximator, BlackBoxOracle, Oracle, StageOutput, WhiteBoxOracle
+from cascade.contracts.task import Preprocessing, Splits, Task, TaskLoss, TaskOptions
+from cascade.core.enums import Mode, TaskKind
 from cascade.evaluation import CascadePoint, CascadeSweep, cascade_point, cascade_sweep
 from cascade.training.checkpoint import CheckpointHook, CheckpointStore
 from cascade.engine.experiment import Experiment
 from cascade.deploy.router import RoutedOutput, Router
 from cascade.deploy.bundle import Bundle, RoutedBatch
 from cascade.deploy.inputs import InputFile, load_inputs
-from cascade.training.trainer import HistoryHook, HookBase, LambdaControllerHook, ProgressHook, Trainer
+from cascade.training.hooks import HistoryHook, HookBase, ProgressHook
+from cascade.training.trainer import Trainer
 
 __all__ = [
     "AppealNet",

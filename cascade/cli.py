@@ -1,4 +1,5 @@
-"""The command line: ``cascade run | validate | list | networks | export | route | serve | serve-oracle``.
+"""The command line: ``cascade run | validate | list | networks | export | route | serve | serve-oracle |
+calibrate``.
 A thin layer over the library.
 
 User errors (config, data, checkpoint, argument, an unwritable output folder) print one
@@ -69,6 +70,15 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("--max-pixels", type=int, default=None, metavar="N",
                        help="refuse images with more pixels (width x height) than this, before decoding them "
                        "(default cascade.deploy.inputs.MAX_IMAGE_PIXELS, 50 million)")
+    cal = sub.add_parser("calibrate", help="val and guaranteed thresholds for your own models' outputs (CSV/Parquet)")
+    cal.add_argument("file", help="CSV or Parquet, one row per calibration input (a split column: cal|test rows)")
+    cal.add_argument("--score", action="append", required=True, help="the little model's confidence column (higher = "
+                     "keep its answer); repeat, with --little-correct, per stage in stage order")
+    cal.add_argument("--little-correct", action="append", required=True, help="its 0/1 or true/false column")
+    cal.add_argument("--big-correct", help="the last model's 0/1 column (default: a black-box oracle, always right)")
+    cal.add_argument("--target-ad", type=float, nargs="+", required=True, help="AD targets, fractions (0.01 = 1 %%)")
+    cal.add_argument("--delta", type=float, help="P(guaranteed AD > target) allowed (default 0.1, as runs)")
+    cal.add_argument("--json", metavar="OUT", help="also write the points to this JSON file")
     _add_networks_parser(sub)
     _add_serve_parsers(sub)
     return p
@@ -261,7 +271,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from cascade.methods import method_kind
+    from cascade.contracts.methods import method_kind
     from cascade.core.registry import METHODS, NETWORKS, TASKS
 
     for reg in (TASKS, NETWORKS):
@@ -313,6 +323,12 @@ def _cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from cascade.evaluation.calibrate import calibrate_command
+
+    return calibrate_command(args)
+
+
 def _resume_command(argv: list[str]) -> str:
     """The command line that continues an interrupted ``run``."""
     args = [a for a in argv if a != "--resume"]
@@ -356,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = {"run": _cmd_run, "validate": _cmd_validate, "list": _cmd_list, "export": _cmd_export,
                "route": _cmd_route, "serve": _cmd_serve, "serve-oracle": _cmd_serve_oracle,
-               "networks": _cmd_networks}[args.command]
+               "networks": _cmd_networks, "calibrate": _cmd_calibrate}[args.command]
     log_handler = _log_warnings_to_stderr()
     try:
         with _sigterm_as_interrupt() if args.command == "run" else contextlib.nullcontext():

@@ -1,6 +1,7 @@
-"""Mutants mutmut cannot make: the routing kernels and the cached certified count are
-decorated (``torch.no_grad``, ``functools.lru_cache``), and mutmut 3 leaves decorated
-functions alone. ``make mutate`` runs this after mutmut.
+"""Mutants mutmut cannot make: the routing kernel's two callers and the cached certified
+count are decorated (``torch.no_grad``, ``functools.lru_cache``), and mutmut 3 leaves
+decorated functions alone; the kernel's own mutants (``cascade/deploy/kernel.py``) are
+here too, each run against the kernel's property tests and both callers' tests. ``make mutate`` runs this after mutmut.
 
 Each mutant is one textual change, applied to a copy of the repository in a temporary
 folder (the working tree is never touched); the tests that cover the function then run
@@ -21,38 +22,43 @@ REPO = Path(__file__).resolve().parents[1]
 COPY = ("cascade", "tasks", "baselines", "configs", "tests", "pyproject.toml")
 BUNDLE_TESTS = ["tests/test_wrong_answers.py", "-k", "bundle"]
 ROUTER_TESTS = ["tests/test_wrong_answers.py", "-k", "router", "tests/test_multistage.py::test_router_matches_the_full_forward"]
+KERNEL = "cascade/deploy/kernel.py"
+KERNEL_TESTS = ["tests/test_routing_kernel.py", "tests/test_wrong_answers.py", "-k", "kernel or bundle or router"]
 CERTIFIED_TESTS = ["tests/test_guarantee.py", "tests/test_wrong_answers.py", "-k", "not quick_run and not report_without"]
 
 #: (name, file, the text, its replacement, the tests to run)
 MUTANTS = [
-    ("Bundle.route: > for >=", "cascade/deploy/bundle.py", "stop = q >= self.thresholds[k]", "stop = q > self.thresholds[k]",
-     BUNDLE_TESTS),
-    ("Bundle.route: stage 0's threshold everywhere", "cascade/deploy/bundle.py", "stop = q >= self.thresholds[k]",
-     "stop = q >= self.thresholds[0]", BUNDLE_TESTS),
-    ("Bundle.route: rows that stopped go on", "cascade/deploy/bundle.py", "active = active[~stop]", "active = active[stop]",
-     BUNDLE_TESTS),
-    ("Bundle.route: cost not summed", "cascade/deploy/bundle.py", "mflops[active] += self.stage_mflops[k]",
-     "mflops[active] = self.stage_mflops[k]", BUNDLE_TESTS),
+    ("route_rows: > for >=", KERNEL, "stop = q >= threshold  # [m]", "stop = q > threshold  # [m]", KERNEL_TESTS),
+    ("route_rows: stage 0's threshold everywhere", KERNEL, "stop = q >= threshold  # [m]",
+     "stop = q >= thresholds[0]  # [m]", KERNEL_TESTS),
+    ("route_rows: compared in the stage's precision", KERNEL, "q = q.double()", "q = q", KERNEL_TESTS),
+    ("route_rows: rows that stopped go on", KERNEL, "active = active[~stop]", "active = active[stop]", KERNEL_TESTS),
+    ("route_rows: exit stage always the last", KERNEL, "exit_stage[active] = torch.where(stop, k, last)",
+     "exit_stage[active] = torch.where(stop, last, last)", KERNEL_TESTS),
+    ("route_rows: every stage on the whole batch", KERNEL, "output, q = stage(x if k == 0 else x[active])",
+     "output, q = stage(x)", KERNEL_TESTS),
+    ("Bundle.route: cost not summed", "cascade/deploy/bundle.py", "mflops[v.rows] += self.stage_mflops[v.stage]",
+     "mflops[v.rows] = self.stage_mflops[v.stage]", BUNDLE_TESTS),
     ("Bundle.route: the last stage's cost not counted", "cascade/deploy/bundle.py",
      "mflops[active] += self.stage_mflops[last]", "mflops[active] += 0.0", BUNDLE_TESTS),
     ("Bundle.route: the last stage not run", "cascade/deploy/bundle.py",
      "output[active] = self._last(x[active])[0].float()", "pass", BUNDLE_TESTS),
     ("Bundle.route: pending rows not marked", "cascade/deploy/bundle.py", "pending[active] = True", "pending[active] = False",
      BUNDLE_TESTS),
-    ("Bundle.route: the score kept is the first stage's", "cascade/deploy/bundle.py", "score[active] = q",
-     "score[active] = torch.where(torch.isnan(score[active]), q, score[active])", BUNDLE_TESTS),
-    ("Router.forward: > for >=", "cascade/deploy/router.py", "stop = out.q.double() >= self.threshold",
-     "stop = out.q.double() > self.threshold", ROUTER_TESTS),
-    ("Router.forward: rows that stopped go on", "cascade/deploy/router.py", "active = rows[~stop]", "active = rows[stop]",
-     ROUTER_TESTS),
-    ("Router.forward: exit stage always the last", "cascade/deploy/router.py", "here = torch.where(stop, k, last)",
-     "here = torch.where(stop, last, last)", ROUTER_TESTS),
+    ("Bundle.route: the score kept is the first stage's", "cascade/deploy/bundle.py", "score[v.rows] = v.score",
+     "score[v.rows] = torch.where(torch.isnan(score[v.rows]), v.score, score[v.rows])", BUNDLE_TESTS),
+    ("Bundle.route: a pending row keeps the first answer", "cascade/deploy/bundle.py",
+     "output[v.rows] = v.output.float()", "output[v.rows] = torch.where(output[v.rows].isnan(), v.output.float(), "
+     "output[v.rows])", BUNDLE_TESTS),
+    ("Router.forward: rows that went on answered", "cascade/deploy/router.py",
+     "output[v.rows] = torch.where(keep, v.output.to(output.dtype), float(\"nan\"))",
+     "output[v.rows] = v.output.to(output.dtype)", ROUTER_TESTS),
     ("Router.forward: the big network not run", "cascade/deploy/router.py", "if self.big is not None and len(active):",
      "if False:", ROUTER_TESTS),
-    ("_certified_losses: one count too many", "cascade/evaluation/__init__.py",
+    ("_certified_losses: one count too many", "cascade/evaluation/guarantee.py",
      'return int(np.searchsorted(p, level, side="right")) - 1', 'return int(np.searchsorted(p, level, side="right"))',
      CERTIFIED_TESTS),
-    ("_certified_losses: p < level for p <= level", "cascade/evaluation/__init__.py",
+    ("_certified_losses: p < level for p <= level", "cascade/evaluation/guarantee.py",
      'return int(np.searchsorted(p, level, side="right")) - 1', 'return int(np.searchsorted(p, level, side="left")) - 1',
      CERTIFIED_TESTS),
 ]

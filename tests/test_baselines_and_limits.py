@@ -42,7 +42,7 @@ from cascade.nn.perturb import (
     perturb_splits,
     specialist_rows,
 )
-from cascade.contracts.roles import Preprocessing, Splits
+from cascade.contracts.task import Preprocessing, Splits
 from tests.conftest import REPO, run_quick
 
 

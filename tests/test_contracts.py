@@ -35,7 +35,9 @@ from cascade import (
     TwoHeadNetwork,
     WhiteBoxOracle,
 )
-from cascade.training.building import build_optimizer, freeze, make_loader, with_oracle_outputs
+from cascade.training.data import make_loader, with_oracle_outputs
+from cascade.training.optim import build_optimizer
+from cascade.training.phase import freeze
 from cascade.engine.checks import task_attribute_problems
 from cascade.config import NetworkSpec, OptimConfig
 from cascade.nn.cost import measure_cost

@@ -290,7 +290,8 @@ def test_select_guaranteed_arguments_ties_and_a_p_value_at_the_level():
 def test_small_rules_at_their_boundaries():
     # x__resplit_masks 13 (n_cal rows per split, no more), x_threshold_violations 1 (200
     # re-splits by default); and a mean cost exactly at the budget fits
-    from cascade.evaluation import _resplit_masks, cascade_sweep, select_by_cost, threshold_violations
+    from cascade.evaluation import cascade_sweep, select_by_cost, threshold_violations
+    from cascade.evaluation.violations import _resplit_masks
     from tests.test_wrong_answers import _violations_table
 
     # mean costs 11 (2 right), 6 (2 right), 1 (1 right)

@@ -20,10 +20,11 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 import cascade.training.distributed
-from cascade.training.building import make_loader
+from cascade.training.data import make_loader
 from cascade.cli import main
 from cascade.core.errors import CascadeError
-from cascade.training.trainer import HistoryHook, loader_generators
+from cascade.training.hooks import HistoryHook
+from cascade.training.rng import loader_generators
 from tests.conftest import REPO
 
 

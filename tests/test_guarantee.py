@@ -13,9 +13,6 @@ from scipy.stats import binom
 
 from cascade.evaluation import (
     Variant,
-    _Pool,
-    _resplit_ads,
-    _resplit_masks,
     binomial_p_value,
     cascade_point,
     cascade_sweep,
@@ -26,6 +23,7 @@ from cascade.evaluation import (
     select_guaranteed,
     threshold_violations,
 )
+from cascade.evaluation.violations import _Pool, _resplit_ads, _resplit_masks
 
 DELTA = 0.1
 

@@ -29,7 +29,7 @@ from cascade import (
     WhiteBoxOracle,
     load_config,
 )
-from cascade.training.building import make_loader
+from cascade.training.data import make_loader
 from cascade.config import OptimConfig
 from cascade.evaluation import (
     cascade_point,

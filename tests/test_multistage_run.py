@@ -217,7 +217,7 @@ def test_router_reads_a_reinforce_policy_back_from_the_run(digits_cascade_run):
     from checkpoints/ and the val-tuned threshold from points.csv; it routes the test split
     exactly as samples.csv says."""
     from cascade import Router
-    from cascade.training.building import build_task
+    from cascade.engine.tasks import build_task
     from cascade.config import load_config
 
     out = digits_cascade_run

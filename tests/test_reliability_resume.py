@@ -51,7 +51,7 @@ STOP_PHASE, STOP_STEP = "seed 0 appealnet white_box", 10  # epoch 2, after its 3
 INTERRUPTING_CLI = """\
 import os, signal, sys
 from cascade.cli import main
-from cascade.training.trainer import HistoryHook
+from cascade.training.hooks import HistoryHook
 
 PHASE, STEP = os.environ["STOP_PHASE"], int(os.environ["STOP_STEP"])
 _after_step = HistoryHook.after_step

@@ -26,7 +26,7 @@ from cascade.core.files import atomic_save, atomic_write_text, load_checkpoint
 from cascade.cli import EXIT_INTERRUPTED, main
 from cascade.core.errors import CascadeError, TrainingError
 from cascade.nn.losses import CrossEntropyTaskLoss, MaskedL2TaskLoss
-from cascade.contracts.roles import StageOutput
+from cascade.contracts.stages import StageOutput
 from cascade.training.checks import degenerate_training, loss_rise_problem, constant_answer_problem
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,22 +29,18 @@ from cascade import (
     Trainer,
 )
 from cascade.training.augment import random_crop_flip
-from cascade.training.building import (
-    build_optimizer,
-    build_trainer,
-    make_loader,
-    resolve_amp,
-    resolve_channels_last,
-    with_oracle_outputs,
-)
+from cascade.training.data import make_loader, with_oracle_outputs
+from cascade.training.devices import resolve_amp, resolve_channels_last
+from cascade.training.optim import build_optimizer
+from cascade.training.phase import build_trainer
 from cascade.training.checkpoint import NetworkCache, network_cache_dir
 from cascade.cli import main
 from cascade.config import OptimConfig, validate
 from cascade.core.errors import CascadeError
 from cascade.nn.losses import CrossEntropyTaskLoss, MaskedL2TaskLoss
 from cascade.engine.experiment import Experiment
-from cascade.contracts.roles import StageOutput, WhiteBoxOracle
-from cascade.training.trainer import HookBase
+from cascade.contracts.stages import StageOutput, WhiteBoxOracle
+from cascade.training.hooks import HookBase
 from tests.conftest import REPO
 
 # ============================================================================ schedules

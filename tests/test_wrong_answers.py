@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-import cascade.evaluation as evaluation
+import cascade.evaluation.violations as violations
 from cascade import AppealNetObjective, BlackBoxOracle, Bundle, CrossEntropyTaskLoss, StageOutput, WhiteBoxOracle
 from cascade.evaluation import Variant, cascade_sweep, select_by_accuracy, threshold_violations
 
@@ -63,7 +63,7 @@ def test_threshold_violations_by_hand_on_fixed_resplits(monkeypatch):
         assert (n, n_cal, resplits) == (4, 2, 3)
         return CAL.copy()
 
-    monkeypatch.setattr(evaluation, "_resplit_masks", fixed)
+    monkeypatch.setattr(violations, "_resplit_masks", fixed)
     v = Variant("m", "white_box", "", ("s",), ("c0", "c1"), (1.0, 10.0))
     rows = threshold_violations(_violations_table(), [v], {"white_box": [0.0, 0.25]}, delta=0.6, resplits=3)
     got = {(r["target_ad"], r["threshold_source"]): r for r in rows}
@@ -103,7 +103,7 @@ def test_threshold_violations_by_hand_on_fixed_resplits(monkeypatch):
 
 # catches: a p-value exactly at the level not certified (p < level for p <= level), one count too many
 def test_the_certified_count_includes_a_p_value_exactly_at_the_level():
-    from cascade.evaluation import _certified_losses
+    from cascade.evaluation.guarantee import _certified_losses
 
     # Binom(2, .5): P(<= 0) = .25, P(<= 1) = .75 exactly; Binom(4, .5): P(<= 0) = .0625
     assert [_certified_losses(2, 0.5, lv) for lv in (0.2, 0.25, 0.5, 0.75)] == [-1, 0, 0, 1]

@@ -14,8 +14,9 @@ class. A bundle is data: :meth:`Bundle.load` validates the manifest with one sch
 (:mod:`cascade.deploy.manifest`), opens only plain file names inside the folder, checks each
 file's SHA-256, and refuses a stage program holding anything ``torch.export.load``
 would unpickle, exec or eval (:mod:`cascade.deploy.pt2`) before torch reads it. The routing
-branch is plain Python here, outside the graphs: stage ``k`` runs only on the rows no
-earlier stage kept, and answers where its score is at least its threshold.
+branch is plain Python, outside the graphs (:func:`cascade.deploy.kernel.route_rows`): stage
+``k`` runs only on the rows no earlier stage kept, and answers where its score is at least
+its threshold.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import torch
 from torch import Tensor
 
 from cascade.core.errors import CascadeError, described
-from cascade.deploy.manifest import Manifest, parse_manifest, read_manifest
+from cascade.deploy.kernel import route_rows
+from cascade.deploy.manifest import MANIFEST, Manifest, parse_manifest, read_manifest
 from cascade.deploy.pt2 import load_program
 
 #: a stage file larger than this is refused before it is read into memory
@@ -90,7 +92,7 @@ class Bundle:
         self.path, self.manifest = path, manifest
         self._routed, self._last = routed, last
         if spec is None:  # built in code, not by load(): the same checks
-            spec = parse_manifest(manifest, str(path / "manifest.json"))
+            spec = parse_manifest(manifest, str(path / MANIFEST))
         self.kind: str = spec.kind.value
         self.input_shape: tuple[int, ...] = tuple(spec.input.shape)
         self.output_names: list[str] = list(spec.output_names)
@@ -133,7 +135,7 @@ class Bundle:
                 that torch.export cannot read, or whose outputs do not fit the manifest.
         """
         path = Path(path)
-        mf = path / "manifest.json"
+        mf = path / MANIFEST
         if not mf.is_file():
             raise CascadeError(f"{mf}: not found; is {path} a folder written by `cascade export`?")
         spec, manifest = read_manifest(mf)
@@ -209,22 +211,15 @@ class Bundle:
         """
         x = self.check_preprocessed(inputs) if preprocessed else self.preprocess(inputs)
         n, last = len(x), self.num_stages - 1
-        stage = torch.full((n,), last, dtype=torch.long)
+        routing = route_rows(x, self._routed, self.thresholds)
         score = torch.full((n,), float("nan"), dtype=torch.float64)
         mflops = torch.zeros(n, dtype=torch.float64)
         output = torch.full((n, len(self.output_names)), float("nan"))
-        active = torch.arange(n)  # rows still travelling down the cascade
-        for k, module in enumerate(self._routed):
-            if len(active) == 0:
-                break
-            out, q = module(x[active])
-            q = q.double()  # compared in float64, the precision the run chose its thresholds in
-            output[active] = out.float()  # later stages overwrite: a pending row keeps the last routed answer
-            score[active] = q
-            mflops[active] += self.stage_mflops[k]
-            stop = q >= self.thresholds[k]
-            stage[active[stop]] = k
-            active = active[~stop]
+        for v in routing.visits:
+            output[v.rows] = v.output.float()  # later stages overwrite: a pending row keeps the last routed answer
+            score[v.rows] = v.score
+            mflops[v.rows] += self.stage_mflops[v.stage]
+        active = routing.remaining
         pending = torch.zeros(n, dtype=torch.bool)
         if len(active):
             if run_last and self._last is not None:
@@ -232,6 +227,7 @@ class Bundle:
                 mflops[active] += self.stage_mflops[last]
             else:
                 pending[active] = True
+        stage = routing.exit_stage
         return RoutedBatch(output=output, stage=stage, score=score, mflops=mflops, pending=pending)
 
     @torch.no_grad()

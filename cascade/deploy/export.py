@@ -23,15 +23,21 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from cascade.core.enums import Mode, ThresholdSource
 from cascade.core.errors import CascadeError, described
 from cascade.core.files import current_umask, file_sha256
-from cascade.deploy.manifest import FORMAT_VERSION
+from cascade.deploy.manifest import FORMAT_VERSION, MANIFEST
+from cascade.deploy.router import RunPoint, ScoredStage, load_run_point
+from cascade.nn.cost import measure_cost
+from cascade.runs.point_check import recompute_point
+from cascade.runs.record import check_finished
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +61,9 @@ class _GraphStage(nn.Module):
 
 
 def export_bundle(
-    run_dir: str | Path, out: str | Path, *, method: str | None = None, mode: str | None = None,
-    target_ad: float = 0.005, source: str = "val", seed: int | None = None, onnx: bool = True,
+    run_dir: str | Path, out: str | Path, *, method: str | None = None, mode: Mode | str | None = None,
+    target_ad: float = 0.005, source: ThresholdSource | str = ThresholdSource.VAL, seed: int | None = None,
+    onnx: bool = True,
 ) -> Path:
     """Write a bundle of a finished run's method at one operating point.
 
@@ -81,69 +88,84 @@ def export_bundle(
             ``out`` that is a file or a non-empty folder that is not a bundle; a file
             that cannot be written (a full disk: one line naming it, nothing left behind).
     """
-    from cascade.nn.cost import measure_cost
-    from cascade.deploy.router import ScoredStage
-
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file())):
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
         raise CascadeError(f"{out}: exists and is not a bundle folder; choose a new --out")
     rp = _finished_run_point(run_dir, method=method, mode=mode, target_ad=target_ad, source=source, seed=seed)
-    router, task = rp.router, rp.task
-    for stage in router.stages:
-        if isinstance(stage, ScoredStage) and not type(stage.predictor).deterministic:
-            raise CascadeError(f"{rp.run}: method {rp.method} scores with random numbers, so a bundle could not "
-                               "reproduce the run's decisions; export a deterministic method")
-    shape = tuple(task.input_shape)
-    modules = [_GraphStage(s) for s in router.stages]
-    if router.big is not None:
-        modules.append(_GraphStage(router.big, last=True))
-    example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
-    dynamic = ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
-
+    modules = _graph_stages(rp)
+    tmp = _temp_folder(out)
+    writing = [tmp / MANIFEST]  # the file being written, for the one-line error
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; a bundle folder is as any new folder
-    except OSError as exc:
-        raise CascadeError(f"{out.parent}: cannot write the bundle there ({exc.strerror or exc})") from None
-    writing = tmp / "manifest.json"  # the file being written, for the one-line error
-    try:
-        stages: list[dict[str, Any]] = []
-        for k, module in enumerate(modules):
-            module.eval()
-            role = "big" if module.last else "routed"
-            try:
-                program = torch.export.export(module, (example,), dynamic_shapes=dynamic)
-            except Exception as exc:  # noqa: BLE001  (torch.export raises many types: all "cannot capture")
-                raise CascadeError(f"{rp.run}: stage {k} ({role}) of {rp.method} could not be exported with "
-                                   f"torch.export: {described(exc)}") from None
-            file = f"stage_{k}.pt2"
-            writing = tmp / file
-            digest = _write_file(writing, _program_bytes(program))
-            cost = measure_cost(module.stage, shape)
-            entry = {"index": k, "role": role, "file": file, "sha256": digest, "mflops": cost.mflops,
-                     "params": cost.params}
-            if onnx:
-                writing = tmp / f"stage_{k}.onnx"
-                entry.update(_export_onnx(module, example, dynamic, writing))
-            stages.append(entry)
-        if router.big is None:
+        stages = [_export_stage(k, module, rp, tmp, onnx, writing) for k, module in enumerate(modules)]
+        if rp.router.big is None:
             stages.append({"index": len(stages), "role": "oracle", "file": None,
                            "mflops": rp.metrics["last_stage_mflops"][rp.mode], "params": None})
-        manifest = _manifest(rp, stages, router.threshold)
-        writing = tmp / "manifest.json"
-        _write_file(writing, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode())
-        writing = out
+        manifest = _manifest(rp, stages, rp.router.threshold)
+        writing[0] = tmp / MANIFEST
+        _write_file(writing[0], (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode())
+        writing[0] = out
         _replace_folder(tmp, out)
     except OSError as exc:  # a full disk, a quota, a folder made read-only meanwhile
         shutil.rmtree(tmp, ignore_errors=True)
-        where = out if writing == out else out / writing.name  # the name the user knows, not the temporary
+        where = out if writing[0] == out else out / writing[0].name  # the name the user knows, not the temporary
         raise CascadeError(f"{where}: cannot be written ({exc.strerror or exc}); nothing was exported"
                            + (f", {out} is unchanged" if out.exists() else "")) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _graph_stages(rp: RunPoint) -> list[_GraphStage]:
+    """The run point's routed stages and (white-box) big network as graph-friendly modules.
+
+    Raises:
+        CascadeError: a method whose scores are random (MC dropout).
+    """
+    router = rp.router
+    for stage in router.stages:
+        if isinstance(stage, ScoredStage) and not type(stage.predictor).deterministic:
+            raise CascadeError(f"{rp.run}: method {rp.method} scores with random numbers, so a bundle could not "
+                               "reproduce the run's decisions; export a deterministic method")
+    modules = [_GraphStage(s) for s in router.stages]
+    if router.big is not None:
+        modules.append(_GraphStage(router.big, last=True))
+    return modules
+
+
+def _temp_folder(out: Path) -> Path:
+    """A new folder beside ``out`` to write the bundle into, with a new folder's permissions."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; a bundle folder is as any new folder
+    except OSError as exc:
+        raise CascadeError(f"{out.parent}: cannot write the bundle there ({exc.strerror or exc})") from None
+    return tmp
+
+
+def _export_stage(k: int, module: _GraphStage, rp: RunPoint, tmp: Path, onnx: bool, writing: list[Path]) -> dict:
+    """Write stage ``k``'s program (and ONNX file) into ``tmp``; its manifest entry.
+    ``writing[0]`` is set to each file before it is written."""
+    shape = tuple(rp.task.input_shape)
+    example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
+    module.eval()
+    role = "big" if module.last else "routed"
+    try:
+        program = torch.export.export(module, (example,), dynamic_shapes=dynamic)
+    except Exception as exc:  # noqa: BLE001  (torch.export raises many types: all "cannot capture")
+        raise CascadeError(f"{rp.run}: stage {k} ({role}) of {rp.method} could not be exported with "
+                           f"torch.export: {described(exc)}") from None
+    file = f"stage_{k}.pt2"
+    writing[0] = tmp / file
+    digest = _write_file(writing[0], _program_bytes(program))
+    cost = measure_cost(module.stage, shape)
+    entry = {"index": k, "role": role, "file": file, "sha256": digest, "mflops": cost.mflops, "params": cost.params}
+    if onnx:
+        writing[0] = tmp / f"stage_{k}.onnx"
+        entry.update(_export_onnx(module, example, dynamic, writing[0]))
+    return entry
 
 
 def _program_bytes(program: torch.export.ExportedProgram) -> bytes:
@@ -188,15 +210,11 @@ def _replace_folder(new: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _finished_run_point(run_dir: str | Path, *, source: str, **kw: Any):
+def _finished_run_point(run_dir: str | Path, *, source: str, **kw: Any) -> RunPoint:
     """:func:`~cascade.deploy.router.load_run_point` of a run shown finished and unchanged
     (:func:`cascade.runs.record.check_finished`), its point recomputed from ``samples.csv``
     (:func:`cascade.runs.point_check.recompute_point`): the threshold and the expected figures
     exported are the recomputed ones."""
-    from cascade.runs.point_check import recompute_point
-    from cascade.deploy.router import load_run_point
-    from cascade.runs.record import check_finished
-
     check_finished(run_dir)
     rp = load_run_point(run_dir, threshold_source=source, **kw)
     rp.point = recompute_point(rp.run, rp.metrics, rp.point)
@@ -204,9 +222,7 @@ def _finished_run_point(run_dir: str | Path, *, source: str, **kw: Any):
     return rp
 
 
-def _manifest(rp, stages: list[dict], threshold: float) -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
+def _manifest(rp: RunPoint, stages: list[dict], threshold: float) -> dict[str, Any]:
     try:
         ours = version("cascade-routing")
     except PackageNotFoundError:  # run from a source tree that was never installed

@@ -5,7 +5,7 @@
 plain name in the bundle folder (checked before any file is opened, so a manifest
 cannot probe the filesystem), a threshold outside the score range, a cost that is
 not a number, preprocessing that would divide by zero, a kind that is not a
-:class:`~cascade.contracts.roles.TaskKind`. Values are strict: ``"0.5"`` is not a number.
+:class:`~cascade.core.enums.TaskKind`. Values are strict: ``"0.5"`` is not a number.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from pydantic import (
 )
 
 from cascade.core.errors import CascadeError
-from cascade.contracts.roles import Mode, TaskKind
+from cascade.core.enums import Mode, TaskKind
 
+#: the manifest's file name in a bundle folder
+MANIFEST = "manifest.json"
 #: the manifest format this code writes and reads. 2: SHA-256 of every file; programs
 #: without pickled sample inputs or guard code.
 FORMAT_VERSION = 2

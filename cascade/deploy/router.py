@@ -7,17 +7,34 @@ and the big network only on the rest, so the wall-clock speed-up approaches
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from cascade.config import ExperimentConfig
+from cascade.contracts.methods import BuildContext, MethodContext, Predictor, TrainedMethod
+from cascade.contracts.stages import BlackBoxOracle, StageOutput, WhiteBoxOracle
+from cascade.contracts.task import Task
+from cascade.core.enums import Mode, ThresholdSource
 from cascade.core.errors import CascadeError
-from cascade.contracts.roles import Predictor, StageOutput
+from cascade.deploy.kernel import route_rows
+from cascade.engine.tasks import build_network, build_task, resolve_specs
+from cascade.methods.catalogue import MethodEntry, build_methods
+from cascade.runs.layout import BIG, CONFIG, POINTS, checkpoint_path, stage_name, system_name
+from cascade.runs.reader import (
+    PointQuery,
+    RunPoints,
+    check_present,
+    load_weights,
+    point_query,
+    read_config,
+    read_metrics,
+)
+from cascade.training.phase import build_trainer
+from cascade.training.seeds import phase_seed
 
 
 @dataclass
@@ -75,37 +92,26 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> RoutedOutput:
-        # One host sync per routed stage, where the rows that go on are counted (the next
-        # stage's batch size); the answered rows are written with torch.where over the
-        # rows a stage saw, which needs none.
-        n = len(x)
-        last = self.num_stages - 1
-        exit_stage = torch.full((n,), last, dtype=torch.long, device=x.device)
-        output: Tensor | None = None
-        active: Tensor | None = None  # rows still travelling down the cascade; None: all of them
-        for k, stage in enumerate(self.stages):
-            out = stage(x if active is None else x[active])
-            if output is None:
-                output = torch.full((n, *out.output.shape[1:]), float("nan"), device=x.device)
-            # compared in float64, the precision the run stored its scores in and chose the
-            # thresholds on
-            stop = out.q.double() >= self.threshold  # [m]
-            keep = stop.view(-1, *([1] * (out.output.dim() - 1)))
-            answered = torch.where(keep, out.output.to(output.dtype), float("nan"))  # NaN: not answered yet
-            here = torch.where(stop, k, last)
-            rows = torch.arange(n, device=x.device) if active is None else active
-            output[rows], exit_stage[rows] = answered, here
-            active = rows[~stop]
-            if len(active) == 0:
-                break
+        # the rule and the rows' bookkeeping are the kernel's (one host sync per routed
+        # stage); the answered rows are written with torch.where over the rows a stage saw,
+        # which needs none
+        stages = [_output_and_score(s) for s in self.stages]
+        routing = route_rows(x, stages, [self.threshold] * len(stages))
+        # an empty batch runs no stage: the first one, on no rows, gives the outputs' shape
+        shape = (routing.visits[0].output if routing.visits else self.stages[0](x).output).shape[1:]
+        output = torch.full((len(x), *shape), float("nan"), device=x.device)
+        for v in routing.visits:
+            keep = v.stop.view(-1, *([1] * (v.output.dim() - 1)))
+            output[v.rows] = torch.where(keep, v.output.to(output.dtype), float("nan"))  # NaN: not answered yet
+        active = routing.remaining
         if self.big is not None and len(active):
             output[active] = self.big(x[active]).output.to(output.dtype)
-        return RoutedOutput(output=output, exit_stage=exit_stage, num_stages=self.num_stages)
+        return RoutedOutput(output=output, exit_stage=routing.exit_stage, num_stages=self.num_stages)
 
     @classmethod
     def from_run(
-        cls, run_dir: str | Path, *, method: str | None = None, mode: str | None = None, target_ad: float = 0.005,
-        threshold_source: str = "val", seed: int | None = None,
+        cls, run_dir: str | Path, *, method: str | None = None, mode: Mode | str | None = None,
+        target_ad: float = 0.005, threshold_source: ThresholdSource | str = ThresholdSource.VAL, seed: int | None = None,
     ) -> Router:
         """The router of a finished run's method at one of its operating points.
 
@@ -130,20 +136,20 @@ class RunPoint:
     """
 
     router: Router
-    task: Any
+    task: Task
     run: Path
     metrics: dict
     point: dict
     method: str
-    mode: str
+    mode: Mode
     seed: int
     variant: str
     config_text: str
 
 
 def load_run_point(
-    run_dir: str | Path, *, method: str | None = None, mode: str | None = None, target_ad: float = 0.005,
-    threshold_source: str = "val", seed: int | None = None,
+    run_dir: str | Path, *, method: str | None = None, mode: Mode | str | None = None, target_ad: float = 0.005,
+    threshold_source: ThresholdSource | str = ThresholdSource.VAL, seed: int | None = None,
 ) -> RunPoint:
     """A finished run's method at one of its operating points.
 
@@ -168,19 +174,6 @@ def load_run_point(
         CascadeError: a missing or unreadable run file (one line naming it), or no
             such method, mode, seed or operating point (naming what the run has).
     """
-    from cascade.training.building import (
-        BIG,
-        build_network,
-        build_task,
-        resolve_specs,
-        stage_name,
-        system_name,
-    )
-    from cascade.evaluation import THRESHOLD_SOURCES
-    from cascade.methods import CascadeContext, MethodKind, TrainedMethod, build_methods
-    from cascade.contracts.roles import BlackBoxOracle, MethodContext, Mode, WhiteBoxOracle
-    from cascade.runs.reader import check_present, load_weights, read_config, read_metrics, read_points
-
     run = Path(run_dir)
     check_present(run)
     metrics = read_metrics(run)
@@ -188,86 +181,84 @@ def load_run_point(
         if folder and folder not in sys.path:
             sys.path.insert(0, folder)
     config_text, cfg = read_config(run)
-    seed = metrics["seeds"][0] if seed is None else seed
-    _choose(seed, metrics["seeds"], "seed", run)
-    mode = _choose(mode or metrics["modes"][0], metrics["modes"], "mode", run)
-    kinds = metrics["methods"]
-    if method is None:
-        method = next((m for m, v in kinds.items() if v["kind"] == MethodKind.TRAINED.value), next(iter(kinds)))
-    _choose(method, list(kinds), "method", run)
-    if threshold_source not in THRESHOLD_SOURCES:
-        raise CascadeError(f"threshold source {threshold_source!r}: use "
-                           + ", ".join(f"{k} ({v})" for k, v in THRESHOLD_SOURCES.items()))
-
-    points = read_points(run)
-    points = points[(points["seed"] == seed) & (points["mode"] == mode) & (points["method"] == method)
-                    & (points["selection"] == "target_ad")]
-    row = points[(points["threshold_source"] == threshold_source)
-                 & ((points["target_ad"] - target_ad).abs() < 1e-12)]
-    if row.empty:
-        have = sorted(points.loc[points["threshold_source"] == threshold_source, "target_ad"].unique())
-        if not have:
-            raise CascadeError(f"{run / 'points.csv'}: no {threshold_source} points of {method} ({mode}); "
-                               f"the run has {', '.join(sorted(points['threshold_source'].unique()))}")
-        raise CascadeError(f"{run / 'points.csv'}: no {threshold_source} point of {method} ({mode}) at target AD "
-                           f"{target_ad:g}; the run has targets {', '.join(f'{t:g}' for t in have)}")
-    point = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.iloc[0].to_dict().items()}
-    threshold = float(point["threshold"])
+    query = point_query(run, metrics, method=method, mode=mode, target_ad=target_ad,
+                        threshold_source=threshold_source, seed=seed)
+    point = RunPoints(run).target_ad_point(query)
     variant = point["variant"] if isinstance(point["variant"], str) else ""
-
     task = build_task(cfg)
+    plain, big = _networks(run, cfg, task, query)
+    entry = next((e for e in build_methods(cfg.methods, task.criterion.kind) if e.label == query.method), None)
+    if entry is None:
+        raise CascadeError(f"{run / CONFIG}: no method {query.method!r}, which metrics.json lists; the two files "
+                           "are not of one run: run the experiment again")
+    if issubclass(entry.cls, TrainedMethod):
+        oracle = WhiteBoxOracle(big) if big is not None else BlackBoxOracle(metrics["last_stage_mflops"][query.mode])
+        ctx = BuildContext(task=task, mode=query.mode, pretrained=plain, oracle=oracle, device=torch.device("cpu"))
+        stages = _trained_stages(run, entry, ctx, query, variant)
+    else:
+        stages = _scored_stages(entry, task, plain, big, query)
+    return RunPoint(router=Router(stages, float(point["threshold"]), big), task=task, run=run, metrics=metrics,
+                    point=point, method=query.method, mode=query.mode, seed=query.seed, variant=variant,
+                    config_text=config_text)
+
+
+def _networks(run: Path, cfg: ExperimentConfig, task: Task, query: PointQuery) -> tuple[list[nn.Module], nn.Module | None]:
+    """The run's plain routed stages and (white-box) big network, with the seed's weights."""
     specs, big_spec = resolve_specs(cfg, task)
 
     def network(spec, name: str, role: str) -> nn.Module:
         net = build_network(spec.model_copy(update={"checkpoint": None}), task, role)
-        return load_weights(net, run / "checkpoints" / f"seed{seed}_{name}.pt", f"{role} network")
+        return load_weights(net, checkpoint_path(run, query.seed, name), f"{role} network")
 
     plain = [network(s, stage_name(k), f"stages.{k}") for k, s in enumerate(specs)]
-    big = network(big_spec, BIG, "big") if mode == Mode.WHITE_BOX.value else None
-    entry = next((e for e in build_methods(cfg.methods, task.criterion.kind) if e.label == method), None)
-    if entry is None:
-        raise CascadeError(f"{run / 'config.yaml'}: no method {method!r}, which metrics.json lists; the two files are "
-                           "not of one run: run the experiment again")
-    if issubclass(entry.cls, TrainedMethod):
-        oracle = WhiteBoxOracle(big) if big is not None else BlackBoxOracle(metrics["last_stage_mflops"][mode])
-        ctx = CascadeContext(task=task, mode=Mode(mode), pretrained=plain, plain=plain, oracle=oracle,
-                             stage_mflops=[], data=None, finetune=cfg.finetune, device=torch.device("cpu"),
-                             fit=None, with_oracle_outputs=None)
-        systems = {s.variant: s for s in entry.instance().build(ctx)}
-        if variant not in systems:
-            raise CascadeError(f"{run / 'points.csv'}: system {variant!r} of {method} is not one config.yaml builds "
-                               f"({', '.join(map(repr, systems))}); the files are not of one run")
-        system = systems[variant]
-        name = system_name(method, mode, variant)
-        load_weights(system.module(), run / "checkpoints" / f"seed{seed}_{name}.pt", f"{method} system")
-        stages = system.stages
-    else:
-        splits = None
-        stages = []
-        for k, net in enumerate(plain):
-            scorer = entry.instance()
-            if type(scorer).prepare is not Predictor.prepare:  # it fits itself: again, as the run did
-                splits = splits or task.build_splits(seed)
-                nxt = plain[k + 1] if k + 1 < len(plain) else big
-                scorer.prepare(net, MethodContext(task=task, train=splits.train, seed=seed, device=torch.device("cpu"),
-                                                  fit=_plain_fit(seed, task), cal=splits.cal, mode=Mode(mode),
-                                                  next_stage=nxt))
-            stages.append(ScoredStage(net, scorer))
-    return RunPoint(router=Router(stages, threshold, big), task=task, run=run, metrics=metrics, point=point,
-                    method=method, mode=mode, seed=seed, variant=variant, config_text=config_text)
+    big = network(big_spec, BIG, "big") if query.mode == Mode.WHITE_BOX else None
+    return plain, big
 
 
-def _choose(value: Any, known: list, what: str, run: Path) -> Any:
-    if value not in known:
-        raise CascadeError(f"{run / 'metrics.json'}: {what} {value!r} is not in this run; it has "
-                           f"{', '.join(map(str, known))}")
-    return value
+def _trained_stages(run: Path, entry: MethodEntry, ctx: BuildContext, query: PointQuery,
+                    variant: str) -> list[nn.Module]:
+    """The routed stages of the trained system ``variant``, with the seed's weights."""
+    systems = {s.variant: s for s in entry.instance().build(ctx)}
+    if variant not in systems:
+        raise CascadeError(f"{run / POINTS}: system {variant!r} of {query.method} is not one config.yaml builds "
+                           f"({', '.join(map(repr, systems))}); the files are not of one run")
+    system = systems[variant]
+    name = system_name(query.method, query.mode, variant)
+    load_weights(system.module(), checkpoint_path(run, query.seed, name), f"{query.method} system")
+    return system.stages
 
 
-def _plain_fit(seed: int, task):
+def _scored_stages(entry: MethodEntry, task: Task, plain: list[nn.Module], big: nn.Module | None,
+                   query: PointQuery) -> list[nn.Module]:
+    """The plain stages, each with its post-hoc scorer (one that fits itself is fitted
+    again, as the run did)."""
+    splits = None
+    stages = []
+    for k, net in enumerate(plain):
+        scorer = entry.instance()
+        if type(scorer).prepare is not Predictor.prepare:  # it fits itself: again, as the run did
+            splits = splits or task.build_splits(query.seed)
+            nxt = plain[k + 1] if k + 1 < len(plain) else big
+            scorer.prepare(net, MethodContext(task=task, train=splits.train, seed=query.seed, device=torch.device("cpu"),
+                                              fit=_plain_fit(query.seed, task), cal=splits.cal, mode=query.mode,
+                                              next_stage=nxt))
+        stages.append(ScoredStage(net, scorer))
+    return stages
+
+
+def _output_and_score(stage: nn.Module):
+    """A stage returning a :class:`StageOutput`, as the kernel's ``x -> (output, score)``."""
+
+    def run(x: Tensor) -> tuple[Tensor, Tensor]:
+        out = stage(x)
+        return out.output, out.q
+
+    return run
+
+
+def _plain_fit(seed: int, task: Task):
     """``MethodContext.fit`` outside a run: the pipeline's trainer set-up on the CPU (the
     task's augmentation, per-step schedules), no checkpoints or progress."""
-    from cascade.training.building import build_trainer, phase_seed
 
     def fit(model, objective, data, oc, desc):
         build_trainer(model, objective, data, oc, phase_seed(seed, "post_hoc"), desc, task=task,

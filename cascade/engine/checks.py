@@ -11,66 +11,32 @@ is one :class:`~cascade.core.errors.CascadeError` line naming the class, key or 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from cascade.training.building import build_network, make_loader, tensors_of
+from cascade.contracts.stages import StageOutput
+from cascade.contracts.task import Splits, Task
+from cascade.core.enums import TaskKind
 from cascade.core.errors import CascadeError, DataError
-from cascade.methods import method_problems
-from cascade.contracts.roles import Preprocessing, Splits, StageOutput, Task, TaskKind, TaskLoss
+from cascade.engine.plan import Plan
+from cascade.engine.tasks import build_network, task_attribute_problems
+from cascade.methods.catalogue import method_problems
+from cascade.runs.layout import BIG
+from cascade.training.data import make_loader, tensors_of
 
-if TYPE_CHECKING:
-    from cascade.engine.experiment import Experiment
+__all__ = ["check_splits", "check_task", "task_attribute_problems"]
 
-log = logging.getLogger("cascade")
+log = logging.getLogger(__name__)
 
 #: inputs per split run through the networks
 _PROBE = 8
 
 
-def task_attribute_problems(task: Task) -> list[str]:
-    """The required attributes a task instance lacks or has wrong, with the fix."""
-    name = type(task).__name__
-    out = []
-    shape = getattr(task, "input_shape", None)
-    if shape is None:
-        out.append(f"task {name}: input_shape is not set; set it on the class, e.g. input_shape = (1, 28, 28)")
-    elif not (isinstance(shape, (tuple, list)) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
-        out.append(f"task {name}: input_shape must be a tuple of positive ints (one input, no batch), got {shape!r}")
-    n = getattr(task, "num_outputs", None)
-    if not (isinstance(n, int) and n > 0):
-        out.append(f"task {name}: num_outputs must be a positive int (classes, or regression outputs), got {n!r}")
-    crit = getattr(task, "criterion", None)
-    if not isinstance(crit, TaskLoss):
-        got = "not set" if crit is None else f"a {type(crit).__name__}"
-        out.append(f"task {name}: criterion is {got}; set self.criterion = cascade.CrossEntropyTaskLoss() "
-                   "(classification) or cascade.MaskedL2TaskLoss() (regression) in __init__")
-    elif crit.kind == TaskKind.CLASSIFICATION and isinstance(n, int) and n < 2:
-        out.append(f"task {name}: num_outputs is {n}, but a classification task needs at least 2 classes "
-                   "(for a single real-valued output use cascade.MaskedL2TaskLoss, a regression criterion)")
-    names = getattr(task, "output_names", None)
-    if names is not None and isinstance(n, int) and (isinstance(names, str) or len(names) != n):
-        out.append(f"task {name}: output_names must name each of the {n} outputs (a tuple of {n} strings), "
-                   f"got {names!r}"[:300])
-    pre = getattr(task, "preprocessing", None)
-    if pre is not None:
-        channels = shape[0] if isinstance(shape, (tuple, list)) and shape else None
-        if not isinstance(pre, Preprocessing):
-            out.append(f"task {name}: preprocessing must be a cascade.Preprocessing(raw_max=..., mean=..., std=...), "
-                       f"got a {type(pre).__name__}")
-        elif pre.raw_max <= 0 or any(s <= 0 for s in pre.std):
-            out.append(f"task {name}: preprocessing needs raw_max > 0 and std > 0, got {pre}")
-        elif any(len(v) not in (1, channels) for v in (pre.mean, pre.std)):
-            out.append(f"task {name}: preprocessing mean and std need 1 value or one per channel ({channels}), "
-                       f"got {pre}")
-    return out
-
-
-def check_task(experiment: "Experiment", seed: int, networks: bool = True) -> Splits:
-    """Check ``experiment``'s task, data, networks and methods on one batch per split
+def check_task(plan: Plan, seed: int, networks: bool = True) -> Splits:
+    """Check ``plan``'s task, data, networks and methods on one batch per split
     (the networks only with ``networks``: they are the same for every seed).
 
     Returns:
@@ -79,14 +45,24 @@ def check_task(experiment: "Experiment", seed: int, networks: bool = True) -> Sp
     Raises:
         CascadeError: the first problem found, in one line.
     """
-    task = experiment.task
-    name = type(task).__name__
+    task = plan.task
     problems = task_attribute_problems(task)
     if problems:
         raise CascadeError(problems[0])
-    problems = method_problems(experiment.methods, task)
+    problems = method_problems(list(plan.methods), task)
     if problems:
-        raise CascadeError(f"{experiment.source or 'config'}: {problems[0]}")
+        raise CascadeError(f"{plan.where}: {problems[0]}")
+    splits = _build_splits(task, seed)
+    batches = {split: _probe_batch(task, getattr(splits, split), split) for split in ("train", "cal", "test")}
+    check_splits(task, splits, f"task {type(task).__name__}, seed {seed}")
+    _check_class_coverage(task, splits)
+    if networks:
+        _check_networks(plan, batches)
+    return splits
+
+
+def _build_splits(task: Task, seed: int) -> Splits:
+    name = type(task).__name__
     try:
         splits = task.build_splits(seed)
     except CascadeError:
@@ -96,22 +72,24 @@ def check_task(experiment: "Experiment", seed: int, networks: bool = True) -> Sp
     if not isinstance(splits, Splits):
         raise CascadeError(f"task {name}: build_splits must return cascade.Splits(train, cal, test), "
                            f"got {type(splits).__name__}")
-    batches = {split: _probe_batch(task, getattr(splits, split), split) for split in ("train", "cal", "test")}
-    check_splits(task, splits, f"task {name}, seed {seed}")
-    _check_class_coverage(task, splits)
-    specs = [(experiment._stage_key(k), spec) for k, spec in enumerate(experiment.stage_specs)]
-    if experiment.big_spec is not None and "white_box" in [m.value for m in experiment.modes]:
-        specs.append(("big", experiment.big_spec))
-    for role, spec in specs if networks else ():
-        net = build_network(spec, task, role).to(experiment.device).eval()
+    return splits
+
+
+def _check_networks(plan: Plan, batches: dict[str, tuple[Tensor, Tensor]]) -> None:
+    """Every network of ``plan`` on each split's probe batch; the post-hoc methods on each routed stage."""
+    task, device = plan.task, plan.device
+    specs = [(plan.stage_key(k), spec) for k, spec in enumerate(plan.stage_specs)]
+    if plan.runs_big:
+        specs.append((BIG, plan.big_spec))
+    for role, spec in specs:
+        net = build_network(spec, task, role).to(device).eval()
         for split, (x, y) in batches.items():
-            _check_network(task, net, role, spec.name, split, x.to(experiment.device), y.to(experiment.device))
-        if role != "big":  # the post-hoc methods score the routed stages
-            for entry in experiment.post_hoc_methods:
+            _check_network(task, net, role, spec.name, split, x.to(device), y.to(device))
+        if role != BIG:  # the post-hoc methods score the routed stages
+            for entry in plan.post_hoc_methods:
                 problems = entry.instance().network_problems(net)
                 if problems:
-                    raise CascadeError(f"{experiment.source or 'config'}: {problems[0]} ({role})")
-    return splits
+                    raise CascadeError(f"{plan.where}: {problems[0]} ({role})")
 
 
 def _probe_batch(task: Task, dataset: Any, split: str) -> tuple[Tensor, Tensor]:

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cascade.contracts.roles import TaskKind, TaskLoss
+from cascade.contracts.task import TaskLoss
+from cascade.core.enums import TaskKind
 
 
 class CrossEntropyTaskLoss(TaskLoss):

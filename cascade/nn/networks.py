@@ -1,8 +1,10 @@
-"""Network wrappers: a plain approximator and the two-head AppealNet network.
+"""Network wrappers: a plain approximator, and the predictor head that reads a stage.
 
 Every network registered in the ``networks`` registry is a :class:`FeatureNet`: a
 ``features`` module (input -> ``[B, F]``) and an approximator ``head`` (``[B, F]`` ->
-task output). :class:`TwoHeadNetwork` adds a predictor head to any of them.
+task output). :class:`PredictorHead` is shared by AppealNet (whose
+:class:`~cascade.methods.appealnet.head.TwoHeadNetwork` adds one to any of them) and the
+REINFORCE stopping policy.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from cascade.nn.confidence import confidence_stats, logit_stats
-from cascade.contracts.roles import Approximator, StageOutput
+from cascade.contracts.stages import Approximator, StageOutput
 
 #: what a predictor head (or a stopping policy) may read; see :func:`head_input`
 HeadInput = Literal["features", "sorted_probs", "sorted_log_probs", "confidence", "logit_stats", "output"]
@@ -139,30 +141,3 @@ class PredictorHead(nn.Module):
             features = features.detach() if features is not None else None
             output = output.detach()
         return torch.sigmoid(self.net(self.norm(head_input(self.inputs, features, output)))).squeeze(-1)  # [B]
-
-
-class TwoHeadNetwork(Approximator):
-    """Shared features, the approximator head and a predictor head (AppealNet, Fig. 3).
-
-    Args:
-        base: the (usually pre-trained) approximator.
-        predictor: its predictor head.
-    """
-
-    def __init__(self, base: FeatureNet, predictor: PredictorHead):
-        super().__init__()
-        self.base = base
-        self.predictor = predictor
-        self.feature_dim = base.feature_dim
-
-    def train(self, mode: bool = True) -> "TwoHeadNetwork":
-        """As ``nn.Module.train``, but a frozen base (no trainable parameter) stays in eval
-        mode: training the head alone must not move its batch-norm statistics or dropout."""
-        super().train(mode)
-        if mode and not any(p.requires_grad for p in self.base.parameters()):
-            self.base.eval()
-        return self
-
-    def forward(self, x: Tensor) -> StageOutput:
-        out = self.base(x)
-        return StageOutput(output=out.output, features=out.features, q=self.predictor(out.features, out.output))

@@ -1,7 +1,7 @@
 """Settings where a learned appeal decision should win: label noise in the training data,
 a specialist big network, and distribution shift between training and test.
 
-Each is a transform of a seed's :class:`~cascade.contracts.roles.Splits`, configured by the
+Each is a transform of a seed's :class:`~cascade.contracts.task.Splits`, configured by the
 ``perturb:`` key and fixed by the seed, applied to in-memory tensor data:
 
 - ``label_noise``: a fraction of the *training* split's labels replaced by a uniformly
@@ -10,7 +10,7 @@ Each is a transform of a seed's :class:`~cascade.contracts.roles.Splits`, config
   input of ``big_classes`` and only this fraction of the others' (a specialist);
 - ``shift``: the *test* split corrupted (Hendrycks & Dietterich 2019's families): Gaussian
   noise, Gaussian blur, JPEG compression or contrast, at severity 1-5, in pixel space (the
-  task's :class:`~cascade.contracts.roles.Preprocessing` undone, then redone).
+  task's :class:`~cascade.contracts.task.Preprocessing` undone, then redone).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
 from cascade.core.errors import CascadeError
-from cascade.contracts.roles import Preprocessing, Splits
+from cascade.contracts.task import Preprocessing, Splits
 
 #: per severity 1..5: noise std (pixels in [0, 1]), blur sigma (pixels), JPEG quality, contrast factor
 SEVERITIES = {
@@ -122,7 +122,7 @@ def perturb_splits(splits: Splits, cfg: PerturbConfig, num_classes: int, prep: P
     Raises:
         CascadeError: data not in memory, label noise or a specialist on a regression
             task, a class outside the task's, or a shift on a task without
-            :class:`~cascade.contracts.roles.Preprocessing` (pixel space unknown).
+            :class:`~cascade.contracts.task.Preprocessing` (pixel space unknown).
     """
     if not cfg.active:
         return splits, splits.train

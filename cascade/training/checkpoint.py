@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -21,10 +22,16 @@ from typing import Any
 
 import torch
 
-from cascade.training import distributed
 from cascade.core.errors import CascadeError, CheckpointError
 from cascade.core.files import atomic_save, load_checkpoint
-from cascade.training.trainer import CHECKPOINT_FORMAT, HookBase, Trainer, log, state_differences
+from cascade.training import distributed
+from cascade.training.hooks import HookBase
+from cascade.training.trainer import Trainer, state_differences
+
+log = logging.getLogger(__name__)
+
+#: version of the training-checkpoint layout written by :class:`CheckpointHook`
+CHECKPOINT_FORMAT = 1
 
 
 class CheckpointHook(HookBase):

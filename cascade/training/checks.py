@@ -29,9 +29,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from cascade.training.building import make_loader
+from cascade.training.data import make_loader
 from cascade.core.errors import TrainingError
-from cascade.contracts.roles import TaskKind, TaskLoss
+from cascade.contracts.task import TaskLoss
+from cascade.core.enums import TaskKind
 
 log = logging.getLogger("cascade")
 

@@ -121,7 +121,7 @@ class ShardedBatchSampler:
     Every rank draws the same batches (same sampler, same seed) and keeps a contiguous
     slice of each: the slices of one batch are disjoint and together are the batch, so a
     step of ``world`` ranks trains on exactly the batch a single process would. The
-    wrapped sampler is ``sampler`` (where :func:`cascade.training.trainer.loader_generators` finds
+    wrapped sampler is ``sampler`` (where :func:`cascade.training.rng.loader_generators` finds
     its shuffling generator).
     """
 

@@ -1,7 +1,7 @@
 """One training loop for every objective, with typed hooks.
 
 Logging, progress, checkpointing and the AppealNet lambda controller are hooks
-(:class:`HookBase`), not trainer subclasses.
+(:class:`~cascade.training.hooks.HookBase`), not trainer subclasses.
 
 Resuming: :meth:`Trainer.state_dict` holds everything that decides what the rest of a
 training phase computes: the weights, the optimizer and scheduler, the position (epoch
@@ -15,52 +15,32 @@ saved one stopped, so a resumed run ends with the same numbers as an uninterrupt
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import math
-import random
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from cascade.training import distributed
 from cascade.core.errors import CheckpointError, TrainingError
-from cascade.nn.objectives import AppealNetObjective, Objective, SupervisedObjective
+from cascade.nn.objectives import Objective, SupervisedObjective
+from cascade.training import distributed
+from cascade.training.hooks import HookBase
+from cascade.training.rng import loader_generators, rng_state, set_rng_state
 
-log = logging.getLogger("cascade")
-
-#: version of the training-checkpoint layout written by :class:`CheckpointHook`
-CHECKPOINT_FORMAT = 1
+log = logging.getLogger(__name__)
 
 
-class HookBase:
-    """Called by :class:`Trainer` at fixed points; override what you need.
+class SchedulerInterval(enum.StrEnum):
+    """When the learning-rate scheduler steps."""
 
-    ``state_dict``/``load_state_dict`` carry whatever the hook needs to continue a
-    resumed run exactly (the trainer saves them in its own state).
-    """
-
-    def before_train(self, trainer: "Trainer") -> None: ...
-
-    def after_step(self, trainer: "Trainer", losses: dict[str, float]) -> None: ...
-
-    def after_epoch(self, trainer: "Trainer") -> None: ...
-
-    def after_train(self, trainer: "Trainer") -> None: ...
-
-    def on_interrupt(self, trainer: "Trainer") -> None:
-        """Ctrl-C (or SIGTERM, see :meth:`Trainer.train`) stopped training at a step
-        boundary; ``KeyboardInterrupt`` follows."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    EPOCH = "epoch"
+    STEP = "step"
 
 
 class Trainer:
@@ -117,7 +97,7 @@ class Trainer:
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         device: torch.device | str = "cpu",
         name: str = "train",
-        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        scheduler_interval: SchedulerInterval = SchedulerInterval.EPOCH,
         augment: Callable[[Tensor], Tensor] | None = None,
         amp_dtype: torch.dtype | None = None,
         channels_last: bool = False,
@@ -131,7 +111,7 @@ class Trainer:
         self.scheduler = scheduler
         self.device = torch.device(device)
         self.name = name
-        self.scheduler_interval = scheduler_interval
+        self.scheduler_interval = SchedulerInterval(scheduler_interval)
         self.augment = augment
         self.amp_dtype = amp_dtype
         self.channels_last = channels_last
@@ -168,7 +148,7 @@ class Trainer:
                         self._train_step(batch)
                         if self._interrupt_requested:
                             self._stop()
-                    if self.scheduler is not None and self.scheduler_interval == "epoch":
+                    if self.scheduler is not None and self.scheduler_interval == SchedulerInterval.EPOCH:
                         self.scheduler.step()
                     self.epoch += 1
                     self.batch = 0
@@ -199,7 +179,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         self.optimizer.step()
-        if self.scheduler is not None and self.scheduler_interval == "step":
+        if self.scheduler is not None and self.scheduler_interval == SchedulerInterval.STEP:
             self.scheduler.step()
         self.step += 1
         self.batch += 1
@@ -342,7 +322,9 @@ def _objective_state(objective: Objective) -> dict[str, Any]:
     if hasattr(objective, "state_dict"):
         return objective.state_dict()
     attrs = getattr(objective, "__dict__", {})
-    return {k: v for k, v in attrs.items() if v is None or isinstance(v, (bool, int, float, str))}
+    # an enum member (a mode) as its plain value: the checkpoint stays plain data (weights_only)
+    return {k: v.value if isinstance(v, enum.Enum) else v for k, v in attrs.items()
+            if v is None or isinstance(v, (bool, int, float, str))}
 
 
 def _load_objective_state(objective: Objective, state: dict[str, Any]) -> None:
@@ -367,142 +349,3 @@ def state_differences(saved: dict[str, torch.Tensor], current: dict[str, torch.T
               for k, v in current.items() if k in saved and hasattr(saved[k], "shape") and saved[k].shape != v.shape]
     out += shapes[:limit] + (["..."] if len(shapes) > limit else [])
     return "; ".join(out)
-
-
-# ----------------------------------------------------------------------------- RNG state
-
-
-def loader_generators(loader: DataLoader) -> list[torch.Generator]:
-    """The torch generators a data loader draws from (its own and its samplers'), in a fixed order."""
-    found: list[torch.Generator] = []
-    pending: list[Any] = [loader.generator, loader.sampler, loader.batch_sampler]
-    while pending:
-        obj = pending.pop(0)
-        if isinstance(obj, torch.Generator):
-            if not any(obj is g for g in found):
-                found.append(obj)
-        elif obj is not None:  # a sampler: it may hold a generator, or wrap another sampler
-            pending += [getattr(obj, "generator", None), getattr(obj, "sampler", None)]
-    return found
-
-
-def rng_state(generators: Sequence[torch.Generator] = ()) -> dict[str, Any]:
-    """The state of torch's, NumPy's and Python's global RNGs and of ``generators``, as
-    plain data and tensors (loadable with ``weights_only=True``)."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "generators": [g.get_state() for g in generators],
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "gauss": float(gauss)},
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # don't start CUDA just to read it
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any], generators: Sequence[torch.Generator] = ()) -> None:
-    """Restore what :func:`rng_state` returned.
-
-    Raises:
-        CheckpointError: the state has a different number of loader generators.
-    """
-    if len(state["generators"]) != len(generators):
-        raise CheckpointError(f"the checkpoint has {len(state['generators'])} data-loader generators, "
-                              f"the loader {len(generators)}")
-    torch.set_rng_state(state["torch"])
-    for g, s in zip(generators, state["generators"]):
-        g.set_state(s)
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ----------------------------------------------------------------------------- hooks
-
-
-class LambdaControllerHook(HookBase):
-    """Dynamic Lagrange multiplier (AppealNet App. B.2, after DeVries & Taylor 2018).
-
-    After each step: if ``L_P > budget`` raise lambda (``lambda /= up``), else lower it
-    (``lambda /= down``). This holds ``E[-log q]`` near the budget and keeps the predictor
-    from collapsing to ``q = 1``.
-
-    Args:
-        objective: the AppealNet objective whose ``lam`` is adjusted.
-        budget: the target for ``L_P`` (the paper's beta, 0.5).
-        up: divisor applied when ``L_P`` is over budget (< 1 raises lambda).
-        down: divisor applied otherwise (> 1 lowers lambda).
-    """
-
-    def __init__(self, objective: AppealNetObjective, budget: float = 0.5, up: float = 0.99, down: float = 1.01):
-        self.objective = objective
-        self.budget, self.up, self.down = budget, up, down
-
-    def after_step(self, trainer: Trainer, losses: dict[str, float]) -> None:
-        self.objective.lam /= self.up if losses["L_P"] > self.budget else self.down
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"lam": self.objective.lam}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.objective.lam = state["lam"]
-
-
-class ProgressHook(HookBase):
-    """A tqdm progress bar over the steps, showing the running losses."""
-
-    def __init__(self, desc: str, disable: bool = False):
-        self.desc, self.disable = desc, disable
-        self.bar = None
-
-    def before_train(self, trainer: Trainer) -> None:
-        from tqdm.auto import tqdm
-
-        total = len(trainer.loader) * trainer.epochs
-        self.bar = tqdm(total=total, initial=trainer.step, desc=self.desc, leave=False, disable=self.disable)
-
-    def after_step(self, trainer: Trainer, losses: dict[str, float]) -> None:
-        self.bar.update(1)
-        if trainer.step % 20 == 0:
-            self.bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()}, refresh=False)
-
-    def after_train(self, trainer: Trainer) -> None:
-        self.bar.close()
-
-    def on_interrupt(self, trainer: Trainer) -> None:
-        self.bar.close()
-
-
-class HistoryHook(HookBase):
-    """Keeps the mean of every logged loss per epoch (``history[epoch][name]``), and the
-    loss of the phase's first step (``first_loss``: the network before any update)."""
-
-    def __init__(self) -> None:
-        self.history: list[dict[str, float]] = []
-        self.first_loss: float | None = None
-        self._sums: dict[str, float] = {}
-        self._n = 0
-
-    def after_step(self, trainer: Trainer, losses: dict[str, float]) -> None:
-        if trainer.step == 1:
-            self.first_loss = losses["loss"]
-        for k, v in losses.items():
-            self._sums[k] = self._sums.get(k, 0.0) + v
-        self._n += 1
-
-    def after_epoch(self, trainer: Trainer) -> None:
-        self.history.append({k: v / max(self._n, 1) for k, v in self._sums.items()})
-        self._sums, self._n = {}, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        # the running sums too: a checkpoint written mid-epoch (Ctrl-C) resumes the epoch's mean
-        return {"history": self.history, "sums": dict(self._sums), "n": self._n, "first_loss": self.first_loss}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = list(state["history"])
-        self.first_loss = state.get("first_loss")
-        self._sums, self._n = dict(state.get("sums", {})), state.get("n", 0)
