@@ -70,14 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("--max-pixels", type=int, default=None, metavar="N",
                        help="refuse images with more pixels (width x height) than this, before decoding them "
                        "(default cascade.deploy.inputs.MAX_IMAGE_PIXELS, 50 million)")
-    cal = sub.add_parser("calibrate", help="val and guaranteed thresholds for your own models' outputs (CSV/Parquet)")
+    cal = sub.add_parser("calibrate", help="val and guaranteed thresholds for your own models' outputs")
     cal.add_argument("file", help="CSV or Parquet, one row per calibration input (a split column: cal|test rows)")
-    cal.add_argument("--score", action="append", required=True, help="the little model's confidence column (higher = "
-                     "keep its answer); repeat, with --little-correct, per stage in stage order")
-    cal.add_argument("--little-correct", action="append", required=True, help="its 0/1 or true/false column")
-    cal.add_argument("--big-correct", help="the last model's 0/1 column (default: a black-box oracle, always right)")
-    cal.add_argument("--target-ad", type=float, nargs="+", required=True, help="AD targets, fractions (0.01 = 1 %%)")
-    cal.add_argument("--delta", type=float, help="P(guaranteed AD > target) allowed (default 0.1, as runs)")
+    cal.add_argument("--score", action="append", required=True, metavar="COL", help="the little model's "
+                     "confidence (higher = keep its answer); repeat, with --little-correct, per stage in order")
+    cal.add_argument("--little-correct", action="append", required=True, metavar="COL", help="0/1 or true/false")
+    cal.add_argument("--big-correct", metavar="COL", help="the last model's 0/1 (default: an oracle, always right)")
+    cal.add_argument("--target-ad", type=float, nargs="+", required=True, metavar="T", help="AD targets (0.01 = 1 %%)")
+    cal.add_argument("--delta", type=float, metavar="D", help="P(guaranteed AD > target) allowed (default 0.1)")
     cal.add_argument("--json", metavar="OUT", help="also write the points to this JSON file")
     _add_networks_parser(sub)
     _add_serve_parsers(sub)
@@ -220,7 +220,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve_oracle(args: argparse.Namespace) -> int:
-    from cascade.serve import bind_socket, create_oracle_app, oracle_bundle, run_server, server_url
+    from cascade.deploy.export import oracle_bundle
+    from cascade.serve import bind_socket, create_oracle_app, run_server, server_url
 
     with _torch_threads(args.threads):
         sock = bind_socket(args.host, args.port)  # before the export: a port in use fails at once

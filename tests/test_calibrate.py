@@ -14,8 +14,13 @@ import pytest
 from cascade.cli import main
 from cascade.core.enums import Mode
 from cascade.evaluation import Variant, operating_points
-from cascade.evaluation.calibrate import (DEFAULT_DELTA, DEFAULT_RESPLITS, CalibrationTable, calibrate,
-                                          rows_needed)
+from cascade.evaluation.calibrate import (
+    DEFAULT_DELTA,
+    DEFAULT_RESPLITS,
+    CalibrationTable,
+    calibrate,
+    rows_needed,
+)
 
 # 10 rows, sorted by score. The big model is right on 8 (AD reference 0.8).
 # Keeping the little model's answer on the rows with score >= t, the system gets right:
@@ -160,8 +165,8 @@ BAD = [
     (["--score", "confidence"], "no such column (did you mean 'conf'?)"),
     (["--big-correct", "zzz"], "--big-correct 'zzz': no such column; its columns: conf, small_ok, big_ok"),
     (["--little-correct", "smal_ok"], "'smal_ok': no such column (did you mean 'small_ok'?)"),
-    (["--target-ad", "0.2"], "--target-ad 0.2: certifying it at delta 0.1 needs at least 11 calibration rows, "
-                             "the file has 10"),
+    (["--target-ad", "0.2"], ("--target-ad 0.2: certifying it at delta 0.1 needs at least 11 calibration rows, "
+                              "the file has 10")),
     (["--target-ad", "1.5"], "--target-ad 1.5: must lie in [0, 1)"),
     (["--delta", "0"], "--delta 0: must lie strictly between 0 and 1"),
 ]

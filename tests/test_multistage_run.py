@@ -69,7 +69,7 @@ def test_cascade_run_writes_contract_files(digits_cascade_run):
     for phase in ("seed 0 big", "seed 0 stage 0 pretrain", "seed 0 stage 1 pretrain", "seed 0 stage 0:",
                   "seed 0 reinforce white_box a0.005", "seed 0 appealnet white_box", "report"):
         assert f"phase {phase}" in log, phase
-    # the K-stage report (cascade/report/__init__.py): its networks, the target-AD tables and the
+    # the K-stage report (cascade/report/tables.py): its networks, the target-AD tables and the
     # REINFORCE policies at their own greedy threshold
     md = (out / "table.md").read_text()
     assert md.startswith("# digits: 3-stage cascade, seeds [0]")

@@ -23,6 +23,7 @@ from benchmarks.serve_load import metric, send_requests
 from cascade.deploy.bundle import Bundle
 from cascade.cli import main
 from cascade.core.errors import CascadeError
+from cascade.deploy.export import oracle_bundle
 from cascade.serve import (
     BreakerState,
     CircuitBreaker,
@@ -32,7 +33,6 @@ from cascade.serve import (
     ServerProcess,
     create_app,
     create_oracle_app,
-    oracle_bundle,
 )
 from tests.conftest import REPO
 from tests.test_new_user import one_line_error

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cascade.core.enums import TaskKind
 from cascade.core.errors import CascadeError, described
 from cascade.deploy.kernel import route_rows
 from cascade.deploy.manifest import MANIFEST, Manifest, parse_manifest, read_manifest
@@ -93,7 +94,7 @@ class Bundle:
         self._routed, self._last = routed, last
         if spec is None:  # built in code, not by load(): the same checks
             spec = parse_manifest(manifest, str(path / MANIFEST))
-        self.kind: str = spec.kind.value
+        self.kind: TaskKind = spec.kind
         self.input_shape: tuple[int, ...] = tuple(spec.input.shape)
         self.output_names: list[str] = list(spec.output_names)
         # null: no input stops there (a guaranteed point that certified no threshold)
@@ -244,7 +245,7 @@ class Bundle:
 
     def predictions(self, output: Tensor) -> list:
         """Classification: each row's class name (argmax); regression: each row's values."""
-        if self.kind == "classification":
+        if self.kind == TaskKind.CLASSIFICATION:
             return [self.output_names[i] for i in output.argmax(dim=1).tolist()]
         return output.tolist()
 

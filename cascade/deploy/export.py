@@ -1,4 +1,5 @@
-"""``cascade export``: a finished run's router at one operating point, as a bundle.
+"""``cascade export``: a finished run's router at one operating point, as a bundle (and
+:func:`oracle_bundle`, the bundle ``cascade serve-oracle`` serves from a run folder).
 
 Each stage becomes a ``torch.export`` program from a preprocessed batch to
 ``(output, score)`` with a dynamic batch size; the routing branch (which rows go on)
@@ -22,6 +23,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -33,10 +35,13 @@ from torch import Tensor, nn
 from cascade.core.enums import Mode, ThresholdSource
 from cascade.core.errors import CascadeError, described
 from cascade.core.files import current_umask, file_sha256
+from cascade.deploy.bundle import Bundle
 from cascade.deploy.manifest import FORMAT_VERSION, MANIFEST
 from cascade.deploy.router import RunPoint, ScoredStage, load_run_point
 from cascade.nn.cost import measure_cost
 from cascade.runs.point_check import recompute_point
+from cascade.runs.layout import METRICS, POINTS
+from cascade.runs.reader import RunPoints
 from cascade.runs.record import check_finished
 
 log = logging.getLogger(__name__)
@@ -284,3 +289,50 @@ def _export_onnx(module: nn.Module, example: Tensor, dynamic: tuple, path: Path)
     return {"onnx": path.name, "onnx_sha256": file_sha256(path)}
 
 
+
+
+@contextlib.contextmanager
+def oracle_bundle(source: str | Path) -> Iterator[Bundle]:
+    """The bundle ``cascade serve-oracle`` serves: ``source`` itself when it is a bundle,
+    else a white-box bundle exported from the run folder ``source`` into a temporary
+    folder (removed on exit).
+
+    Yields:
+        The loaded :class:`~cascade.deploy.bundle.Bundle`.
+
+    Raises:
+        CascadeError: a path that is neither; a black-box bundle; a run with no
+            white-box mode.
+    """
+    source = Path(source)
+    if (source / MANIFEST).is_file():
+        bundle = Bundle.load(source)
+        if not bundle.has_last_stage:
+            raise CascadeError(f"{source}: a black-box bundle holds no big network to serve as an oracle; give a "
+                               "white-box bundle or the run folder")
+        yield bundle
+        return
+    metrics = source / METRICS
+    if not metrics.is_file():
+        raise CascadeError(f"{source}: neither a bundle (no manifest.json) nor a finished run folder "
+                           "(no metrics.json)")
+    modes = json.loads(metrics.read_text()).get("modes", [])
+    if Mode.WHITE_BOX not in modes:
+        raise CascadeError(f"{source}: the run has no white_box mode (modes: {', '.join(modes) or 'none'}), so no "
+                           "big network to serve; run it with modes: [white_box, ...]")
+    if not (source / POINTS).is_file():
+        raise CascadeError(f"{source / POINTS}: not found; is {source} the output folder of a finished `cascade run`?")
+    with tempfile.TemporaryDirectory(prefix="cascade-oracle-") as tmp:
+        # every white-box operating point carries the same big network (the oracle ignores
+        # thresholds); one whose method's scores are random cannot be exported: try the next
+        error = None
+        for method, target_ad, threshold_source in RunPoints(source).white_box_points():
+            try:
+                path = export_bundle(source, Path(tmp) / "bundle", method=method, mode=Mode.WHITE_BOX,
+                                     target_ad=target_ad, source=threshold_source, onnx=False)
+            except CascadeError as exc:
+                error = exc
+                continue
+            yield Bundle.load(path)
+            return
+        raise error

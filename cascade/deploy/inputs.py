@@ -10,14 +10,16 @@ image, so this is the one image limit of the deploy path.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from cascade.deploy.bundle import IMAGE_SUFFIXES, Bundle, RoutedBatch
+from cascade.core.enums import TaskKind
 from cascade.core.errors import CascadeError
 
 #: the most pixels (width x height) an input image may have: 50 M, e.g. 7071 x 7071
@@ -144,7 +146,7 @@ def _read_csv(path: Path, bundle: Bundle, header: bool | None) -> InputFile:
 
 
 def _read_images(folder: Path, bundle: Bundle, max_pixels: int) -> InputFile:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # optional heavy dependency: only image folders need it
 
     shape = bundle.input_shape
     if bundle._pre is None or len(shape) != 3 or shape[0] not in (1, 3):
@@ -185,10 +187,6 @@ def route_inputs(bundle: Bundle, inputs: InputFile, batch: int = 256, progress: 
         CascadeError: no inputs; an input with NaN or infinite values (named by its index
             in the file); a batch the bundle refuses (its shape, its dtype).
     """
-    from dataclasses import fields
-
-    from tqdm import tqdm
-
     if len(inputs) == 0:
         raise CascadeError(f"{inputs.path}: no inputs")
     parts = []
@@ -206,7 +204,7 @@ def route_inputs(bundle: Bundle, inputs: InputFile, batch: int = 256, progress: 
     r = RoutedBatch(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(RoutedBatch)))
     pending = r.pending.numpy()
     preds = bundle.predictions(r.output)  # no answer is made up for the oracle's rows
-    classes = bundle.kind == "classification"
+    classes = bundle.kind == TaskKind.CLASSIFICATION
     answers = pd.DataFrame({"prediction": preds} if classes else preds,
                            columns=None if classes else bundle.output_names)
     answers.loc[pending] = None

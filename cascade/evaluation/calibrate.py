@@ -16,9 +16,9 @@ from __future__ import annotations
 import difflib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,8 +26,15 @@ import pandas as pd
 from cascade.core.enums import Mode, ThresholdSource
 from cascade.core.errors import CascadeError, described
 from cascade.core.files import atomic_write_text
-from cascade.evaluation import (Variant, binomial_p_value, cascade_point, cascade_sweep, degradation_scores,
-                                select_by_accuracy, select_guaranteed, threshold_violations)
+from cascade.evaluation.columns import Variant
+from cascade.evaluation.guarantee import (
+    binomial_p_value,
+    degradation_scores,
+    select_guaranteed,
+)
+from cascade.evaluation.selection import select_by_accuracy
+from cascade.evaluation.sweep import cascade_point, cascade_sweep
+from cascade.evaluation.violations import threshold_violations
 
 #: the defaults of a run's ``evaluation:`` section (``EvaluationConfig.delta`` and
 #: ``violation_resplits``; not imported: cascade.config pulls in torch)
@@ -36,6 +43,7 @@ DEFAULT_RESPLITS = 200
 
 _TRUE, _FALSE = {"1", "1.0", "true"}, {"0", "0.0", "false"}
 _PARQUET = (".parquet", ".pq")
+_SIMULATED = ("violation_rate", "pool_violation_rate", "mean_ad", "resplits")  # threshold_violations' fields
 
 
 @dataclass(frozen=True)
@@ -149,7 +157,8 @@ def load_calibration(path: str | Path, score: Sequence[str], little_correct: Seq
     if frame.empty:
         raise CascadeError(f"{path}: no rows")
     scores = np.stack([_scores(_column(frame, c, "--score", path), "--score", path) for c in score], axis=1)
-    columns = [(c, "--little-correct") for c in little_correct] + ([(big_correct, "--big-correct")] if big_correct else [])
+    columns = [(c, "--little-correct") for c in little_correct]
+    columns += [(big_correct, "--big-correct")] if big_correct else []
     correct = [_correct(_column(frame, c, flag, path), flag, path) for c, flag in columns]
     if big_correct is None:
         correct.append(np.ones(len(frame), bool))
@@ -236,18 +245,19 @@ def calibrate(table: CalibrationTable, targets: Sequence[float], delta: float = 
     _check(len(scores), targets, delta)
     sweep = cascade_sweep(scores, correct, (1.0,) * correct.shape[1])
     ref = float(correct[:, -1].mean())
+    degradations = degradation_scores(scores, correct)
     sim = _simulation(table, targets, delta, resplits, seed) if resplits else {}
     points = []
     for t in targets:
         picks = {ThresholdSource.VAL: select_by_accuracy([sweep], sweep.n * (ref - t)),
-                 ThresholdSource.GUARANTEED: select_guaranteed([sweep], [degradation_scores(scores, correct)], t, delta)}
+                 ThresholdSource.GUARANTEED: select_guaranteed([sweep], [degradations], t, delta)}
         for source, pick in picks.items():
             ad, skipping = _measure(pick.threshold, scores, correct)
             row = {"target_ad": t, "source": str(source),
                    "threshold": pick.threshold if math.isfinite(pick.threshold) else None,
                    "skipping_rate": skipping, "ad": ad, "n_cal": len(scores), "delta": delta}
             if (t, source) in sim:
-                row |= {k: sim[(t, source)][k] for k in ("violation_rate", "pool_violation_rate", "mean_ad", "resplits")}
+                row |= {k: sim[(t, source)][k] for k in _SIMULATED}
             if table.test.any():
                 test_ad, test_skipping = _measure(pick.threshold, table.scores[table.test], table.correct[table.test])
                 row |= {"test_ad": test_ad, "test_skipping_rate": test_skipping, "n_test": int(table.test.sum())}
@@ -282,8 +292,8 @@ def render_points(points: list[dict], path: str | Path, mode: Mode) -> str:
     if "violation_rate" in first:
         where = (f"the {first['n_cal']} cal + {first['n_test']} test rows" if "n_test" in first
                  else "halves of the rows (calibrating on half of them)")
-        lines.append(f"miss: the fraction of {first['resplits']} random re-splits of {where} on which the threshold "
-                     "chosen on the calibration part exceeds the target on the test part / on all the rows")
+        lines.append(f"miss: share of {first['resplits']} random re-splits of {where} where the threshold chosen on "
+                     "the cal part exceeds the target on the test part / on all rows")
     if "n_test" in first:
         lines.append(f"test: the thresholds applied to the file's {first['n_test']} test rows")
     return "\n".join(lines)

@@ -14,10 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from pydantic import BaseModel, ValidationError
 
+from cascade.core.enums import Selection
 from cascade.core.errors import CascadeError
-from cascade.evaluation import Variant, operating_points
+from cascade.evaluation.columns import Variant
+from cascade.evaluation.points import operating_points
+from cascade.runs.layout import METRICS, POINTS, SAMPLES
 
 #: how far a recomputed figure may lie from the run's (float rounding in a CSV round trip)
 TOLERANCE = 1e-9
@@ -56,17 +60,15 @@ def recompute_point(run: Path, metrics: dict, point: dict[str, Any]) -> dict[str
             recomputed threshold, system or figure that is not the row's (one line
             naming ``points.csv``).
     """
-    import pandas as pd
-
-    path = run / "samples.csv"
+    path = run / SAMPLES
     seed, mode, method, source = point["seed"], point["mode"], point["method"], point["threshold_source"]
     try:
         variants = [_VariantRecord.model_validate(v).as_variant() for v in metrics.get("variants", [])]
     except ValidationError as exc:
-        raise CascadeError(f"{run / 'metrics.json'}: variants: {str(exc).splitlines()[0]}") from None
+        raise CascadeError(f"{run / METRICS}: variants: {str(exc).splitlines()[0]}") from None
     variants = [v for v in variants if v.method == method and v.mode == mode]
     if not variants:
-        raise CascadeError(f"{run / 'metrics.json'}: variants: no system of {method} ({mode}) to recompute the point "
+        raise CascadeError(f"{run / METRICS}: variants: no system of {method} ({mode}) to recompute the point "
                            "from")
     columns = {c for v in variants for c in (*v.score_columns, *v.correct_columns) if c is not None}
     try:
@@ -93,8 +95,8 @@ def recompute_point(run: Path, metrics: dict, point: dict[str, Any]) -> dict[str
     # delta decides only the guaranteed points, whose rows hold theirs
     delta = 0.1 if point.get("delta") is None else float(point["delta"])
     rows = operating_points(samples, variants, targets, (), delta=delta)
-    (fresh,) = [r for r in rows if r["selection"] == "target_ad" and r["threshold_source"] == source]
-    where = (f"{run / 'points.csv'}: the {source} point of {method} ({mode}, seed {seed}, target AD "
+    (fresh,) = [r for r in rows if r["selection"] == Selection.TARGET_AD and r["threshold_source"] == source]
+    where = (f"{run / POINTS}: the {source} point of {method} ({mode}, seed {seed}, target AD "
              f"{point['target_ad']:g})")
     if (fresh["variant"] or "") != (point.get("variant") or ""):
         raise CascadeError(f"{where} uses system {point.get('variant')!r}, but samples.csv chooses "

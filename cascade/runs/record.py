@@ -20,15 +20,15 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cascade.core.errors import CascadeError
 from cascade.core.files import atomic_write_text, file_sha256
+from cascade.runs.layout import CHECKPOINTS, CONFIG, METRICS, POINTS, RECORD, RESUME, SAMPLES
 
-#: the record's file name in a run folder
-RECORD = "complete.json"
+__all__ = ["RECORD", "RECORDED", "RECORD_VERSION", "RunRecord", "check_finished", "clear_record", "recorded_files",
+           "write_record"]
+
 #: the record formats this code reads
 RECORD_VERSION = 1
 #: the files of a run folder the record ties itself to (besides ``checkpoints/*.pt``)
-RECORDED = ("config.yaml", "metrics.json", "points.csv", "samples.csv")
-#: where an unfinished run keeps its training state (:func:`cascade.engine.experiment.checkpoint_store`)
-RESUME_FOLDER = Path("checkpoints") / "resume"
+RECORDED = (CONFIG, METRICS, POINTS, SAMPLES)
 
 
 class RunRecord(BaseModel):
@@ -54,7 +54,7 @@ def recorded_files(run: str | Path) -> list[Path]:
     every final checkpoint (``checkpoints/*.pt``; the resume state is not one)."""
     run = Path(run)
     names = [Path(n) for n in RECORDED if (run / n).is_file()]
-    return names + sorted(p.relative_to(run) for p in (run / "checkpoints").glob("*.pt") if p.is_file())
+    return names + sorted(p.relative_to(run) for p in (run / CHECKPOINTS).glob("*.pt") if p.is_file())
 
 
 def clear_record(run: str | Path) -> None:
@@ -87,7 +87,7 @@ def check_finished(run: str | Path) -> RunRecord:
     """
     run = Path(run)
     finish = f"finish it with `cascade run CONFIG --out {run} --resume` (its config), then export"
-    resume = run / RESUME_FOLDER
+    resume = run / RESUME  # where an unfinished run keeps its training state
     if any(resume.glob("*.pt")):  # as CheckpointStore.files(): a stray temporary file is not state
         raise CascadeError(f"{resume}: an unfinished run left its resume state here, so the folder may pair files "
                            f"of two runs; {finish}")

@@ -34,11 +34,11 @@ from cascade.serve.body import MAX_ABS_INPUT, NPY_CONTENT_TYPE, NPY_MAX_HEADER
 from cascade.serve.harness import ServerProcess, bind_socket, run_server, server_url
 from cascade.serve.metrics import LATENCY_QUANTILES
 from cascade.serve.oracle import BreakerState, CircuitBreaker, OracleClient, OracleUnavailable
-from cascade.serve.oracle_app import create_oracle_app, oracle_bundle
+from cascade.serve.oracle_app import create_oracle_app
 
 __all__ = [
     "LATENCY_QUANTILES", "MAX_ABS_INPUT", "NPY_CONTENT_TYPE", "NPY_MAX_HEADER", "SETTINGS_ENV", "TOKEN_ENV",
     "BreakerState", "CircuitBreaker", "MicroBatcher", "OracleClient", "OracleUnavailable", "ServerProcess",
-    "app_from_environment", "bind_socket", "create_app", "create_oracle_app", "oracle_bundle", "run_server",
+    "app_from_environment", "bind_socket", "create_app", "create_oracle_app", "run_server",
     "server_url",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import json
 import logging
@@ -29,12 +28,14 @@ from cascade.serve.schema import (
 )
 from cascade.serve.service import RoutingService
 
-log = logging.getLogger("cascade.serve")
+log = logging.getLogger(__name__)
 
 #: the environment variable a bearer token may come from (``--token`` wins)
 TOKEN_ENV = "CASCADE_TOKEN"
 #: the environment variable ``--workers`` passes each worker process its settings in
 SETTINGS_ENV = "CASCADE_SERVE_SETTINGS"
+
+
 def error_response(status: int, message: str) -> JSONResponse:
     headers = {"connection": "close"} if status == 413 else None  # the rest of the body is not read
     return JSONResponse({"detail": one_line(message)}, status_code=status, headers=headers)
@@ -88,17 +89,10 @@ def create_app(bundle: Bundle, *, oracle_url: str | None = None, max_batch: int 
     Raises:
         CascadeError: an option out of range, an oracle URL that is not http(s).
     """
-    for name, value, least in (("max batch", max_batch, 1), ("max request inputs", max_request_inputs, 1),
-                               ("latency window", latency_window, 1), ("oracle retries", oracle_retries, 0)):
-        if value < least:
-            raise CascadeError(f"{name} {value}: must be at least {least}")
-    if not 0 <= max_wait_ms < math.inf:
-        raise CascadeError(f"max wait {max_wait_ms} ms: must be at least 0")
-    for name, value in (("oracle timeout", oracle_timeout_s), ("max body MB", max_body_mb)):
-        if not 0 < value < math.inf:
-            raise CascadeError(f"{name} {value}: must be positive")
-    if oracle_url is not None and not oracle_url.startswith(("http://", "https://")):
-        raise CascadeError(f"oracle URL {oracle_url!r}: give http://HOST:PORT (the server of `cascade serve-oracle`)")
+    _check_options(at_least=(("max batch", max_batch, 1), ("max request inputs", max_request_inputs, 1),
+                             ("latency window", latency_window, 1), ("oracle retries", oracle_retries, 0)),
+                   max_wait_ms=max_wait_ms, positive=(("oracle timeout", oracle_timeout_s), ("max body MB", max_body_mb)),
+                   oracle_url=oracle_url)
     breaker = CircuitBreaker(breaker_failures, breaker_cooldown_s) if oracle_url else None
     if oracle_url is None and not bundle.has_last_stage:
         log.warning("%s is a black-box bundle and no --oracle-url was given: appealed inputs get the little "
@@ -109,15 +103,7 @@ def create_app(bundle: Bundle, *, oracle_url: str | None = None, max_batch: int 
                              max_batch=max_batch, max_wait_ms=max_wait_ms, max_request_inputs=max_request_inputs,
                              max_body_mb=max_body_mb)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        service.start()
-        try:
-            yield
-        finally:
-            await service.stop()
-
-    app = FastAPI(title="cascade serve", lifespan=lifespan,
+    app = FastAPI(title="cascade serve", lifespan=service.lifespan,
                   description=f"The routed cascade of bundle {bundle.name!r}: inputs of shape "
                               f"{list(bundle.input_shape)}.")
     auth = bearer_check(token)
@@ -160,6 +146,23 @@ def create_app(bundle: Bundle, *, oracle_url: str | None = None, max_batch: int 
         return Response(metrics.render(breaker), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _check_options(*, at_least: tuple, max_wait_ms: float, positive: tuple, oracle_url: str | None) -> None:
+    """Raises:
+        CascadeError: a ``(name, value, least)`` of ``at_least`` below its least, a negative
+            wait, a ``(name, value)`` of ``positive`` not positive and finite, an oracle URL
+            that is not http(s)."""
+    for name, value, least in at_least:
+        if value < least:
+            raise CascadeError(f"{name} {value}: must be at least {least}")
+    if not 0 <= max_wait_ms < math.inf:
+        raise CascadeError(f"max wait {max_wait_ms} ms: must be at least 0")
+    for name, value in positive:
+        if not 0 < value < math.inf:
+            raise CascadeError(f"{name} {value}: must be positive")
+    if oracle_url is not None and not oracle_url.startswith(("http://", "https://")):
+        raise CascadeError(f"oracle URL {oracle_url!r}: give http://HOST:PORT (the server of `cascade serve-oracle`)")
 
 
 def app_from_environment() -> FastAPI:

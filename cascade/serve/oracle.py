@@ -23,7 +23,7 @@ import torch
 from cascade.core.errors import CascadeError
 from cascade.serve.body import one_line
 
-log = logging.getLogger("cascade.serve")
+log = logging.getLogger(__name__)
 
 
 # -- circuit breaker ---------------------------------------------------------------------

@@ -1,13 +1,10 @@
 """The ``cascade serve-oracle`` app: a bundle's big network behind the oracle protocol (see
-:mod:`cascade.serve.oracle`), and which bundle it serves."""
+:mod:`cascade.serve.oracle`). Which bundle it serves (a run folder's, exported) is
+:func:`cascade.deploy.export.oracle_bundle`'s."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import tempfile
-from pathlib import Path
 
 import anyio
 from fastapi import FastAPI, Request
@@ -15,12 +12,11 @@ from fastapi.responses import JSONResponse, Response
 
 from cascade.deploy.bundle import Bundle
 from cascade.core.errors import CascadeError
-from cascade.runs.reader import read_points
 from cascade.serve.app import bearer_check, error_response
 from cascade.serve.body import Problem, check_content_type, content_type, decode, read_body
 from cascade.serve.schema import OracleHealth, error_responses, oracle_response_model, request_body
 
-log = logging.getLogger("cascade.serve")
+log = logging.getLogger(__name__)
 
 
 def create_oracle_app(bundle: Bundle, *, max_request_inputs: int = 65536, max_body_mb: float = 256.0,
@@ -82,65 +78,3 @@ def create_oracle_app(bundle: Bundle, *, max_request_inputs: int = 65536, max_bo
                 "input_shape": list(bundle.input_shape), "outputs": len(bundle.output_names)}
 
     return app
-
-
-@contextlib.contextmanager
-def oracle_bundle(source: str | Path):
-    """The bundle ``serve-oracle`` serves: ``source`` itself when it is a bundle, else a
-    white-box bundle exported from the run folder ``source`` into a temporary folder
-    (removed on exit).
-
-    Yields:
-        The loaded :class:`~cascade.deploy.bundle.Bundle`.
-
-    Raises:
-        CascadeError: a path that is neither; a black-box bundle; a run with no
-            white-box mode.
-    """
-    source = Path(source)
-    if (source / "manifest.json").is_file():
-        bundle = Bundle.load(source)
-        if not bundle.has_last_stage:
-            raise CascadeError(f"{source}: a black-box bundle holds no big network to serve as an oracle; give a "
-                               "white-box bundle or the run folder")
-        yield bundle
-        return
-    metrics = source / "metrics.json"
-    if not metrics.is_file():
-        raise CascadeError(f"{source}: neither a bundle (no manifest.json) nor a finished run folder "
-                           "(no metrics.json)")
-    modes = json.loads(metrics.read_text()).get("modes", [])
-    if "white_box" not in modes:
-        raise CascadeError(f"{source}: the run has no white_box mode (modes: {', '.join(modes) or 'none'}), so no "
-                           "big network to serve; run it with modes: [white_box, ...]")
-    from cascade.deploy.export import export_bundle
-
-    with tempfile.TemporaryDirectory(prefix="cascade-oracle-") as tmp:
-        # every white-box operating point carries the same big network (the oracle ignores
-        # thresholds); one whose method's scores are random cannot be exported: try the next
-        error = None
-        for method, target_ad, threshold_source in _white_box_points(source):
-            try:
-                path = export_bundle(source, Path(tmp) / "bundle", method=method, mode="white_box",
-                                     target_ad=target_ad, source=threshold_source, onnx=False)
-            except CascadeError as exc:
-                error = exc
-                continue
-            yield Bundle.load(path)
-            return
-        raise error
-
-
-def _white_box_points(run: Path) -> list[tuple[str, float, str]]:
-    """One (method, target AD, threshold source) per method with a white-box point,
-    ``val`` points first."""
-    points = run / "points.csv"
-    if not points.is_file():
-        raise CascadeError(f"{points}: not found; is {run} the output folder of a finished `cascade run`?")
-    p = read_points(run)
-    p = p[(p["mode"] == "white_box") & (p["selection"] == "target_ad")]
-    if p.empty:
-        raise CascadeError(f"{points}: no white_box operating point to export the big network from")
-    p = p.assign(_val=(p["threshold_source"] != "val")).sort_values("_val", kind="stable")
-    p = p.drop_duplicates("method")
-    return [(str(m), float(t), str(s)) for m, t, s in zip(p["method"], p["target_ad"], p["threshold_source"])]

@@ -9,9 +9,11 @@ wires it to HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +37,7 @@ from cascade.serve.body import (
 from cascade.serve.metrics import ServeMetrics
 from cascade.serve.oracle import CircuitBreaker, OracleClient, OracleUnavailable
 
-log = logging.getLogger("cascade.serve")
+log = logging.getLogger(__name__)
 
 #: bodies up to this size are decoded on the event loop (tens of microseconds; a thread
 #: hop would cost more); larger ones in a thread
@@ -119,6 +121,15 @@ class RoutingService:
             await self._client.aclose()
         if self._worker is not None:
             self._worker.shutdown(wait=False, cancel_futures=True)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any) -> AsyncIterator[None]:
+        """The app's lifespan: :meth:`start` on start-up, :meth:`stop` on shutdown."""
+        self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
 
     # -- a request -------------------------------------------------------------------------
 
