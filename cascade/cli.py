@@ -235,7 +235,7 @@ def _cmd_serve_oracle(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from cascade.config import load_config
+    from cascade.config.loading import load_config
 
     overrides = list(args.overrides)
     if args.seed:
@@ -260,7 +260,7 @@ def _run_experiment(cfg, out: Path, args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from cascade.config import load_config
+    from cascade.config.loading import load_config
 
     cfg = load_config(args.config, args.overrides, resolve_data=not args.config_only)
     if not args.config_only:  # the task, its data and its networks, on one batch per split

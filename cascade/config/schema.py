@@ -11,12 +11,18 @@ from __future__ import annotations
 import copy
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from cascade.config.limits import MAX_ITEMS
 from cascade.core.enums import Mode
 from cascade.nn.perturb import PerturbConfig
-
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
@@ -55,14 +61,14 @@ class NetworkSpec(BaseModel):
         return self.checkpoint is not None or self.trained
 
     @model_validator(mode="after")
-    def _name_or_checkpoint(self) -> "NetworkSpec":
+    def _name_or_checkpoint(self) -> NetworkSpec:
         if self.name is None and self.checkpoint is None:
             raise ValueError("name: a network needs a name (a registered network or a dotted path)")
         if self.checkpoint is not None and self.trained:
             raise ValueError("checkpoint: give checkpoint: or trained: true, not both")
         return self
 
-    def resolved(self, default: dict[str, Any] | None) -> "NetworkSpec":
+    def resolved(self, default: dict[str, Any] | None) -> NetworkSpec:
         """This spec, with the task's default network filled in when only a checkpoint is given."""
         if self.name is not None or not default:
             return self
@@ -108,7 +114,7 @@ class OptimConfig(_Strict):
     label_smoothing: Fraction = 0.0
 
     @model_validator(mode="after")
-    def _consistent(self) -> "OptimConfig":
+    def _consistent(self) -> OptimConfig:
         if self.schedule != "step":
             for key in ("milestones", "gamma"):
                 if key in self.model_fields_set and (key != "milestones" or self.milestones):
@@ -236,12 +242,12 @@ class ExperimentConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _one_stage_list(self) -> "ExperimentConfig":
+    def _one_stage_list(self) -> ExperimentConfig:
         if self.little is not None and self.stages is not None:
             raise ValueError("set little: (one stage) or stages: (several), not both")
         return self
 
-    def stage_specs(self, task_default: dict[str, Any] | None) -> list["NetworkSpec"]:
+    def stage_specs(self, task_default: dict[str, Any] | None) -> list[NetworkSpec]:
         """The routed stages, cheapest first: ``stages``, ``[little]``, or the task's default."""
         if self.stages is not None:
             return list(self.stages)

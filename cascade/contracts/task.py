@@ -160,7 +160,7 @@ class Task(ABC):
         """
         return []
 
-    def write_routing_figure(self, path: Path, network: nn.Module, dataset: Dataset, kept: "np.ndarray",
+    def write_routing_figure(self, path: Path, network: nn.Module, dataset: Dataset, kept: np.ndarray,
                              caption: str) -> bool:
         """Draw routed test inputs (e.g. faces with their keypoints) into ``path``.
 

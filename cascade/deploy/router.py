@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from cascade.config import ExperimentConfig
+from cascade.config.schema import ExperimentConfig
 from cascade.contracts.methods import BuildContext, MethodContext, Predictor, TrainedMethod
 from cascade.contracts.stages import BlackBoxOracle, StageOutput, WhiteBoxOracle
 from cascade.contracts.task import Task

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from cascade.config import NetworkSpec, OptimConfig
+from cascade.config.schema import NetworkSpec, OptimConfig
 from cascade.core.errors import CheckpointError
 from cascade.engine.plan import Plan
 from cascade.training import distributed

@@ -9,7 +9,7 @@ Per seed:
    on the same data, as every trained method: the post-hoc scores read these);
 4. every trained method (:class:`~cascade.methods.TrainedMethod`) builds and trains its
    systems from the pre-trained stages, once per mode (its oracle differs);
-5. every post-hoc method (:class:`~cascade.contracts.roles.Predictor`) prepares itself on each
+5. every post-hoc method (:class:`~cascade.contracts.methods.Predictor`) prepares itself on each
    plain stage;
 6. every network runs once over the calibration and test splits into the per-sample
    table (``samples.csv``); every operating point is computed from it
@@ -19,6 +19,14 @@ Per seed:
 Each training phase checkpoints after every epoch and on Ctrl-C into
 ``checkpoints/resume/``; ``run(resume=True)`` replays the run from there and the
 results equal an uninterrupted run's.
+
+The engine's pieces: :mod:`~cascade.engine.plan` (what a config runs, built once),
+:mod:`~cascade.engine.checks` (the task, data and networks on one batch, before any
+training), :mod:`~cascade.engine.phases` (steps 1-5) with
+:mod:`~cascade.engine.cache` (the one network cache), :mod:`~cascade.engine.samples`
+(step 6's table) and :mod:`~cascade.engine.metrics` (``metrics.json``). This module
+is the recipe that strings them together and writes the run folder
+(:mod:`cascade.runs.layout` names its files).
 """
 
 from __future__ import annotations
@@ -33,8 +41,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from cascade.config import ExperimentConfig, resolved_dict
-from cascade.contracts.roles import Splits
+from cascade.config.schema import ExperimentConfig, resolved_dict
+from cascade.contracts.task import Splits
 from cascade.core.enums import Mode, Selection, ThresholdSource
 from cascade.core.errors import CascadeError, CheckpointError
 from cascade.engine.checks import check_task
@@ -52,7 +60,13 @@ from cascade.evaluation import Variant, operating_points, threshold_violations
 from cascade.nn.perturb import perturb_splits
 from cascade.report import write_figures, write_tables
 from cascade.runs import layout
-from cascade.runs.layout import BIG, checkpoint_name, column, stage_name, system_stage_name
+from cascade.runs.layout import (
+    BIG,
+    checkpoint_name,
+    column,
+    stage_name,
+    system_stage_name,
+)
 from cascade.runs.record import clear_record, write_record
 from cascade.runs.writer import RunWriter, timed_phase
 from cascade.training import distributed
@@ -268,7 +282,7 @@ class Experiment(TrainingPhases):
 
     def _evaluate(self, tables: _Tables) -> dict[str, Any]:
         """Write ``samples.csv``, ``points.csv``, ``metrics.json`` and the report; the metrics."""
-        cfg, w, ev = self.cfg, self.writer, self.cfg.evaluation
+        w, ev = self.writer, self.cfg.evaluation
         samples = pd.concat(tables.frames, ignore_index=True)
         w.csv(layout.SAMPLES, samples)
         variants = tables.variants

@@ -15,14 +15,20 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
+from cascade.contracts.methods import MethodKind, RoutedSystem
 from cascade.core.enums import Mode
 from cascade.engine.phases import Systems, build_oracle
 from cascade.engine.plan import Plan
 from cascade.evaluation import ORACLE, Variant, aggregate, comparisons, gap_table
-from cascade.contracts.methods import MethodKind, RoutedSystem
 from cascade.methods.catalogue import MethodEntry, scorer_key
 from cascade.nn.cost import measure_cost
-from cascade.runs.layout import BIG, column, scorer_column, stage_name, system_stage_name
+from cascade.runs.layout import (
+    BIG,
+    column,
+    scorer_column,
+    stage_name,
+    system_stage_name,
+)
 
 #: a trained system whose first-stage scores on the test split all lie within this range has collapsed
 COLLAPSE_RANGE = 1e-3

@@ -17,28 +17,36 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
-from cascade.config import NetworkSpec, OptimConfig
-from cascade.contracts.methods import MethodContext
-from cascade.contracts.stages import Approximator, BlackBoxOracle, Oracle, WhiteBoxOracle
+from cascade.config.schema import NetworkSpec, OptimConfig
+from cascade.contracts.methods import CascadeContext, MethodContext, RoutedSystem
+from cascade.contracts.stages import (
+    Approximator,
+    BlackBoxOracle,
+    Oracle,
+    WhiteBoxOracle,
+)
 from cascade.contracts.task import Splits
 from cascade.core.enums import Mode
 from cascade.core.errors import CascadeError
 from cascade.engine.cache import CacheSlot, PhaseCache, cache_slot
 from cascade.engine.plan import Plan
 from cascade.engine.tasks import build_network
-from cascade.contracts.methods import CascadeContext, RoutedSystem
 from cascade.methods.catalogue import MethodEntry, scorer_key
 from cascade.nn.objectives import Objective, SupervisedObjective
 from cascade.runs.layout import BIG, stage_name, system_name
 from cascade.runs.writer import timed_phase
 from cascade.training import distributed
 from cascade.training.checkpoint import CheckpointStore, NetworkCache
-from cascade.training.checks import constant_answer_problem, degenerate_training, loss_rise_problem
+from cascade.training.checks import (
+    constant_answer_problem,
+    degenerate_training,
+    loss_rise_problem,
+)
 from cascade.training.data import with_oracle_outputs
 from cascade.training.devices import data_on_device
+from cascade.training.hooks import HistoryHook, HookBase, ProgressHook
 from cascade.training.phase import build_trainer, freeze
 from cascade.training.seeds import phase_seed, seeded_rng
-from cascade.training.hooks import HistoryHook, HookBase, ProgressHook
 from cascade.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -171,18 +179,13 @@ class TrainingPhases:
 
     # -- the networks -------------------------------------------------------------------
 
-    def build_big(self) -> Approximator | None:
-        """The big network, untrained (or loaded from its checkpoint), or None."""
+    def _train_big(self, seed: int, train: Dataset) -> Approximator | None:
+        """The big network, trained (or given, or loaded from the cache), or None."""
+        cfg = self.cfg
         if self.big_spec is None:
             return None
-        return build_network(self.big_spec, self.task, BIG).to(self.device)
-
-    def _train_big(self, seed: int, train: Dataset) -> Approximator | None:
-        cfg = self.cfg
         with seeded_rng(phase_seed(seed, "big_init"), self.device):  # see seeded_rng: the cache relies on it
-            big = self.build_big()
-            if big is None:
-                return None
+            big = build_network(self.big_spec, self.task, BIG).to(self.device)
             if Mode.WHITE_BOX in self.plan.modes and not self.big_spec.given:
                 cache = self._cache_slot(f"seed {seed} big", BIG, seed, self.big_spec, cfg.big_train,
                                          disk=cfg.big_cache)
@@ -222,11 +225,7 @@ class TrainingPhases:
 
     # -- the methods --------------------------------------------------------------------
 
-    def oracle(self, mode: Mode, big: Approximator | None, costs: dict[str, dict]) -> Oracle:
-        """The cascade's last stage in ``mode``, with its cost (:func:`build_oracle`)."""
-        return build_oracle(self.plan, mode, big, costs)
-
-    def context(self, seed: int, mode: Mode, job: int, pretrained: list, plain: list, oracle: Oracle,
+    def _context(self, seed: int, mode: Mode, job: int, pretrained: list, plain: list, oracle: Oracle,
                 data: Dataset, method: str, costs: dict[str, dict]) -> CascadeContext:
         """What trained method number ``job`` gets; its phases are ``seed S <method> <mode> ...``."""
         calls = [0]
@@ -251,9 +250,9 @@ class TrainingPhases:
         systems: Systems = {}
         job = 0
         for mode in self.plan.modes:
-            oracle = self.oracle(mode, big, costs)
+            oracle = build_oracle(self.plan, mode, big, costs)
             for entry in self.plan.trained_methods:
-                ctx = self.context(seed, mode, job, pretrained, plain, oracle, data, entry.label, costs)
+                ctx = self._context(seed, mode, job, pretrained, plain, oracle, data, entry.label, costs)
                 method = entry.instance()
                 built = method.build(ctx)
                 method.train(built, ctx)

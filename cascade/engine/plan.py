@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from cascade.config import ExperimentConfig, NetworkSpec
+from cascade.config.schema import ExperimentConfig, NetworkSpec
+from cascade.contracts.methods import MethodKind
 from cascade.contracts.task import Task
 from cascade.core.enums import Mode, TaskKind
 from cascade.core.errors import CascadeError
 from cascade.engine.tasks import construct_task, resolve_specs
-from cascade.contracts.methods import MethodKind
 from cascade.methods.catalogue import MethodEntry, build_methods
 from cascade.runs.layout import stage_config_key
 from cascade.training import distributed

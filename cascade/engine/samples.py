@@ -17,7 +17,13 @@ from torch.utils.data import Dataset
 
 from cascade.core.enums import TaskKind
 from cascade.engine.plan import Plan
-from cascade.runs.layout import BIG, column, scorer_column, stage_name, system_stage_name
+from cascade.runs.layout import (
+    BIG,
+    column,
+    scorer_column,
+    stage_name,
+    system_stage_name,
+)
 from cascade.training.data import make_loader
 
 

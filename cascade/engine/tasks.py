@@ -6,13 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cascade.config import ExperimentConfig, NetworkSpec
+from cascade.config.schema import ExperimentConfig, NetworkSpec
 from cascade.contracts.stages import Approximator
 from cascade.contracts.task import Preprocessing, Task, TaskLoss
 from cascade.core.enums import TaskKind
 from cascade.core.errors import CascadeError, CheckpointError
 from cascade.core.files import load_checkpoint
 from cascade.core.registry import NETWORKS, TASKS
+
 
 def build_task(cfg: ExperimentConfig) -> Task:
     task_cls = TASKS.get(cfg.task.name)

@@ -57,7 +57,7 @@ class OperatingPoint(Mapping[str, Any]):
         delta: the allowed probability of missing the target (``guaranteed``), else None.
         selection: the rule that picked the threshold.
         threshold_source: where the threshold was chosen.
-        variant: which of the method's systems was picked (``""`` if it has one).
+        variant: which of the method's systems was picked (``""`` when it has just one).
         feasible: False when no point met the constraint (the closest one was taken).
         threshold: the shared threshold.
         system_accuracy, cost_mflops, relative_cost, ad, skipping_rate, appeal_rate: the

@@ -24,7 +24,12 @@ from cascade.contracts.methods import (
     method_class,
     method_kind,
 )
-from cascade.methods.catalogue import MethodEntry, build_methods, method_problems, scorer_key
+from cascade.methods.catalogue import (
+    MethodEntry,
+    build_methods,
+    method_problems,
+    scorer_key,
+)
 
 __all__ = [
     "CascadeContext",

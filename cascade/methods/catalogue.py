@@ -8,11 +8,18 @@ The interfaces the methods implement are in :mod:`cascade.contracts.methods`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from cascade.config.schema import MethodSpec
-from cascade.contracts.methods import Method, MethodKind, MethodOptions, TrainedMethod, method_class, method_kind
+from cascade.contracts.methods import (
+    Method,
+    MethodKind,
+    MethodOptions,
+    TrainedMethod,
+    method_class,
+    method_kind,
+)
 from cascade.contracts.task import Task
 from cascade.core.enums import Mode, TaskKind
 from cascade.core.registry import METHODS

@@ -12,13 +12,17 @@ totals: see ``tasks/cifar_networks.py``.
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from cascade.core.errors import CascadeError
+from cascade.core.registry import NETWORKS
 
 
 @dataclass(frozen=True)
@@ -40,8 +44,6 @@ def count_params(module: nn.Module) -> int:
 @torch.no_grad()
 def measure_cost(module: nn.Module, input_shape: tuple[int, ...]) -> NetworkCost:
     """MACs of one forward pass on a single input of ``input_shape`` (no batch dim)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device
@@ -104,9 +106,6 @@ def median_time_ms(fn: Callable[[], object], device: str | torch.device = "cpu",
         CascadeError: a bad device (see :func:`latency_device`), ``repeats`` below 1,
             ``warmup`` below 0.
     """
-    import statistics
-    import time
-
     device = latency_device(str(device))
     _check_timing(1, repeats, warmup)
     if device.type == "cpu":
@@ -214,8 +213,6 @@ def list_networks(
         CascadeError: a shape or output count that is not positive, a bad device, batch
             or repeats (checked before any network is built).
     """
-    from cascade.core.registry import NETWORKS
-
     shape = tuple(input_shape)
     if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
         raise CascadeError(f"input shape {shape}: every dimension must be a positive integer")
@@ -237,8 +234,6 @@ def _network_row(
 ) -> NetworkRow:
     """:func:`list_networks`' row of one network; what fails goes in ``error``, in one
     line: these are any user's networks, and the listing goes on."""
-    from cascade.core.registry import NETWORKS
-
     def reason(what: str, exc: Exception) -> str:
         first = (str(exc).strip().splitlines() or [""])[0]
         return f"cannot be {what} for input {shape}: {type(exc).__name__}" + (f": {first}" if first else "")

@@ -100,11 +100,13 @@ def corrupt(x: Tensor, shift: ShiftConfig, prep: Preprocessing, seed: int) -> Te
         g = torch.Generator().manual_seed(seed)
         pixels = pixels + level * torch.randn(pixels.shape, generator=g, dtype=x.dtype)
     elif shift.corruption == "blur":
+        # torchvision: heavy, and needed only for this corruption
         from torchvision.transforms.functional import gaussian_blur
 
         size = 2 * round(2 * level) + 1
         pixels = gaussian_blur(pixels, [size, size], [level, level])
     elif shift.corruption == "jpeg":
+        # torchvision: heavy, and needed only for this corruption
         from torchvision.io import decode_jpeg, encode_jpeg
 
         as_bytes = (pixels * 255).round().to(torch.uint8)

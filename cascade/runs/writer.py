@@ -11,18 +11,28 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
+import yaml
 
-from cascade.core.files import atomic_path, atomic_save, atomic_write_text, remove_stray_temporaries
+from cascade.core.files import (
+    atomic_path,
+    atomic_save,
+    atomic_write_text,
+    remove_stray_temporaries,
+)
+from cascade.runs.layout import CHECKPOINTS, FIGURES, RESUME, RUN_LOG
 
-log = logging.getLogger("cascade")
+log = logging.getLogger(__name__)
+#: the logger whose records (every cascade module's) ``run.log`` copies
+_CASCADE_LOG = logging.getLogger("cascade")
 
 
 #: the folders of a run that atomic writes go to (see :meth:`RunWriter.remove_stray_temporaries`)
-WRITTEN_FOLDERS = (".", "figures", "checkpoints", "checkpoints/resume")
+WRITTEN_FOLDERS = (".", FIGURES, CHECKPOINTS, RESUME)
 
 
 class RunWriter:
@@ -57,8 +67,6 @@ class RunWriter:
         self.text(name, json.dumps(data, indent=2))
 
     def yaml(self, name: str, data: Any) -> None:
-        import yaml
-
         self.text(name, yaml.safe_dump(data, sort_keys=False))
 
     def csv(self, name: str, frame: pd.DataFrame) -> None:
@@ -66,13 +74,13 @@ class RunWriter:
             frame.to_csv(tmp, index=False)
 
     def checkpoint(self, name: str, state: Any) -> None:
-        atomic_save(state, self.out / "checkpoints" / name)
+        atomic_save(state, self.out / CHECKPOINTS / name)
 
     def figure(self, fig: Any, name: str, dpi: int = 120) -> None:
         """Save a matplotlib figure as ``figures/<name>`` and close it."""
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional heavy dependency: only where figures are drawn
 
-        with atomic_path(self.out / "figures" / name) as tmp:
+        with atomic_path(self.out / FIGURES / name) as tmp:
             fig.savefig(tmp, dpi=dpi, format=Path(name).suffix.lstrip(".") or "png")
         plt.close(fig)
 
@@ -80,18 +88,19 @@ class RunWriter:
     def logging_to_file(self, append: bool) -> Iterator[None]:
         """Copy the ``cascade`` logger's records (INFO and up) into ``run.log`` while the
         block runs (appended to on ``--resume``)."""
-        handler = logging.FileHandler(self.out / "run.log", mode="a" if append else "w")
+        handler = logging.FileHandler(self.out / RUN_LOG, mode="a" if append else "w")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         handler.setLevel(logging.INFO)
-        level = log.level
-        if log.getEffectiveLevel() > logging.INFO:
-            log.setLevel(logging.INFO)  # the file gets INFO; other handlers keep their own levels
-        log.addHandler(handler)
+        root = _CASCADE_LOG
+        level = root.level
+        if root.getEffectiveLevel() > logging.INFO:
+            root.setLevel(logging.INFO)  # the file gets INFO; other handlers keep their own levels
+        root.addHandler(handler)
         try:
             yield
         finally:
-            log.removeHandler(handler)
-            log.setLevel(level)
+            root.removeHandler(handler)
+            root.setLevel(level)
             handler.close()
 
 

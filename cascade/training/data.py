@@ -20,6 +20,7 @@ from cascade.contracts.stages import Oracle
 from cascade.core.errors import CascadeError
 from cascade.training.distributed import ShardedBatchSampler
 
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int,
                 shard: tuple[int, int] | None = None, pin_memory: bool = False) -> DataLoader:
     """Batches of ``(x, y)``; in-memory tensor data is indexed a batch at a time.

@@ -9,6 +9,7 @@ from torch.utils.data import Dataset, TensorDataset
 from cascade.core.errors import CascadeError
 from cascade.training.data import tensors_of
 
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

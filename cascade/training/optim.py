@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from cascade.config import OptimConfig
+from cascade.config.schema import OptimConfig
+
 
 def build_optimizer(params, oc: OptimConfig, steps_per_epoch: int = 1) -> tuple[
         torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:

@@ -9,12 +9,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from cascade.config import OptimConfig
+from cascade.config.schema import OptimConfig
 from cascade.contracts.task import Task
 from cascade.training import distributed
 from cascade.training.data import make_loader
 from cascade.training.optim import build_optimizer
 from cascade.training.trainer import Trainer
+
 
 def build_trainer(model: nn.Module, objective: Any, data: Dataset, oc: OptimConfig, seed: int, name: str, *,
                   task: Task, device: torch.device, hooks: Sequence[Any] = (), params: Any = None,

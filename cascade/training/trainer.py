@@ -47,8 +47,9 @@ class Trainer:
     """Runs ``objective`` over ``loader`` for ``epochs`` epochs.
 
     Ctrl-C (SIGINT) during :meth:`train` is deferred to the end of the current step, so
-    that the state hooks save on it (:meth:`HookBase.on_interrupt`) is consistent; a
-    second Ctrl-C stops at once. So is SIGTERM where the process made it an interrupt
+    that the state hooks save on it
+    (:meth:`~cascade.training.hooks.HookBase.on_interrupt`) is consistent; a second
+    Ctrl-C stops at once. So is SIGTERM where the process made it an interrupt
     (``cascade run`` does). The objective's state is saved with the trainer's: its
     ``state_dict()`` if it has one, else its plain scalar attributes (a running baseline,
     a multiplier), which is where objectives keep what they update while training.
