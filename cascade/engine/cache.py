@@ -4,8 +4,10 @@ by what decides them (:class:`CacheSlot`), so that runs differing only downstrea
 An entry (``{"model", "steps", "history"}``: the weights, the phase's steps and its loss
 history) is kept on disk in a :class:`~cascade.training.checkpoint.NetworkCache` when the
 config's ``big_cache`` / ``pretrain_cache`` is on, and in memory for the runs of one
-process that share a :class:`PhaseCache` ``memory`` (an ablation). A hit is loaded
-into the phase's trainer as if it had trained, so the run records the same steps and losses.
+process that share a :class:`PhaseCache` ``memory`` (an ablation). An on-disk hit is
+loaded into the phase's trainer as if it had trained, so the run records the same
+steps and losses; an in-memory hit only loads the weights: the phase is not run
+(nor logged, nor in ``metrics.json``'s ``training``), as the process already ran it.
 """
 
 from __future__ import annotations
@@ -68,18 +70,15 @@ class PhaseCache:
         self.disk = disk
         self.memory = memory
 
-    def holds(self, slot: CacheSlot) -> bool:
-        """Whether ``slot`` has anywhere to be kept."""
-        return self.memory is not None or (slot.disk and self.disk is not None)
+    def recall(self, slot: CacheSlot) -> dict | None:
+        """The weights of ``slot`` this process trained or loaded before, or None."""
+        return self.memory.get(_text(slot.key)) if self.memory is not None else None
 
-    def lookup(self, slot: CacheSlot, model: nn.Module) -> tuple[str | None, dict] | None:
-        """``(file or None for memory, entry)`` of ``slot``, or None."""
-        if self.memory is not None and _text(slot.key) in self.memory:
-            return None, self.memory[_text(slot.key)]
+    def lookup(self, slot: CacheSlot, model: nn.Module) -> tuple[Path, dict] | None:
+        """``(file, entry)`` of ``slot`` in the on-disk cache, or None."""
         if not (slot.disk and self.disk is not None):
             return None
-        found = self._disk_lookup(slot, model)
-        return (str(found[0]), found[1]) if found is not None else None
+        return self._disk_lookup(slot, model)
 
     def _disk_lookup(self, slot: CacheSlot, model: nn.Module) -> tuple[Path, dict] | None:
         """Rank 0 decides for every rank (a rank that trained while another loaded would wait for it forever)."""
@@ -97,11 +96,13 @@ class PhaseCache:
                 raise CheckpointError(f"{path}: rank {distributed.rank()} cannot read the cached network rank 0 read")
         return found
 
-    def store(self, slot: CacheSlot, model: nn.Module, steps: int, history: dict) -> None:
-        """Keep the network ``slot`` trained, where it has a place."""
+    def remember(self, slot: CacheSlot, model: nn.Module) -> None:
+        """Keep ``model``'s weights in memory for the next runs of this process."""
         if self.memory is not None:
-            self.memory[_text(slot.key)] = {"model": copy.deepcopy(model.state_dict()), "steps": steps,
-                                            "history": copy.deepcopy(history)}
+            self.memory[_text(slot.key)] = copy.deepcopy(model.state_dict())
+
+    def store(self, slot: CacheSlot, model: nn.Module, steps: int, history: dict) -> None:
+        """Keep the network ``slot`` trained in the on-disk cache (when it has a place there)."""
         if slot.disk and self.disk is not None and distributed.is_main():
             path = self.disk.save(slot.key, slot.label, model.state_dict(), {"steps": steps, "history": history})
             log.info("%s network: saved to cache %s", slot.what, path)

@@ -112,9 +112,14 @@ class TrainingPhases:
              checked: str | None = None) -> None:
         """Train one phase: checkpointed inside a run, on every process under torchrun
         (each taking its share of every batch). With ``cache``, the network is loaded from
-        the network cache when it holds it, else trained and stored there. ``checked``: the
+        the network cache when it holds it (:mod:`cascade.engine.cache`: from memory, the
+        phase is not run at all), else trained and stored there. ``checked``: the
         config key of a supervised phase (``big_train``...), whose network is checked once
         trained (:mod:`cascade.training.checks`), before it is cached."""
+        store = PhaseCache(self.network_cache, self.cache)
+        if cache is not None and (weights := store.recall(cache)) is not None:
+            model.load_state_dict(weights)  # trained earlier in this process: not again
+            return
         world = distributed.world_size()
         if oc.batch_size % world:
             raise CascadeError(f"{desc}: batch_size {oc.batch_size} does not split evenly over {world} processes; "
@@ -126,19 +131,20 @@ class TrainingPhases:
                                 hooks=[*hooks, history, ProgressHook(desc, self.quiet or not distributed.is_main())],
                                 params=params, amp_dtype=plan.amp, channels_last=plan.channels_last,
                                 pin_memory=plan.device.type == "cuda" and train_data is data)
-        store = PhaseCache(self.network_cache, self.cache)
-        cached = store.lookup(cache, model) if cache is not None and store.holds(cache) else None
+        cached = store.lookup(cache, model) if cache is not None else None
         with timed_phase(desc, device=plan.device.type, samples=len(data), epochs=oc.epochs) as facts:
-            if cached is not None and cached[0] is not None:
+            if cached is not None:
                 log.info("%s network: loaded from cache %s", cache.what, cached[0])
-                facts["cached"] = cached[0]
+                facts["cached"] = str(cached[0])
             self._train(trainer, history, cached[1] if cached is not None else None)
             facts["steps"] = trainer.step
         self.histories[desc] = history.history
         if checked is not None and oc.epochs > 0:
             self._check_phase(desc, checked, oc, model, history)
-        if cache is not None and cached is None and store.holds(cache):
-            store.store(cache, model, trainer.step, history.state_dict())
+        if cache is not None:
+            if cached is None:
+                store.store(cache, model, trainer.step, history.state_dict())
+            store.remember(cache, model)
 
     def _train(self, trainer: Trainer, history: HistoryHook, entry: dict | None) -> None:
         """Run ``trainer``, or mark it finished with a cached ``entry``; resumable inside a run."""

@@ -47,7 +47,7 @@ class RunMetrics(BaseModel):
 
     task: str
     seeds: list[int]
-    modes: list[str]
+    modes: list[Mode]
     methods: dict[str, _MethodInfo]
     last_stage_mflops: dict[str, float | None]
     workdir: str | None = None
