@@ -20,7 +20,21 @@ import sys
 import threading
 from pathlib import Path
 
+import torch
+
+from cascade.config.loading import load_config
+from cascade.contracts.methods import method_kind
 from cascade.core.errors import CascadeError
+from cascade.core.files import atomic_path
+from cascade.core.registry import METHODS, NETWORKS, TASKS
+from cascade.deploy.bundle import Bundle
+from cascade.deploy.export import export_bundle, oracle_bundle
+from cascade.deploy.inputs import MAX_IMAGE_PIXELS, load_inputs, route_inputs
+from cascade.engine.experiment import Experiment
+from cascade.evaluation.calibrate import calibrate_command
+from cascade.nn.cost import list_networks
+from cascade.report import render_markdown
+from cascade.serve import SETTINGS_ENV, bind_socket, create_app, create_oracle_app, run_server, server_url
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
@@ -103,8 +117,6 @@ def _add_networks_parser(sub) -> None:
 
 
 def _cmd_networks(args: argparse.Namespace) -> int:
-    from cascade.nn.cost import list_networks
-
     try:
         shape = tuple(int(d) for d in args.input.split(","))
     except ValueError:
@@ -180,7 +192,6 @@ def _torch_threads(threads: int | None, flag: str = "--threads"):
     main() may be called in-process (tests, notebooks)."""
     if threads is not None and threads < 1:
         raise CascadeError(f"{flag} {threads}: must be at least 1")
-    import torch
 
     before = torch.get_num_threads()
     if threads is not None:
@@ -192,9 +203,6 @@ def _torch_threads(threads: int | None, flag: str = "--threads"):
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from cascade.deploy.bundle import Bundle
-    from cascade.serve import SETTINGS_ENV, bind_socket, create_app, run_server, server_url
-
     if args.workers < 1:
         raise CascadeError(f"--workers {args.workers}: must be at least 1")
     options = dict(oracle_url=args.oracle_url, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
@@ -220,9 +228,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve_oracle(args: argparse.Namespace) -> int:
-    from cascade.deploy.export import oracle_bundle
-    from cascade.serve import bind_socket, create_oracle_app, run_server, server_url
-
     with _torch_threads(args.threads):
         sock = bind_socket(args.host, args.port)  # before the export: a port in use fails at once
         with oracle_bundle(args.source) as bundle:
@@ -235,8 +240,6 @@ def _cmd_serve_oracle(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from cascade.config.loading import load_config
-
     overrides = list(args.overrides)
     if args.seed:
         overrides.append(f"seeds=[{', '.join(map(str, args.seed))}]")
@@ -248,8 +251,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_experiment(cfg, out: Path, args: argparse.Namespace) -> int:
-    from cascade.engine.experiment import Experiment
-    from cascade.report import render_markdown
 
     metrics = Experiment(cfg, out, quiet=args.quiet or not sys.stderr.isatty(), source=args.config).run(args.resume)
     if not metrics:  # under torchrun, a rank other than 0: it trained, rank 0 reports
@@ -260,21 +261,14 @@ def _run_experiment(cfg, out: Path, args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from cascade.config.loading import load_config
-
     cfg = load_config(args.config, args.overrides, resolve_data=not args.config_only)
     if not args.config_only:  # the task, its data and its networks, on one batch per split
-        from cascade.engine.experiment import Experiment
-
         Experiment(cfg, Path("."), quiet=True, source=args.config).check()
     print(f"{args.config}: ok" + (" (config only)" if args.config_only else " (config, task, data, networks)"))
     return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from cascade.contracts.methods import method_kind
-    from cascade.core.registry import METHODS, NETWORKS, TASKS
-
     for reg in (TASKS, NETWORKS):
         print(f"{reg.role}s: {', '.join(reg.names())}")
     methods = [f"{n} ({method_kind(METHODS.get(n)).value.replace('_', '-')}: "
@@ -284,11 +278,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from cascade.deploy.export import export_bundle
-
     out = export_bundle(args.run_dir, args.out, method=args.method, mode=args.mode, target_ad=args.target_ad,
                         source=args.source, seed=args.seed, onnx=not args.no_onnx)
-    import json
 
     m = json.loads((out / "manifest.json").read_text())
     p, e = m["operating_point"], m["operating_point"]["expected"]
@@ -302,10 +293,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_route(args: argparse.Namespace) -> int:
-    from cascade.deploy.bundle import Bundle
-    from cascade.core.files import atomic_path
-    from cascade.deploy.inputs import MAX_IMAGE_PIXELS, load_inputs, route_inputs
-
     if args.batch < 1:
         raise CascadeError(f"--batch {args.batch}: must be at least 1")
     max_pixels = MAX_IMAGE_PIXELS if args.max_pixels is None else args.max_pixels
@@ -325,8 +312,6 @@ def _cmd_route(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from cascade.evaluation.calibrate import calibrate_command
-
     return calibrate_command(args)
 
 

@@ -153,7 +153,7 @@ def test_serving_a_bundle_reaches_no_training_code():
 
 
 def function_level_imports(path: Path) -> list[tuple[int, str, bool]]:
-    """(line, module, whether a comment is on that line or the one above) of each import inside a function."""
+    """(line, module, whether a comment is on that line or the four above) of each import inside a function."""
     lines = path.read_text().splitlines()
     found = []
     for fn in ast.walk(ast.parse(path.read_text())):
@@ -161,7 +161,7 @@ def function_level_imports(path: Path) -> list[tuple[int, str, bool]]:
             for node in ast.walk(fn):
                 if isinstance(node, (ast.Import, ast.ImportFrom)):
                     mod = node.names[0].name if isinstance(node, ast.Import) else (node.module or "")
-                    near = lines[node.lineno - 1] + lines[node.lineno - 2]
+                    near = "\n".join(lines[max(0, node.lineno - 5):node.lineno])
                     found.append((node.lineno, mod, "#" in near))
     return found
 
