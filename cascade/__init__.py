@@ -19,7 +19,7 @@ from cascade.core.registry import METHODS, NETWORKS, TASKS, Registry
 from cascade.contracts.methods import MethodContext, MethodOptions, Predictor
 from cascade.contracts.stages import Approximator, BlackBoxOracle, Oracle, StageOutput, WhiteBoxOracle
 from cascade.contracts.task import Preprocessing, Splits, Task, TaskLoss, TaskOptions
-from cascade.core.enums import Mode, TaskKind
+from cascade.core.enums import Mode, Selection, TaskKind, ThresholdSource
 from cascade.evaluation import CascadePoint, CascadeSweep, cascade_point, cascade_sweep
 from cascade.training.checkpoint import CheckpointHook, CheckpointStore
 from cascade.engine.experiment import Experiment
@@ -73,6 +73,7 @@ __all__ = [
     "RoutedBatch",
     "RoutedOutput",
     "RoutedSystem",
+    "Selection",
     "Router",
     "Splits",
     "StageOutput",
@@ -83,6 +84,7 @@ __all__ = [
     "TaskKind",
     "TaskLoss",
     "TaskOptions",
+    "ThresholdSource",
     "TrainedMethod",
     "Trainer",
     "TrainingError",

@@ -34,7 +34,6 @@ from cascade.engine.experiment import Experiment
 from cascade.evaluation.calibrate import calibrate_command
 from cascade.nn.cost import list_networks
 from cascade.report import render_markdown
-from cascade.serve import SETTINGS_ENV, bind_socket, create_app, create_oracle_app, run_server, server_url
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
@@ -203,6 +202,9 @@ def _torch_threads(threads: int | None, flag: str = "--threads"):
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    # cascade.serve loads fastapi, uvicorn, httpx and prometheus_client: only the servers need them
+    from cascade.serve import SETTINGS_ENV, bind_socket, create_app, run_server, server_url
+
     if args.workers < 1:
         raise CascadeError(f"--workers {args.workers}: must be at least 1")
     options = dict(oracle_url=args.oracle_url, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
@@ -228,6 +230,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve_oracle(args: argparse.Namespace) -> int:
+    # as in _cmd_serve: the web stack is imported only by the commands that serve
+    from cascade.serve import bind_socket, create_oracle_app, run_server, server_url
+
     with _torch_threads(args.threads):
         sock = bind_socket(args.host, args.port)  # before the export: a port in use fails at once
         with oracle_bundle(args.source) as bundle:

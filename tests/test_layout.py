@@ -29,7 +29,8 @@ TRAINING_SIDE = ("cascade.training", "cascade.methods", "cascade.engine")
 #: optional or heavy third-party modules that may be imported where they are needed
 LAZY_OK = ("fastapi", "uvicorn", "onnx", "onnxruntime", "onnxscript", "matplotlib", "tensorboard", "scipy", "PIL",
            "torchvision",
-           "torch.utils.tensorboard", "pyarrow", "schemathesis")
+           "torch.utils.tensorboard", "pyarrow", "schemathesis",
+           "cascade.serve")  # the web stack (fastapi, uvicorn, httpx, prometheus_client): only `cascade serve` loads it
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 60
 

@@ -34,7 +34,7 @@ from cascade.core.errors import TrainingError
 from cascade.contracts.task import TaskLoss
 from cascade.core.enums import TaskKind
 
-log = logging.getLogger("cascade")
+log = logging.getLogger(__name__)
 
 #: a phase's last-epoch mean loss may exceed its first's by this fraction (noise: a
 #: fine-tuning phase starts near its floor, and its epoch means wobble)
