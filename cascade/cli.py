@@ -34,6 +34,7 @@ from cascade.engine.experiment import Experiment
 from cascade.evaluation.calibrate import calibrate_command
 from cascade.nn.cost import list_networks
 from cascade.report import render_markdown
+from cascade.report.tables import recommendation_section
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
@@ -262,6 +263,7 @@ def _run_experiment(cfg, out: Path, args: argparse.Namespace) -> int:
         return 0
     print(render_markdown(metrics))
     print(f"\nresults in {out}/ (metrics.json, table.md, table.csv, samples.csv, figures/, checkpoints/)")
+    print("\n" + "\n".join(recommendation_section(metrics)).rstrip())  # the answer, last
     return 0
 
 

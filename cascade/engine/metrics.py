@@ -20,6 +20,7 @@ from cascade.core.enums import Mode
 from cascade.engine.phases import Systems, build_oracle
 from cascade.engine.plan import Plan
 from cascade.evaluation import ORACLE, Variant, aggregate, comparisons, gap_table
+from cascade.evaluation.recommend import recommend
 from cascade.methods.catalogue import MethodEntry, scorer_key
 from cascade.nn.cost import measure_cost
 from cascade.runs.layout import (
@@ -139,9 +140,20 @@ def build_metrics(plan: Plan, samples: pd.DataFrame, costs: dict, systems: dict[
         "operating_points": points,
         "comparisons": comparisons(points, trained, post_hoc),
         "gap_closed": gap_table(points, post_hoc),
+        "recommendation": recommend(samples, variants, rows, {m.label: m.kind for m in plan.methods},
+                                    _head_params(systems), {m.value: last_cost(plan, m, costs) for m in plan.modes}),
         "predictor_collapsed": _collapsed(test, systems),
         "training": histories,
     }
+
+
+def _head_params(systems: dict[str, dict]) -> dict[tuple[str, str], int]:
+    """``(mode, method) -> its routing heads' parameters`` (the most of its variants')."""
+    out: dict[tuple[str, str], int] = {}
+    for meta in systems.values():
+        key = (meta["mode"], meta["method"])
+        out[key] = max(out.get(key, 0), meta["head_params"])
+    return out
 
 
 def _accuracies(samples: pd.DataFrame, test: pd.DataFrame) -> dict[str, dict[str, float]]:

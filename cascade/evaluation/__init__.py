@@ -10,7 +10,8 @@ order they build on each other:
 - :mod:`~cascade.evaluation.columns`: a routed system's columns of the per-sample table;
 - :mod:`~cascade.evaluation.points`: the operating-point table (``points.csv``);
 - :mod:`~cascade.evaluation.violations`: how often chosen thresholds miss on new data;
-- :mod:`~cascade.evaluation.summaries`: means over seeds and comparisons (``metrics.json``).
+- :mod:`~cascade.evaluation.summaries`: means over seeds and comparisons (``metrics.json``);
+- :mod:`~cascade.evaluation.recommend`: which method to deploy, with bootstrap intervals.
 """
 
 from cascade.evaluation.columns import Variant, sweep_costs, variant_arrays

@@ -79,11 +79,12 @@ def table_rows(metrics: dict[str, Any]) -> pd.DataFrame:
 
 
 def render_markdown(metrics: dict[str, Any]) -> str:
-    """Networks, then per mode: the target-AD table (test-tuned, val-tuned and guaranteed
+    """The recommendation, networks, then per mode: the target-AD table (test-tuned, val-tuned and guaranteed
     thresholds side by side), how often val and guaranteed thresholds miss their target
     on re-splits, budget tables and the methods' own thresholds against every other
     method at matched cost."""
     lines = [f"# {metrics['task']}: {metrics['num_stages']}-stage cascade, seeds {metrics['seeds']}", ""]
+    lines += recommendation_section(metrics)
     lines += _networks(metrics)
     points = metrics["operating_points"]
     for mode in metrics["modes"]:
@@ -94,6 +95,58 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         lines += _budget_tables(mode, mine)
         lines += _fixed_tables(mode, mine)
     return "\n".join(lines)
+
+
+def recommendation_section(metrics: dict[str, Any]) -> list[str]:
+    """``## Recommendation``: per mode and target, the guaranteed choice and the val one
+    beside it (``metrics.json: recommendation``); nothing for metrics without one."""
+    rec = metrics.get("recommendation")
+    if not rec or not rec["choices"]:
+        return []
+    by = {(c["mode"], c["target_ad"], c["threshold_source"]): c for c in rec["choices"]}
+    lines = ["## Recommendation", ""]
+    for mode, target in dict.fromkeys((m, t) for m, t, _ in by):
+        parts: list[str] = []
+        for s in (ThresholdSource.GUARANTEED, ThresholdSource.VAL):
+            if (c := by.get((mode, target, s))) is not None:
+                parts.append(_choice(c, first=not parts))
+        lines.append(f"- {mode}, AD ≤ {sig(target * 100)} %: " + ". Beside it, ".join(parts) + ".")
+    lines += ["", (f"Ratios: chosen / other, of the cost white-box and the appeal rate black-box (< 1: the chosen "
+                   f"is cheaper), {int(rec['level'] * 100)} % interval "
+                   f"from a {rec['interval']}, {rec['resamples']} resamples. {rec['rule'].capitalize()}. "
+                   f"{MISSED}: missed its target on test (never the best)."), ""]
+    return lines
+
+
+def _choice(c: dict, first: bool) -> str:
+    """One source's choice: method, threshold, rate, cost, and its comparisons."""
+    rate = (f"keeps {pct(c['skipping_rate'])}" if c["mode"] == Mode.WHITE_BOX else f"appeals {pct(c['appeal_rate'])}")
+    none = sum(not math.isfinite(t) for t in c["thresholds"])  # no certified threshold: all to the last stage
+    thr = (f"threshold {sig(c['threshold'])}" if not none else "none certified: all to the last stage"
+           if none == len(c["thresholds"]) else f"none certified on {none} of {len(c['thresholds'])} seeds")
+    s = f"{'deploy ' if first else ''}{c['method']} ({c['threshold_source']}, {thr}, {rate})"
+    if not c["target_met"]:
+        s += f" {MISSED} AD {sig(c['ad'] * 100)} %"
+    if c["cost_mflops"] is not None:
+        s += f", {sig(c['cost_mflops'])} MFLOPs"
+    x = c["times_cheaper"]
+    if x is not None:
+        last = " than the last stage" if first else ""
+        s += f", {sig(x)}x cheaper{last}" if x >= 1 else f", {sig(1 / x)}x the last stage's cost"
+    vs, missed = c["vs_msp"], f" {MISSED}" if "msp" in c["flagged"] else ""
+    s += f"; vs msp{missed}: " + ("—" if vs is None else vs if isinstance(vs, str) else _versus(vs))
+    if c["vs_runner_up"] is not None:
+        s += f"; vs runner-up {c['vs_runner_up']['method']}: {_versus(c['vs_runner_up'])}"
+    if len(c["tied"]) > 1:
+        s += f"; {len(c['tied'])} tied"
+    return s
+
+
+def _versus(v: dict) -> str:
+    def r(x: float) -> str:  # a ratio over a zero cost is inf
+        return sig(x) if math.isfinite(x) else "∞"
+
+    return f"{r(v['ratio'])}x [{r(v['low'])}, {r(v['high'])}] ({v['verdict']})"
 
 
 def _networks(metrics: dict) -> list[str]:

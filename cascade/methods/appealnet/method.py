@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cascade.contracts.methods import CascadeContext, MethodOptions, RoutedSystem, TrainedMethod
+from cascade.contracts.methods import BuildContext, CascadeContext, MethodOptions, RoutedSystem, TrainedMethod
 from cascade.contracts.stages import Oracle, WhiteBoxOracle
 from cascade.contracts.task import Task
 from cascade.core.enums import TaskKind
