@@ -212,9 +212,9 @@ class Bundle:
         """
         x = self.check_preprocessed(inputs) if preprocessed else self.preprocess(inputs)
         n, last = len(x), self.num_stages - 1
-        # each stage gets a fresh row-major copy of its rows, stage 0 too (a batch read from
-        # a CSV is column-major, and the programs' float32 sums differ with the layout)
-        routing = route_rows(x[torch.arange(n)], self._routed, self.thresholds)
+        # row-major, as every later stage's gathered rows are (a batch read from a CSV is
+        # column-major, and the programs' float32 sums differ with the layout)
+        routing = route_rows(x.contiguous(), self._routed, self.thresholds)
         score = torch.full((n,), float("nan"), dtype=torch.float64)
         mflops = torch.zeros(n, dtype=torch.float64)
         output = torch.full((n, len(self.output_names)), float("nan"))

@@ -27,6 +27,7 @@ from cascade.core.enums import Mode, ThresholdSource
 from cascade.core.errors import CascadeError, described
 from cascade.core.files import atomic_write_text
 from cascade.evaluation.columns import Variant
+from cascade.config.schema import EvaluationConfig
 from cascade.evaluation.guarantee import (
     binomial_p_value,
     degradation_scores,
@@ -36,10 +37,9 @@ from cascade.evaluation.selection import select_by_accuracy
 from cascade.evaluation.sweep import cascade_point, cascade_sweep
 from cascade.evaluation.violations import threshold_violations
 
-#: the defaults of a run's ``evaluation:`` section (``EvaluationConfig.delta`` and
-#: ``violation_resplits``; not imported: cascade.config pulls in torch)
-DEFAULT_DELTA = 0.1
-DEFAULT_RESPLITS = 200
+#: the defaults of a run's ``evaluation:`` section, read from its schema
+DEFAULT_DELTA = EvaluationConfig.model_fields["delta"].default
+DEFAULT_RESPLITS = EvaluationConfig.model_fields["violation_resplits"].default
 
 _TRUE, _FALSE = {"1", "1.0", "true"}, {"0", "0.0", "false"}
 _PARQUET = (".parquet", ".pq")
