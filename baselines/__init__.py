@@ -9,7 +9,8 @@ from baselines.confidence import (
     TemperatureScaledScore,
 )
 from baselines.deferral import DeferralHeadScore
+from baselines.gain import GainHeadScore
 from baselines.regression import ErrorHeadScore, McDropoutScore
 
-__all__ = ["DeferralHeadScore", "DoctorScore", "EnergyScore", "EntropyScore", "ErrorHeadScore", "GapScore",
-           "MaxSoftmaxScore", "McDropoutScore", "TemperatureScaledScore"]
+__all__ = ["DeferralHeadScore", "DoctorScore", "EnergyScore", "EntropyScore", "ErrorHeadScore", "GainHeadScore",
+           "GapScore", "MaxSoftmaxScore", "McDropoutScore", "TemperatureScaledScore"]

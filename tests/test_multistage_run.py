@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from cascade.cli import main
+from cascade.deploy.router import load_run_point
 from cascade.evaluation import cascade_point, cascade_sweep, select_by_accuracy
 from tests.conftest import REPO
 
@@ -344,3 +345,11 @@ def test_regression_cascade_on_synthetic_faces_quick(tmp_path, monkeypatch):
         test = samples[samples["split"] == "test"]
         assert m["errors"][net]["rmse"] == pytest.approx(test[f"{net}_rmse"].mean())
     assert "| mean rmse |" in (out / "table.md").read_text()
+    # Router.from_run fits error_head again, per stage, exactly as the run did (the stage's
+    # own data order and no mode for a mode-independent scorer): its scores are the run's
+    point = load_run_point(out, method="error_head", mode="white_box", target_ad=0.01)
+    x = torch.stack([point.task.build_splits(0).test[i][0] for i in range(len(test))])
+    for k, stage in enumerate(point.router.stages):
+        with torch.no_grad():
+            q = stage(x).q.double().numpy()
+        np.testing.assert_allclose(q, test[f"stage{k}_score_error_head"].to_numpy(), rtol=1e-5, atol=1e-6)

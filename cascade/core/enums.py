@@ -47,3 +47,5 @@ class Selection(StrEnum):
     FIXED = "fixed"
     #: the most accurate point at the mean cost of another method's fixed point
     MATCHED_COST = "matched_cost"
+    #: the most accurate point appealing at most a fraction of the inputs to the last stage
+    APPEAL_BUDGET = "appeal_budget"

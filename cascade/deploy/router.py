@@ -239,8 +239,9 @@ def _scored_stages(entry: MethodEntry, task: Task, plain: list[nn.Module], big: 
         if type(scorer).prepare is not Predictor.prepare:  # it fits itself: again, as the run did
             splits = splits or task.build_splits(query.seed)
             nxt = plain[k + 1] if k + 1 < len(plain) else big
+            mode = query.mode if entry.cls.mode_dependent else None  # as the run's _prepare_post_hoc
             scorer.prepare(net, MethodContext(task=task, train=splits.train, seed=query.seed, device=torch.device("cpu"),
-                                              fit=_plain_fit(query.seed, task), cal=splits.cal, mode=query.mode,
+                                              fit=_plain_fit(query.seed, task, k), cal=splits.cal, mode=mode,
                                               next_stage=nxt))
         stages.append(ScoredStage(net, scorer))
     return stages
@@ -256,12 +257,13 @@ def _output_and_score(stage: nn.Module):
     return run
 
 
-def _plain_fit(seed: int, task: Task):
+def _plain_fit(seed: int, task: Task, stage: int):
     """``MethodContext.fit`` outside a run: the pipeline's trainer set-up on the CPU (the
-    task's augmentation, per-step schedules), no checkpoints or progress."""
+    task's augmentation, per-step schedules, the routed stage's data order), no
+    checkpoints or progress."""
 
     def fit(model, objective, data, oc, desc):
-        build_trainer(model, objective, data, oc, phase_seed(seed, "post_hoc"), desc, task=task,
+        build_trainer(model, objective, data, oc, phase_seed(seed, "post_hoc", stage=stage), desc, task=task,
                       device=torch.device("cpu")).train()
 
     return fit

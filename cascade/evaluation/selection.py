@@ -1,4 +1,5 @@
-"""The selection rules: which variant's threshold meets a cost budget or an accuracy target.
+"""The selection rules: which variant's threshold meets a cost budget, an appeal budget or
+an accuracy target.
 
 Each rule looks at every point of one sweep per variant (all on the same split) and picks
 one; :func:`cascade.evaluation.guarantee.select_guaranteed` is the third rule, certified.
@@ -73,4 +74,32 @@ def select_by_accuracy(sweeps: Sequence[CascadeSweep], min_correct: float) -> Pi
         return Pick(int(variant[i]), float(threshold[i]), False)
     idx = np.flatnonzero(ok)
     i = idx[np.lexsort((-acc[idx], cost[idx]))[0]]  # min cost, then max accuracy
+    return Pick(int(variant[i]), float(threshold[i]), True)
+
+
+def select_by_appeal_rate(sweeps: Sequence[CascadeSweep], budget: float) -> Pick:
+    """The most accurate point whose appeal rate is at most ``budget`` (ties: fewer appeals,
+    then the cheaper).
+
+    The appeal rate is the fraction of inputs that reach the last stage (the big network or
+    the oracle), the ``appeal_rate`` of every operating point; with two stages it is the
+    fraction sent past stage 0. With more stages the intermediate ones are not bounded:
+    their cost is what ``select_by_cost`` bounds.
+
+    Args:
+        sweeps: one sweep per variant, all on the same split.
+        budget: the fraction of inputs allowed to reach the last stage, in (0, 1].
+
+    Returns:
+        The selection. The point that stops every input at stage 0 appeals none, so a
+        budget >= 0 is always met; below 0, the point with fewest appeals, ``feasible=False``.
+    """
+    variant, threshold, acc, cost = _candidates(sweeps)
+    appeals = np.concatenate([s.exit_counts[:, -1] for s in sweeps])
+    ok = appeals <= budget * sweeps[0].n + TOL
+    if not ok.any():
+        i = int(np.lexsort((cost, -acc, appeals))[0])
+        return Pick(int(variant[i]), float(threshold[i]), False)
+    idx = np.flatnonzero(ok)
+    i = idx[np.lexsort((cost[idx], appeals[idx], -acc[idx]))[0]]  # max accuracy, then fewest appeals, cheapest
     return Pick(int(variant[i]), float(threshold[i]), True)
