@@ -35,6 +35,7 @@ few matrix products and exports with the stage (``cascade export``).
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Annotated, Literal
 
 import numpy as np
@@ -145,6 +146,8 @@ class GainHeadScore(Predictor):
         Raises:
             CascadeError: no calibration split; ``features`` asked of a stage without them.
         """
+        # scikit-learn: heavy, and needed only to fit
+        from sklearn.exceptions import ConvergenceWarning
         from sklearn.model_selection import KFold
         from sklearn.neural_network import MLPRegressor
 
@@ -164,8 +167,11 @@ class GainHeadScore(Predictor):
         oof = np.zeros(len(z))
         regs = []
         for fit_rows, held in KFold(folds, shuffle=True, random_state=context.seed).split(zs):
-            reg = MLPRegressor((self.options.hidden,), alpha=self.options.alpha, max_iter=self.options.max_iter,
-                               random_state=context.seed).fit(zs[fit_rows], gain[fit_rows])
+            reg = MLPRegressor(hidden_layer_sizes=(self.options.hidden,), alpha=self.options.alpha,
+                               max_iter=self.options.max_iter, random_state=context.seed)
+            with warnings.catch_warnings():  # max_iter is the user's bound: reaching it is no news
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                reg.fit(zs[fit_rows], gain[fit_rows])
             oof[held] = reg.predict(zs[held])
             regs.append(reg)
         self.w1 = torch.from_numpy(np.stack([r.coefs_[0] for r in regs]))

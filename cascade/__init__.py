@@ -15,7 +15,8 @@ from cascade.nn.objectives import Objective, SupervisedObjective
 from cascade.methods.appealnet import AppealNet, AppealNetObjective, LambdaControllerHook, TwoHeadNetwork
 from cascade.training.augment import random_crop_flip
 from cascade.methods.reinforce import MultiStageCascade, Reinforce, ReinforceObjective, StoppingPolicy
-from cascade.core.registry import METHODS, NETWORKS, TASKS, Registry
+from cascade.core.registry import LOGGERS, METHODS, NETWORKS, TASKS, Registry
+from cascade.contracts.loggers import Logger, LoggerOptions
 from cascade.contracts.methods import MethodContext, MethodOptions, Predictor
 from cascade.contracts.stages import Approximator, BlackBoxOracle, Oracle, StageOutput, WhiteBoxOracle
 from cascade.contracts.task import Preprocessing, Splits, Task, TaskLoss, TaskOptions
@@ -27,6 +28,7 @@ from cascade.deploy.router import RoutedOutput, Router
 from cascade.deploy.bundle import Bundle, RoutedBatch
 from cascade.deploy.inputs import InputFile, load_inputs
 from cascade.training.hooks import HistoryHook, HookBase, ProgressHook
+from cascade.training.loggers import LoggerHook, TensorBoardLogger
 from cascade.training.trainer import Trainer
 
 __all__ = [
@@ -52,6 +54,10 @@ __all__ = [
     "HookBase",
     "InputFile",
     "LambdaControllerHook",
+    "LOGGERS",
+    "Logger",
+    "LoggerHook",
+    "LoggerOptions",
     "MaskedL2TaskLoss",
     "METHODS",
     "MethodContext",
@@ -84,6 +90,7 @@ __all__ = [
     "TaskKind",
     "TaskLoss",
     "TaskOptions",
+    "TensorBoardLogger",
     "ThresholdSource",
     "TrainedMethod",
     "Trainer",

@@ -262,7 +262,7 @@ def _run_experiment(cfg, out: Path, args: argparse.Namespace) -> int:
     if not metrics:  # under torchrun, a rank other than 0: it trained, rank 0 reports
         return 0
     print(render_markdown(metrics))
-    print(f"\nresults in {out}/ (metrics.json, table.md, table.csv, samples.csv, figures/, checkpoints/)")
+    print(f"\nresults in {out}/ (metrics.json, table.md, table_full.md, table.csv, samples.csv, figures/, checkpoints/)")
     print("\n" + "\n".join(recommendation_section(metrics)).rstrip())  # the answer, last
     return 0
 

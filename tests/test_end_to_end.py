@@ -19,6 +19,7 @@ from tests.conftest import REPO
 
 SEEDS = [0, 1]
 BUDGETS = [0.3, 0.6]  # fractions of the big side's cost: exercises the budget selection too
+APPEAL_BUDGETS = [0.05, 0.1, 0.2, 0.3]  # evaluation.appeal_budgets' default: fractions of inputs reaching the big side
 WB_TARGETS = [0.0, 0.001, 0.005, 0.01]  # configs/digits.yaml
 BB_TARGETS = [0.005, 0.01, 0.02, 0.05]
 METHODS = ["appealnet", "msp", "gap", "entropy", "msp_ts", "doctor", "energy", "deferral_head"]
@@ -45,7 +46,8 @@ def _metrics(out: Path) -> dict:
 
 def test_run_writes_contract_files(digits_run):
     out, proc = digits_run
-    for name in ("config.yaml", "metrics.json", "points.csv", "samples.csv", "table.md", "table.csv", "run.log"):
+    for name in ("config.yaml", "metrics.json", "points.csv", "samples.csv", "table.md", "table_full.md", "table.csv",
+                 "run.log"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert sorted(p.name for p in (out / "figures").iterdir()) == [
         "accuracy_vs_cost_black_box.png", "accuracy_vs_cost_white_box.png", "gap_closed.png", "score_histograms.png",
@@ -101,15 +103,17 @@ def test_metrics_contract(digits_run):
               "exit_fractions", "variants", "feasible", "skipping_rate_std", "system_accuracy_std", "delta"}
     points = m["operating_points"]
     assert all(fields <= set(p) for p in points)
-    keys = sorted((p["mode"], p["method"], p["selection"], p["threshold_source"],
-                   p["target_ad"] if p["selection"] == "target_ad" else p["budget_fraction"]) for p in points)
+    keys = sorted((p["mode"], p["method"], p["selection"], p["threshold_source"], _value(p)[1]) for p in points)
     expected = sorted((mode, method, "target_ad", source, t) for mode, targets in (("white_box", WB_TARGETS),
                                                                                  ("black_box", BB_TARGETS))
                       for method in METHODS for source in ("test", "val", "guaranteed") for t in targets) + \
         sorted((mode, method, "budget", source, b) for mode in m["modes"] for method in METHODS
                for source in ("test", "val") for b in BUDGETS) + \
         sorted((mode, "oracle", "target_ad", "test", t) for mode, targets in (("white_box", WB_TARGETS),
-                                                                             ("black_box", BB_TARGETS)) for t in targets)
+                                                                             ("black_box", BB_TARGETS)) for t in targets) + \
+        sorted((mode, method, "appeal_budget", source, b) for mode in m["modes"] for method in METHODS
+               for source in ("test", "val") for b in APPEAL_BUDGETS) + \
+        sorted((mode, "oracle", "appeal_budget", "test", b) for mode in m["modes"] for b in APPEAL_BUDGETS)
     assert keys == sorted(expected)  # each point once; targets are fractions, not percents
     for p in points:
         assert p["skipping_rate"] + p["appeal_rate"] == pytest.approx(1.0)
@@ -142,6 +146,12 @@ def test_network_and_head_costs_reported(digits_run):
 # ============================================================================ recomputed from samples.csv
 
 
+def _value(p: dict) -> tuple[str, float]:
+    """The column that names a point's constraint, and its value."""
+    column = {"target_ad": "target_ad", "appeal_budget": "appeal_budget"}.get(p["selection"], "budget_fraction")
+    return column, p[column]
+
+
 def _route(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, t: float) -> tuple[float, float, np.ndarray]:
     """Accuracy, mean cost and exit fractions at threshold ``t``: each input exits at the
     first routed stage whose score is >= t, else at the last stage."""
@@ -158,7 +168,8 @@ def _brute_force_point(cal, test, costs, selection: str, value: float, source: s
     n = len(correct)
     ref = correct[:, -1].mean()
     candidates = np.append(np.unique(scores), np.nextafter(scores.max(), np.inf))
-    acc, cost = np.array([_route(scores, correct, costs, t)[:2] for t in candidates]).T
+    acc, cost, appeal = np.array([(a, c, e[-1]) for a, c, e in (_route(scores, correct, costs, t)
+                                                                 for t in candidates)]).T
     if source == "guaranteed":  # Learn then Test: from the highest threshold down, while the
         # binomial p-value of "more than the target of inputs stop early, wrong, where the
         # last stage is right" stays within delta; nothing certified: everything to the last stage
@@ -172,6 +183,10 @@ def _brute_force_point(cal, test, costs, selection: str, value: float, source: s
         if selection == "target_ad":  # the cheapest point within the AD target; else the most accurate
             ok = acc * n >= n * (ref - value) - 1e-9
             order = np.lexsort((-acc, cost)) if ok.any() else np.lexsort((cost, -acc))
+        elif selection == "appeal_budget":  # the most accurate point with at most `value` of the inputs
+            # reaching the last stage, ties to fewer of them, then the cheaper
+            ok = appeal * n <= value * n + 1e-9
+            order = np.lexsort((cost, appeal, -acc))
         else:  # budget: the most accurate point within the budget; else the cheapest
             ok = cost <= value * costs[-1] + 1e-9
             order = np.lexsort((cost, -acc)) if ok.any() else np.argsort(cost, kind="stable")
@@ -205,8 +220,7 @@ def test_operating_points_recomputed_from_samples_csv(digits_run):
         if p["method"] == "oracle":  # the limit reads correctness columns, no score column (test_baselines_and_limits)
             continue
         (variant,) = [v for v in m["variants"] if (v["mode"], v["method"]) == (p["mode"], p["method"])]
-        value = p["target_ad"] if p["selection"] == "target_ad" else p["budget_fraction"]
-        column = "target_ad" if p["selection"] == "target_ad" else "budget_fraction"
+        column, value = _value(p)
         ours = []
         for seed in SEEDS:
             parts = {split: _arrays(s[(s["seed"] == seed) & (s["split"] == split)], variant) for split in ("cal", "test")}
@@ -232,7 +246,7 @@ def test_operating_points_recomputed_from_samples_csv(digits_run):
         assert p["exit_fractions"] == pytest.approx(np.mean([o["exit_fractions"] for o in ours], axis=0).tolist())
         assert p["feasible"] == all(o["feasible"] for o in ours)
         checked += 1
-    assert checked == 2 * len(METHODS) * (3 * 4 + 2 * len(BUDGETS))
+    assert checked == 2 * len(METHODS) * (3 * 4 + 2 * len(BUDGETS) + 2 * len(APPEAL_BUDGETS))
 
 
 # ============================================================================ run.log
@@ -309,7 +323,7 @@ def test_every_output_file_is_written_to_a_temporary_name_and_renamed(tmp_path, 
     assert main(["run", str(tmp_path / "tiny.yaml"), "--out", str(out), "--quiet"]) == 0
     # (the network cache is written the same way, into its own folder)
     written = {str(dst.relative_to(out)) for _, dst in renames if dst.exists() and dst.is_relative_to(out)}
-    for name in ("config.yaml", "samples.csv", "points.csv", "metrics.json", "table.md", "table.csv"):
+    for name in ("config.yaml", "samples.csv", "points.csv", "metrics.json", "table.md", "table_full.md", "table.csv"):
         assert name in written, name
     # every file of the folder but the log (appended to line by line) arrived by a rename
     assert _files(out) - {"run.log"} == written

@@ -13,6 +13,7 @@ from tests.conftest import REPO
 
 METHODS = ["appealnet", "mc_dropout", "error_head"]  # configs/keypoints.yaml, in order
 TARGETS = [0.005, 0.01, 0.02, 0.05]
+APPEAL_BUDGETS = [0.05, 0.1, 0.2, 0.3]  # evaluation.appeal_budgets' default
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,8 @@ def _metrics(out) -> dict:
 @pytest.mark.slow
 def test_keypoints_run_writes_the_contract_files(keypoints_run):
     out, proc, data_root = keypoints_run
-    for name in ("config.yaml", "metrics.json", "points.csv", "table.md", "table.csv", "samples.csv", "run.log"):
+    for name in ("config.yaml", "metrics.json", "points.csv", "table.md", "table_full.md", "table.csv", "samples.csv",
+                 "run.log"):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "figures").iterdir()) == [
         "accuracy_vs_cost_black_box.png", "routed_samples_black_box.png", "score_histograms.png",
@@ -93,17 +95,25 @@ def test_keypoints_metrics_have_table5_fields(keypoints_run):
         assert v["correct_columns"][-1] is None and v["stage_mflops"][-1] is None
     points = m["operating_points"]
     keys = sorted((p["method"], p["selection"], p["threshold_source"], p["target_ad"]) for p in points
-                  if p["method"] != "oracle")  # the limit: tests/test_baselines_and_limits.py
+                  if p["method"] != "oracle" and p["selection"] == "target_ad")  # the limit: test_baselines_and_limits
     assert keys == sorted((me, "target_ad", s, t) for me in METHODS for s in ("test", "val", "guaranteed")
                           for t in TARGETS)
+    # appeal budgets (evaluation.appeal_budgets' default): every method, and the oracle router, on accuracy
+    # as the other points measure it (the fraction within 4 px)
+    budgets = sorted((p["method"], p["threshold_source"], p["appeal_budget"]) for p in points
+                     if p["selection"] == "appeal_budget")
+    assert budgets == sorted([(me, s, b) for me in METHODS for s in ("test", "val") for b in APPEAL_BUDGETS]
+                             + [("oracle", "test", b) for b in APPEAL_BUDGETS])
     for p in points:
         # the black-box oracle is always right, so AD = 1 - system accuracy; its cost is
         # unknown, so the points report appeal rates and no MFLOPs
         assert p["ad"] == pytest.approx(1 - p["system_accuracy"])
         assert p["cost_mflops"] is None and p["relative_cost"] is None
         assert 0 <= p["appeal_rate"] <= 1 and p["appeal_rate"] == pytest.approx(p["exit_fractions"][-1])
-        if p["threshold_source"] == "test":
+        if p["threshold_source"] == "test" and p["selection"] == "target_ad":
             assert p["feasible"] and p["ad"] <= p["target_ad"] + 1e-9
+        if p["threshold_source"] == "test" and p["selection"] == "appeal_budget":
+            assert p["feasible"] and p["appeal_rate"] <= p["appeal_budget"] + 1e-9
     assert {(c["field"], c["method"]) for c in m["comparisons"]} == {("appeal_rate", "appealnet")}
     assert len(m["comparisons"]) == 3 * len(TARGETS)
 
@@ -130,7 +140,13 @@ def test_keypoints_points_recomputed_from_samples_csv(keypoints_run):
             continue
         appeal, acc = route(p["method"], p["threshold"])
         assert p["appeal_rate"] == pytest.approx(appeal) and p["system_accuracy"] == pytest.approx(acc)
-        if p["threshold_source"] == "test":
-            candidates = np.append(np.unique(test[variants[p["method"]]["score_columns"][0]]), np.inf)
+        if p["threshold_source"] != "test":
+            continue
+        candidates = np.append(np.unique(test[variants[p["method"]]["score_columns"][0]]), np.inf)
+        if p["selection"] == "target_ad":
             best = min(a for a, c in (route(p["method"], t) for t in candidates) if 1 - c <= p["target_ad"] + 1e-9)
             assert p["appeal_rate"] == pytest.approx(best)
+        else:  # appeal budget: the most accurate within it, ties to fewer appeals
+            best = min((-c, a) for a, c in (route(p["method"], t) for t in candidates)
+                       if a <= p["appeal_budget"] + 1e-9)
+            assert (p["system_accuracy"], p["appeal_rate"]) == pytest.approx((-best[0], best[1]))

@@ -1,5 +1,5 @@
-"""The package's shape, read from its source with ``ast``: the layers the README's Layout
-section draws are the ones the imports follow.
+"""The package's shape, read from its source with ``ast``: the layers docs/layout.md draws
+are the ones the imports follow.
 
 - no import cycles (imports inside functions included);
 - each subpackage imports only its own layer's packages or lower ones;

@@ -57,7 +57,8 @@ def _arrays(test: pd.DataFrame, v: dict):
 @pytest.mark.slow
 def test_cascade_run_writes_contract_files(digits_cascade_run):
     out = digits_cascade_run
-    for name in ("config.yaml", "metrics.json", "points.csv", "table.md", "table.csv", "samples.csv", "run.log"):
+    for name in ("config.yaml", "metrics.json", "points.csv", "table.md", "table_full.md", "table.csv", "samples.csv",
+                 "run.log"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert sorted(p.name for p in (out / "figures").iterdir()) == [
         "accuracy_vs_cost_white_box.png", "gap_closed.png", "score_histograms.png", "threshold_violations.png"]
@@ -70,23 +71,29 @@ def test_cascade_run_writes_contract_files(digits_cascade_run):
     for phase in ("seed 0 big", "seed 0 stage 0 pretrain", "seed 0 stage 1 pretrain", "seed 0 stage 0:",
                   "seed 0 reinforce white_box a0.005", "seed 0 appealnet white_box", "report"):
         assert f"phase {phase}" in log, phase
-    # the K-stage report (cascade/report/tables.py): its networks, the target-AD tables and the
+    # the K-stage report (cascade/report/tables.py): its networks, the recommendation, the
+    # deployable points with their intervals; table_full.md: the target-AD tables and the
     # REINFORCE policies at their own greedy threshold
     md = (out / "table.md").read_text()
-    assert md.startswith("# digits: 3-stage cascade, seeds [0]")
+    full = (out / "table_full.md").read_text()
+    assert md.startswith("# digits: 3-stage cascade, seeds [0]") and full.startswith(md.splitlines()[0])
     for line in ("| stage0 | 0.00118 | 1,210 |", "| stage1 |", "| big |",
                  "- reinforce_a0.005_white_box: routing heads add 224, 224 MACs and 482 params.",
+                 "## Recommendation", "| reinforce | trained | guaranteed |",
+                 "## White-box, paper comparison: thresholds tuned on test (optimistic)"):
+        assert line in md, line
+    for line in ("| stage0 | 0.00118 | 1,210 |",
                  "## White-box: mean cost in MFLOPs (MACs) at each accuracy-degradation target",
                  "## white-box: accuracy within a mean-cost budget", "## white-box: methods at their own threshold"):
-        assert line in md, line
+        assert line in full, line
     for a in ALPHAS:
-        assert f"| reinforce | a{a:g} | 0.500 |" in md
-        assert f"| reinforce a{a:g} (" in md  # the others at that policy's cost
+        assert f"| reinforce | a{a:g} | 0.500 |" in full
+        assert f"| reinforce a{a:g} (" in full  # the others at that policy's cost
     # the tables are views of metrics.json
-    from cascade.report import render_markdown, table_rows
+    from cascade.report import render_full, render_markdown, table_rows
 
     m = _metrics(out)
-    assert md == render_markdown(m) + "\n"
+    assert md == render_markdown(m) + "\n" and full == render_full(m) + "\n"
     table = pd.read_csv(out / "table.csv")
     assert len(table) == len(m["operating_points"]) == len(table_rows(m))
     assert table["system_accuracy"].to_numpy() == pytest.approx([p["system_accuracy"] for p in m["operating_points"]])
@@ -137,7 +144,7 @@ def test_cascade_metrics_contract(digits_cascade_run):
         assert p["relative_cost"] == pytest.approx(p["cost_mflops"] / costs[-1])
         assert p["ad"] == pytest.approx(m["accuracy"]["big"] - p["system_accuracy"])
     keys = [(p["method"], p["selection"], p["threshold_source"], p["target_ad"], p["budget_fraction"], p["anchor"])
-            for p in points]
+            for p in points if p["selection"] != "appeal_budget"]  # those: tests/test_appeal_budgets.py
     anchors = [f"reinforce a{a:g}" for a in ALPHAS]
     expected = [(me, "target_ad", s, t, None, None) for me in METHODS for s in ("test", "val", "guaranteed")
                 for t in TARGETS] + \

@@ -1,43 +1,282 @@
-"""The README's examples run as written (with fewer epochs): a task by subclassing, and a
-post-hoc and a trained routing method, each one file outside the repository."""
+"""The README and docs/ say what is true: every fenced code block in them is run or checked
+here, as it is written (``cascade run`` with ``--quick`` or fewer epochs, servers on free
+ports, run commands of data sets this machine may lack checked against the schema only).
 
+- the README's five-minute tour, in order: run, read the recommendation, export, route,
+  the bundle in Python, serve and serve-oracle, curl and httpx;
+- the docs' blocks that read that run (calibrate, Bundle, Router), a task by subclassing,
+  a post-hoc and a trained method (each one file outside the repository), the configs;
+- the README fits on a page, every relative link (and anchor) resolves, every docs page
+  opens with its one-line summary and is in the index, every ``metrics.json`` key is
+  documented, and a fenced block that nothing here checks fails :func:`test_every_block_is_checked`.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
 import json
+import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import httpx
+import pandas as pd
 import pytest
+import yaml
 
 from tests.conftest import REPO
 
+DOCS = REPO / "docs"
+PAGES = [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
+BIN = Path(sys.executable).parent  # the environment's console scripts (cascade) and python
 
-def _block(text: str, first_line: str) -> str:
-    for lang, body in re.findall(r"```(\w+)\n(.*?)```", text, re.S):
+#: every fenced block, by (page, its first line), and the test that runs or checks it
+CHECKED = {
+    ("README.md", "cascade run configs/digits.yaml                 # writes runs/digits/ (add --quick for a smoke run)"):
+        "tour",
+    ("README.md", "awk '/^## /{p = /^## Recommendation/} p' runs/digits/table.md    # the section, up to the next one"):
+        "tour",
+    ("README.md", "cascade export runs/digits --out bundles/digits --method appealnet --mode white_box \\"): "tour",
+    ("README.md", 'python -c "from sklearn.datasets import load_digits; import numpy as np'): "tour",
+    ("README.md", "import numpy as np"): "tour",
+    ("README.md", "cascade serve-oracle runs/digits --port 8001 &      # the big network as an oracle "
+                  "(a run, or a white-box bundle)"): "serve",
+    ("README.md", "curl -s localhost:8000/predict -H 'content-type: application/json' -d "
+                  "'{\"input\": [[[0, 0, 1, 9, 15, 11, 0, 0],"): "serve",
+    ("README.md", "import httpx, numpy as np"): "serve",
+    ("serve.md", '{"predictions": [{"prediction": "3", "stage": 0, "score": 0.93, "mflops": 0.0026, '
+                 '"fallback": false}]}'): "serve",
+    ("calibrate.md", "python -c \"import pandas as pd; s = pd.read_csv('runs/digits/samples.csv')"): "calibrate",
+    ("deploy.md", "from cascade import Bundle"): "deploy_python",
+    ("deploy.md", "from cascade import Router"): "deploy_python",
+    ("tasks.md", "# my_tasks.py"): "task_example",
+    ("tasks.md", "# cascade run blobs.yaml"): "task_example",
+    ("methods.md", "# my_scores.py"): "method_examples",
+    ("methods.md", "# my_methods.py"): "method_examples",
+    ("methods.md", "# cascade run my_methods.yaml"): "method_examples",
+    ("methods.md", "methods:"): "appealnet_options",
+    ("configs.md", "# cascade run configs/digits.yaml"): "digits_config",
+    ("configs.md", "cascade run configs/digits.yaml --set methods.0.predictor.hidden=[] --set seeds=[0]"):
+        "run_commands",
+    ("multistage.md", "stages:                         # routed, cheapest first; each pre-trained alone with "
+                      "`pretrain:`"): "multistage_options",
+    ("cifar.md", "CASCADE_DATA=../shared/data cascade run configs/cifar10_cpu.yaml   # small CNNs, 2-core CPU"):
+        "run_commands",
+}
+
+
+def _fenced(page: Path) -> list[tuple[str, str]]:
+    """``(language, body)`` of every fenced block of ``page``."""
+    return re.findall(r"^```(\w*)\n(.*?)^```", page.read_text(), re.M | re.S)
+
+
+def _block(page: str, first_line: str) -> str:
+    for _, body in _fenced(REPO / page if page == "README.md" else DOCS / page):
         if body.startswith(first_line):
             return body
-    raise AssertionError(f"README has no code block starting with {first_line!r}")
+    raise AssertionError(f"{page} has no code block starting with {first_line!r}")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def _bash(body: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """A block as a bash script, ``--quick`` added to each ``cascade run``."""
+    script = re.sub(r"^(cascade run \S+)", r"\1 --quick", body, flags=re.M)
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{body}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def _python(body: str, cwd: Path, prelude: str = "") -> str:
+    proc = subprocess.run([sys.executable, "-c", prelude + body], cwd=cwd, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"{body}\n{proc.stderr}"
+    return proc.stdout
 
 
 def _cascade(args: list[str], cwd) -> subprocess.CompletedProcess:
     # the console script, run from the user's folder, must find the user's modules there
-    cascade = REPO / ".venv" / "bin" / "cascade"
+    cascade = BIN / "cascade"
     cmd = [str(cascade)] if cascade.exists() else [
         sys.executable, "-c", "import sys; from cascade.cli import main; sys.exit(main())"]
     return subprocess.run(cmd + args, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def test_readme_task_example_runs(tmp_path):
+# -- the page, its links, its index --------------------------------------------------------
+
+
+def test_the_readme_fits_on_a_page_and_names_the_ci_command():
     readme = (REPO / "README.md").read_text()
-    (tmp_path / "my_tasks.py").write_text(_block(readme, "# my_tasks.py"))
-    (tmp_path / "blobs.yaml").write_text(_block(readme, "# cascade run blobs.yaml"))
+    assert len(readme.splitlines()) <= 250
+    # .ci/run runs the README's test command
+    assert "make test" in readme and re.search(r"^make test$", (REPO / ".ci" / "run").read_text(), re.M)
+    assert re.search(r"^test: ", (REPO / "Makefile").read_text(), re.M)
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
+def test_every_relative_link_and_anchor_resolves():
+    links = 0
+    for page in PAGES:
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
+        text = re.sub(r"`[^`\n]*`", "", text)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            assert dest.exists(), f"{page.name}: link to {target}: no such file"
+            if anchor:
+                assert anchor in _anchors(dest), f"{page.name}: link to {target}: no such heading"
+            links += 1
+    assert links > 30
+
+
+def test_each_docs_page_opens_with_one_line_and_is_in_the_index():
+    index = (DOCS / "README.md").read_text()
+    for page in sorted(DOCS.glob("*.md")):
+        lines = page.read_text().splitlines()
+        assert lines[0].startswith("# ") and not lines[1] and lines[2] and not lines[3], page.name
+        assert page.name == "README.md" or f"]({page.name})" in index, f"{page.name} is not in docs/README.md"
+
+
+def test_every_block_is_checked():
+    """A fenced block nothing here runs is a claim nothing checks: indent listings instead."""
+    found = {(page.name, body.splitlines()[0]) for page in PAGES for _, body in _fenced(page)}
+    assert found - set(CHECKED) == set(), "fenced blocks no test checks (add them to CHECKED)"
+    assert set(CHECKED) - found == set(), "CHECKED names blocks the pages no longer have"
+
+
+# -- the tour ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tour(tmp_path_factory) -> Path:
+    """The README's tour up to serving, run in a fresh folder that sees the repository's configs."""
+    folder = tmp_path_factory.mktemp("tour")
+    (folder / "configs").symlink_to(REPO / "configs")
+    blocks = [body for lang, body in _fenced(REPO / "README.md") if lang == "bash"]
+    run, read, export, route = blocks[:4]
+    _bash(run, folder)
+    assert (folder / "runs" / "digits" / "complete.json").exists()
+    shown = _bash(read, folder).stdout
+    m = json.loads((folder / "runs" / "digits" / "metrics.json").read_text())
+    choices = m["recommendation"]["choices"]
+    section, _, printed = shown.partition("\nwhite_box ")  # awk's section, then python's lines
+    assert section.startswith("## Recommendation\n") and "\n## " not in section
+    assert printed and len(printed.splitlines()) == len(choices)
+    for c in choices:
+        assert c["method"] in section
+        assert f"{c['mode']} {c['target_ad']} {c['threshold_source']} {c['method']} " in shown
+    _bash(export, folder)
+    manifest = json.loads((folder / "bundles" / "digits" / "manifest.json").read_text())
+    assert manifest["operating_point"]["method"] == "appealnet"
+    _bash(route, folder)
+    predictions = pd.read_csv(folder / "predictions.csv")
+    assert list(predictions.columns) == ["input", "prediction", "stage", "score", "mflops", "pending"]
+    assert len(predictions) == 100 and set(predictions["stage"]) <= {0, 1}
+    return folder
+
+
+def test_the_tour_runs_exports_and_routes(tour):
+    """The bundle in Python answers as ``cascade route`` did."""
+    body = _block("README.md", "import numpy as np")
+    shown = _python(body, tour)
+    predictions = pd.read_csv(tour / "predictions.csv")
+    assert shown.startswith(str([str(p) for p in predictions["prediction"][:5]]))
+    assert str(predictions["stage"][:5].tolist()) in shown
+    assert float(shown.split()[-1]) == pytest.approx(predictions["mflops"].mean(), rel=1e-6)
+
+
+def test_every_metrics_key_is_documented(tour):
+    m = json.loads((tour / "runs" / "digits" / "metrics.json").read_text())
+    results = (DOCS / "results.md").read_text()
+    table = results[results.index("## metrics.json"):results.index("## The recommendation")]
+    assert [k for k in m if f"`{k}`" not in table] == []
+    choice = m["recommendation"]["choices"][0]
+    assert [k for k in choice if f"`{k}`" not in results] == []
+
+
+def test_the_tour_serves_with_an_oracle(tour):
+    from cascade.serve import ServerProcess
+
+    serve_block = _block("README.md", "cascade serve-oracle")
+    oracle_line, serve_line = [re.sub(r"\s*&\s*(#.*)?$", "", line) for line in serve_block.splitlines()]
+
+    def args(line: str) -> list[str]:
+        words = shlex.split(line)[1:]
+        i = words.index("--port")
+        # ServerProcess starts the server here, not in the tour's folder: its paths made absolute
+        return [str(tour / w) if (tour / w).exists() else w for w in words[:i] + words[i + 2:]]
+
+    command = [str(BIN / "cascade")]
+    with ServerProcess(args(oracle_line), command=command) as oracle:
+        server_args = [oracle.url if a.startswith("http://") else a for a in args(serve_line)]
+        with ServerProcess(server_args, command=command) as server:
+            port = server.url.rpartition(":")[2]
+            curl = _block("README.md", "curl -s localhost:8000").replace(":8000", f":{port}")
+            if shutil.which("curl"):
+                answer = json.loads(_bash(curl, tour).stdout)
+            else:  # the same body, sent by httpx
+                body = re.search(r"-d '(.*)'", curl, re.S).group(1)
+                answer = httpx.post(f"{server.url}/predict", content=body,
+                                    headers={"content-type": "application/json"}).json()
+            shown = _python(_block("README.md", "import httpx, numpy as np").replace(":8000", f":{port}"), tour)
+            health = httpx.get(f"{server.url}/health").json()
+    documented = json.loads(_block("serve.md", '{"predictions"'))
+    assert len(answer["predictions"]) == 1
+    assert answer["predictions"][0].keys() == documented["predictions"][0].keys()
+    first = ast.literal_eval(shown.strip())  # the dict the block prints
+    assert first.keys() == documented["predictions"][0].keys() and first["fallback"] is False
+    assert health
+
+
+# -- the docs' blocks that read the tour's run ---------------------------------------------
+
+
+def test_calibrate_on_the_runs_samples(tour):
+    _bash(_block("calibrate.md", "python -c"), tour)
+    points = json.loads((tour / "points.json").read_text())["points"]
+    assert {(p["target_ad"], p["source"]) for p in points} == {(t, s) for t in (0, 0.01) for s in ("val", "guaranteed")}
+    # nothing is certified at a zero target: every input goes to the big model
+    assert [p["threshold"] for p in points if p["target_ad"] == 0 and p["source"] == "guaranteed"] == [None]
+
+
+def test_the_deploy_python_blocks_run(tour):
+    prelude = ("import numpy as np, torch\nfrom tasks.digits import DigitsTask\n"
+               "raw = np.load('inputs.npy')\nx = DigitsTask().build_splits(0).test.tensors[0]\n")
+    checks = ("\nassert r.output.shape[0] == len(raw) == len(r.stage) == len(r.score) == len(r.mflops)"
+              "\nassert len(bundle.predictions(r.output)) == len(raw) and not r.pending.any()\n")
+    _python(_block("deploy.md", "from cascade import Bundle") + checks, tour, prelude)
+    checks = "\nassert len(routed.output) == len(x) and 0 <= float(routed.appeal_rate) <= 1\n"
+    _python(_block("deploy.md", "from cascade import Router") + checks, tour, prelude)
+
+
+# -- a task, methods, configs --------------------------------------------------------------
+
+
+def test_readme_task_example_runs(tmp_path):
+    (tmp_path / "my_tasks.py").write_text(_block("tasks.md", "# my_tasks.py"))
+    (tmp_path / "blobs.yaml").write_text(_block("tasks.md", "# cascade run blobs.yaml"))
     proc = _cascade(["run", "blobs.yaml", "--out", "out", "--set", "pretrain.epochs=2", "--set", "big_train.epochs=2",
                      "--set", "finetune.epochs=1"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert m["task"] == "my_tasks.BlobsTask"
     # the accuracy reported is the test split's in samples.csv (600 rows: 30 % of 2000)
-    import pandas as pd
-
     test = pd.read_csv(tmp_path / "out" / "samples.csv").query("split == 'test'")
     assert len(test) == 600
     for net in ("big", "stage0"):
@@ -49,10 +288,9 @@ def test_readme_task_example_runs(tmp_path):
 
 def test_readme_method_examples_run(tmp_path):
     """The post-hoc score with an option and the trained method, both by dotted path."""
-    readme = (REPO / "README.md").read_text()
     for name in ("my_scores.py", "my_methods.py"):
-        (tmp_path / name).write_text(_block(readme, f"# {name}"))
-    (tmp_path / "my_methods.yaml").write_text(_block(readme, "# cascade run my_methods.yaml"))
+        (tmp_path / name).write_text(_block("methods.md", f"# {name}"))
+    (tmp_path / "my_methods.yaml").write_text(_block("methods.md", "# cascade run my_methods.yaml"))
     proc = _cascade(["run", "my_methods.yaml", "--out", "out", "--set", "pretrain.epochs=2",
                      "--set", "big_train.epochs=2", "--set", "finetune.epochs=1"], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -64,11 +302,70 @@ def test_readme_method_examples_run(tmp_path):
     # the trained head learned something: its scores are not all alike
     assert m["predictor_collapsed"] == {"DeferralHead_white_box": []}
     # a temperature keeps MSP's ranking (up to ties where float64 saturates at T = 1)
-    import pandas as pd
-
     samples = pd.read_csv(tmp_path / "out" / "samples.csv")
     msp, tmsp = samples["stage0_score_msp"], samples["stage0_score_TemperatureMSP"]
     assert (msp.rank() - tmsp.rank()).abs().mean() < 0.01 * len(samples)
     assert ((tmsp > 0) & (tmsp <= 1)).all()
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| DeferralHead | trained |" in table and "| TemperatureMSP | post-hoc |" in table
+
+
+def _as_run(data: dict) -> dict:
+    """A config as a run resolves it: every default, each method's options spelled out."""
+    from cascade.config import validate
+    from cascade.config.schema import resolved_dict
+    from cascade import TaskKind
+    from cascade.methods.catalogue import build_methods
+
+    cfg = validate(copy.deepcopy(data))
+    resolved = resolved_dict(cfg)
+    resolved["methods"] = [{"name": e.label, **e.options.model_dump(mode="json", by_alias=True, exclude_none=True)}
+                           for e in build_methods(cfg.methods, TaskKind.CLASSIFICATION)]
+    return resolved
+
+
+def test_the_digits_block_is_configs_digits_yaml():
+    from cascade.config import read_yaml
+
+    block = yaml.safe_load(_block("configs.md", "# cascade run configs/digits.yaml"))
+    assert _as_run(block) == _as_run(read_yaml(REPO / "configs" / "digits.yaml"))
+
+
+def test_the_appealnet_block_shows_its_defaults():
+    """The options block of methods.md validates on digits and spells out the defaults."""
+    from cascade import TaskKind
+    from cascade.config import read_yaml
+
+    base = read_yaml(REPO / "configs" / "digits.yaml")
+    shown = _as_run({**base, **yaml.safe_load(_block("methods.md", "methods:"))})
+    default = _as_run({**base, "methods": ["appealnet"]})
+    from cascade.methods.appealnet.method import DEFAULT_INPUTS
+
+    default["methods"][0]["predictor"]["inputs"] = DEFAULT_INPUTS[TaskKind.CLASSIFICATION]  # None: by task kind
+    assert shown["methods"] == default["methods"] and shown["finetune_data"] == default["finetune_data"] == "train"
+
+
+def test_the_multistage_block_validates():
+    from cascade.config import read_yaml
+
+    base = read_yaml(REPO / "configs" / "digits_cascade.yaml")
+    fragment = yaml.safe_load(_block("multistage.md", "stages:"))
+    resolved = _as_run({**base, **fragment})
+    assert [m["name"] for m in resolved["methods"]] == ["reinforce", "appealnet", "msp"]
+    assert resolved["methods"][0]["alphas"] == [0.005, 0.01, 0.02, 0.05] and len(resolved["stages"]) == 2
+
+
+@pytest.mark.parametrize("page, first", [(p, f) for (p, f), how in CHECKED.items() if how == "run_commands"])
+def test_run_commands_name_valid_configs(page, first):
+    """``cascade run CONFIG [--set ...]`` lines for data or hardware this machine may lack:
+    the config and its overrides pass the schema (the data is not read)."""
+    from cascade.config import load_config
+
+    lines = [line for line in _block(page, first).splitlines() if "cascade run" in line]
+    assert lines
+    for line in lines:
+        words = shlex.split(line.partition("#")[0])
+        words = words[words.index("run") + 1:]
+        sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+        assert (REPO / words[0]).exists(), line
+        load_config(REPO / words[0], sets)

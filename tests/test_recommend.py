@@ -22,7 +22,7 @@ from cascade.evaluation.recommend import (
     ratio_interval,
     recommend,
 )
-from cascade.report.tables import recommendation_section
+from cascade.report.tables import recommendation_section, sig
 from tests.conftest import REPO
 
 N = 400  # inputs per split per seed
@@ -79,9 +79,13 @@ def test_a_clearly_better_method_is_recommended_over_a_simpler_one():
         assert c["vs_runner_up"] == (None if "msp" in c["flagged"] else vs)
         assert c["target_met"] and c["times_cheaper"] == pytest.approx(11.0 / c["cost_mflops"])
     lines = recommendation_section({"recommendation": rec})
-    assert lines[0] == "## Recommendation"
-    assert lines[2].startswith("- white_box, AD ≤ 0 %: deploy ")
-    assert "vs msp: " in lines[3] and "(ahead)" in lines[3]
+    assert lines[0] == "## Recommendation" and lines[2].startswith("| AD ≤ | thresholds | method |")
+    # a row per target and source, guaranteed first: the method, then vs msp's ratio, ahead
+    assert lines[4].startswith("| 0 % | guaranteed | ") and lines[5].startswith("|  | val | ")
+    assert lines[6].startswith("| 2.00 % | guaranteed | **good** |") and lines[7].startswith("|  | val | good |")
+    cells = [c.strip() for c in lines[6].strip("|").split("|")]
+    vs = _choice(rec, 0.02, ThresholdSource.GUARANTEED)["vs_msp"]
+    assert cells[7] == f"{sig(vs['ratio'])}x [{sig(vs['low'])}, {sig(vs['high'])}] ahead"
 
 
 def test_two_identical_methods_are_tied_and_the_post_hoc_one_is_recommended():
@@ -93,8 +97,8 @@ def test_two_identical_methods_are_tied_and_the_post_hoc_one_is_recommended():
         assert c["method"] == "msp" and sorted(c["tied"]) == ["msp", "twin"]
         assert c["vs_msp"] is None  # the chosen one is msp
         assert c["vs_runner_up"] == {"method": "twin", "ratio": 1.0, "low": 1.0, "high": 1.0, "verdict": "tied"}
-    assert "vs msp: —; vs runner-up twin: 1.00x [1.00, 1.00] (tied)" in recommendation_section(
-        {"recommendation": rec})[2]
+    assert "| — (it is msp) | twin 1.00x [1.00, 1.00] tied | 2 of 2 |" in recommendation_section(
+        {"recommendation": rec})[4]
 
 
 def test_without_msp_the_recommendation_says_so():
@@ -154,7 +158,11 @@ def test_a_run_has_the_recommendation(quick_digits_run):
         assert c["cost_mflops"] == pytest.approx(p["cost_mflops"]) and c["ad"] == pytest.approx(p["ad"])
         assert c["method"] in c["tied"] and c["method"] in m["methods"]
     md = (quick_digits_run / "table.md").read_text().splitlines()
-    assert md[2] == "## Recommendation" and md[4].startswith(f"- {m['modes'][0]}, AD ≤ ")
+    assert md[2] == "## Recommendation" and md[4] == "### White-box" and md[6].startswith("| AD ≤ | thresholds |")
+    # one row per choice, in metrics.json's order
+    rows = [line for line in md[:md.index("## Networks (test split)")] if line.startswith("| ")
+            and not line.startswith("| AD ≤")]
+    assert [r.split("|")[2].strip() for r in rows] == [c["threshold_source"] for c in rec["choices"]]
 
 
 def test_cascade_run_prints_the_recommendation_last(quick_digits_run, tmp_path, monkeypatch, capsys):

@@ -136,6 +136,9 @@ class EvaluationConfig(_Strict):
     the big network alone (white-box) or the always-right oracle (black-box);
     ``budgets``: mean-cost budgets as fractions of the last stage's cost, at which each
     method's most accurate point is reported (none by default);
+    ``appeal_budgets``: fractions of the inputs allowed to reach the last stage (the appeal
+    rate, not a cost), at which each method's most accurate point is reported with its
+    accuracy gained over the little network and its share of the oracle router's gain;
     ``delta``: the ``guaranteed`` thresholds keep AD under each target with probability at
     least ``1 - delta`` (Learn then Test on the calibration split);
     ``violation_resplits``: random cal/test re-splits per seed on which to count how often
@@ -147,9 +150,18 @@ class EvaluationConfig(_Strict):
     black_box_targets: list[Fraction] = Field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05], min_length=1,
                                               max_length=MAX_ITEMS)
     budgets: list[Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=list, max_length=MAX_ITEMS)
+    appeal_budgets: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: [0.05, 0.1, 0.2, 0.3], max_length=MAX_ITEMS)
     delta: Annotated[float, Field(gt=0, lt=1)] = 0.1
     violation_resplits: Annotated[int, Field(ge=0, le=100_000)] = 200
     batch_size: Annotated[int, Field(gt=0)] = 1024
+
+    @field_validator("appeal_budgets")
+    @classmethod
+    def _distinct_appeal_budgets(cls, v: list[float]) -> list[float]:
+        if len(set(v)) != len(v):
+            raise ValueError("appeal budgets must be distinct")
+        return v
 
 
 class ChecksConfig(_Strict):
@@ -179,6 +191,17 @@ class MethodSpec(BaseModel):
 def method_spec(value: Any) -> Any:
     """A method given by name alone (``- msp``) as the mapping ``{name: msp}``."""
     return {"name": value} if isinstance(value, str) else value
+
+
+class LoggerSpec(BaseModel):
+    """A training logger: registry name (or dotted path) plus its own options, which the
+    logger's ``Options`` schema validates (``{name: tensorboard}``; ``- tensorboard`` too)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class ExperimentConfig(_Strict):
@@ -232,6 +255,10 @@ class ExperimentConfig(_Strict):
     #: label noise, a specialist big network, test-time corruptions (cascade.nn.perturb); none by default
     perturb: PerturbConfig = Field(default_factory=PerturbConfig)
     checks: ChecksConfig = Field(default_factory=ChecksConfig)
+    #: where training's curves go besides metrics.json (cascade.contracts.loggers):
+    #: ``[{name: tensorboard}]`` writes the run folder's tensorboard/; none by default
+    loggers: list[Annotated[LoggerSpec, BeforeValidator(method_spec)]] = Field(default_factory=list,
+                                                                               max_length=MAX_ITEMS)
     quick: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("seeds")

@@ -1,5 +1,5 @@
 """Validation of a parsed config, before any work: the schema, the registry names (tasks,
-networks, methods) and each component's own options, with every error's key path."""
+networks, methods, loggers) and each component's own options, with every error's key path."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from cascade.config.migrations import migration_errors
-from cascade.config.schema import ExperimentConfig, MethodSpec, NetworkSpec, method_spec
+from cascade.config.schema import ExperimentConfig, LoggerSpec, MethodSpec, NetworkSpec, method_spec
+from cascade.contracts.loggers import logger_class
 from cascade.contracts.methods import method_class
 from cascade.contracts.task import Task
 from cascade.core.enums import Mode
@@ -162,12 +163,35 @@ def _method_errors(data: dict[str, Any]) -> list[str]:
     return errors
 
 
+def _logger_errors(data: dict[str, Any], on_this_machine: bool) -> list[str]:
+    """Unknown logger names and invalid logger options; with ``on_this_machine``, also a
+    logger that cannot work here (its package is not installed)."""
+    errors = []
+    loggers = data.get("loggers")
+    for i, value in enumerate(loggers if isinstance(loggers, list) else []):
+        spec = _spec_alone(LoggerSpec, method_spec(value))
+        if spec is None:
+            continue
+        try:
+            cls = logger_class(spec.name)
+        except CascadeError as exc:
+            errors.append(f"loggers.{i}.name: {exc}")
+            continue
+        try:
+            cls.Options.model_validate(spec.options())
+        except ValidationError as exc:
+            errors += _pydantic_errors(exc, prefix=f"loggers.{i}", model=cls.Options)
+        if on_this_machine:
+            errors += [f"loggers.{i}: {p}" for p in cls.problems()]
+    return errors
+
+
 def validate(data: dict[str, Any], path: str = "<config>", resolve_data: bool = False) -> ExperimentConfig:
     """Validate ``data`` completely, before any work.
 
     Checks the schema (unknown keys with the nearest known name, types, ranges), the
-    registry names (tasks, networks, methods, listing the known ones), the task's, the
-    networks' and the methods' options, cross-key rules, and the data paths: a task class
+    registry names (tasks, networks, methods, loggers, listing the known ones), the
+    task's, the networks', the methods' and the loggers' options, cross-key rules, and the data paths: a task class
     may define ``data_problems(options, configured_only) -> list[str]`` (each
     ``"<option>: <message>"``) naming the files its options point to that are missing,
     found without reading them. Keys of the configs before the single pipeline get a
@@ -178,8 +202,9 @@ def validate(data: dict[str, Any], path: str = "<config>", resolve_data: bool = 
         data: the parsed config.
         path: the config file, in messages.
         resolve_data: also check data paths that come from the environment or the
-            default data root, not only those the config sets (``cascade run`` does;
-            ``cascade validate`` checks the config itself, valid on any machine).
+            default data root, not only those the config sets, and that the loggers'
+            packages are installed (``cascade run`` does; ``cascade validate`` checks the
+            config itself, valid on any machine).
 
     Raises:
         ConfigError: every problem at once, each with its key path.
@@ -196,7 +221,7 @@ def validate(data: dict[str, Any], path: str = "<config>", resolve_data: bool = 
     except ValidationError as exc:
         errors += _pydantic_errors(exc, model=ExperimentConfig)
     task_cls, task_errors = _task_errors(data.get("task"), resolve_data)
-    errors += task_errors + _network_errors(data) + _method_errors(data)
+    errors += task_errors + _network_errors(data) + _method_errors(data) + _logger_errors(data, resolve_data)
     if cfg is not None and task_cls is not None:
         errors += _cascade_errors(cfg, task_cls)
     if errors:

@@ -1,4 +1,4 @@
-"""One registry per role: tasks, networks, methods.
+"""One registry per role: tasks, networks, methods, loggers.
 
 Names are snake_case and identical to the values used in YAML configs. Registering a
 name twice is an error; an unknown name raises with the list of known names; a dotted
@@ -99,3 +99,5 @@ def _import_dotted(path: str, role: str) -> Any:
 TASKS: Registry = Registry("task")
 NETWORKS: Registry = Registry("network")
 METHODS: Registry = Registry("method")
+#: where training's scalars go besides ``metrics.json`` (:class:`cascade.contracts.loggers.Logger`)
+LOGGERS: Registry = Registry("logger")

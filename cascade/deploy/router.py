@@ -23,6 +23,7 @@ from cascade.core.errors import CascadeError
 from cascade.deploy.kernel import route_rows
 from cascade.engine.tasks import build_network, build_task, resolve_specs
 from cascade.methods.catalogue import MethodEntry, build_methods
+from cascade.nn.perturb import PerturbConfig, perturb_splits
 from cascade.runs.layout import BIG, CONFIG, POINTS, checkpoint_path, stage_name, system_name
 from cascade.runs.reader import (
     PointQuery,
@@ -196,7 +197,7 @@ def load_run_point(
         ctx = BuildContext(task=task, mode=query.mode, pretrained=plain, oracle=oracle, device=torch.device("cpu"))
         stages = _trained_stages(run, entry, ctx, query, variant)
     else:
-        stages = _scored_stages(entry, task, plain, big, query)
+        stages = _scored_stages(entry, task, plain, big, query, cfg.perturb)
     return RunPoint(router=Router(stages, float(point["threshold"]), big), task=task, run=run, metrics=metrics,
                     point=point, method=query.method, mode=query.mode, seed=query.seed, variant=variant,
                     config_text=config_text)
@@ -229,15 +230,17 @@ def _trained_stages(run: Path, entry: MethodEntry, ctx: BuildContext, query: Poi
 
 
 def _scored_stages(entry: MethodEntry, task: Task, plain: list[nn.Module], big: nn.Module | None,
-                   query: PointQuery) -> list[nn.Module]:
+                   query: PointQuery, perturb: PerturbConfig) -> list[nn.Module]:
     """The plain stages, each with its post-hoc scorer (one that fits itself is fitted
-    again, as the run did)."""
+    again, as the run did: on the seed's splits after the run's perturbations, e.g. a
+    shifted calibration split)."""
     splits = None
     stages = []
     for k, net in enumerate(plain):
         scorer = entry.instance()
         if type(scorer).prepare is not Predictor.prepare:  # it fits itself: again, as the run did
-            splits = splits or task.build_splits(query.seed)
+            splits = splits or perturb_splits(task.build_splits(query.seed), perturb, task.num_outputs,
+                                              task.preprocessing, query.seed)[0]
             nxt = plain[k + 1] if k + 1 < len(plain) else big
             mode = query.mode if entry.cls.mode_dependent else None  # as the run's _prepare_post_hoc
             scorer.prepare(net, MethodContext(task=task, train=splits.train, seed=query.seed, device=torch.device("cpu"),

@@ -51,7 +51,7 @@ def cache_slot(plan: Plan, what: str, label: str, seed: int, spec: NetworkSpec, 
     contents: a task reading other data under the same options must change them.
     """
     cfg = plan.cfg
-    perturb = {k: v for k, v in cfg.perturb.model_dump(mode="json").items() if k != "shift"}  # shift: test only
+    perturb = {k: v for k, v in cfg.perturb.model_dump(mode="json").items() if k != "shift"}  # shift: cal/test only
     key = {"network": label, "task": cfg.task.model_dump(mode="json"), "perturb": perturb,
            "spec": spec.model_dump(mode="json"), "train": oc.model_dump(mode="json"), "seed": seed,
            "device": plan.device.type, "amp": str(plan.amp), "channels_last": plan.channels_last, **extra}

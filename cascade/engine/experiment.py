@@ -72,12 +72,13 @@ from cascade.runs.writer import RunWriter, timed_phase
 from cascade.training import distributed
 from cascade.training.checkpoint import CheckpointStore, NetworkCache, network_cache_dir
 from cascade.training.data import holdout_split
+from cascade.training.loggers import build_loggers, close_loggers
 
 log = logging.getLogger(__name__)
 
 #: config keys that cannot change what training computes: a run may be resumed with them
 #: changed (``seeds`` is not one: the files of the seeds left out would be lost at the end)
-RESUME_IGNORES = ("name", "quick", "data_on_device", "big_cache", "pretrain_cache", "cache_dir", "checks")
+RESUME_IGNORES = ("name", "quick", "data_on_device", "big_cache", "pretrain_cache", "cache_dir", "checks", "loggers")
 
 
 def training_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -180,7 +181,8 @@ class Experiment(TrainingPhases):
 
         Raises:
             CascadeError: the task, its data or networks fail the checks (before any
-                training); checkpoints that do not fit (before any work); a NaN loss.
+                training); checkpoints that do not fit, or a logger that cannot work here
+                (before any work); a NaN loss.
             KeyboardInterrupt: Ctrl-C, after the running phase saved its checkpoint.
         """
         with distributed.session(self.plan.device) as device:
@@ -191,6 +193,7 @@ class Experiment(TrainingPhases):
             self.checkpoints = checkpoint_store(cfg, self.out, resume)
             distributed.barrier()  # every rank has checked the folder before rank 0 writes into it
             main = distributed.is_main()
+            self.loggers[:] = build_loggers(cfg.loggers, self.out) if main else []  # rank 0 writes the curves
             if main:  # before any write: from here until write_record the folder is unfinished
                 clear_record(self.out)
             self.writer = RunWriter(self.out) if main else None
@@ -202,6 +205,8 @@ class Experiment(TrainingPhases):
                     write_record(self.out, self.source)  # the run's last write: it finished
                 return metrics
             finally:
+                close_loggers(self.loggers)
+                self.loggers.clear()
                 self.checkpoints = None
                 self.network_cache = None
 
@@ -289,7 +294,8 @@ class Experiment(TrainingPhases):
         targets = {Mode.WHITE_BOX.value: ev.white_box_targets, Mode.BLACK_BOX.value: ev.black_box_targets}
         budgets = ev.budgets if all(v.stage_mflops[-1] is not None for v in variants) else []
         rows = operating_points(samples, variants, targets, budgets, delta=ev.delta,
-                                oracles=oracle_variants(self.plan, tables.costs, len(self.plan.stage_specs)))
+                                oracles=oracle_variants(self.plan, tables.costs, len(self.plan.stage_specs)),
+                                appeal_budgets=ev.appeal_budgets)
         w.csv(layout.POINTS, pd.DataFrame([{**r, "exit_fractions": ";".join(f"{f:.6g}" for f in r["exit_fractions"])}
                                            for r in rows]))
         metrics = build_metrics(self.plan, samples, tables.costs, tables.systems, variants, rows, self.error_names,

@@ -20,7 +20,9 @@ from cascade.core.enums import Mode
 from cascade.engine.phases import Systems, build_oracle
 from cascade.engine.plan import Plan
 from cascade.evaluation import ORACLE, Variant, aggregate, comparisons, gap_table
-from cascade.evaluation.recommend import recommend
+from cascade.evaluation.budgets import appeal_budget_summary
+from cascade.evaluation.intervals import point_intervals
+from cascade.evaluation.recommend import Deployable, recommend
 from cascade.methods.catalogue import MethodEntry, scorer_key
 from cascade.nn.cost import measure_cost
 from cascade.runs.layout import (
@@ -120,6 +122,7 @@ def build_metrics(plan: Plan, samples: pd.DataFrame, costs: dict, systems: dict[
     points = aggregate(rows)
     trained = [m.label for m in plan.trained_methods]
     post_hoc = [m.label for m in plan.post_hoc_methods]
+    deployable = Deployable(samples, variants, rows)  # the bootstrap, drawn once for both
     return {
         "task": plan.cfg.task.name,
         "kind": plan.kind.value,
@@ -141,7 +144,12 @@ def build_metrics(plan: Plan, samples: pd.DataFrame, costs: dict, systems: dict[
         "comparisons": comparisons(points, trained, post_hoc),
         "gap_closed": gap_table(points, post_hoc),
         "recommendation": recommend(samples, variants, rows, {m.label: m.kind for m in plan.methods},
-                                    _head_params(systems), {m.value: last_cost(plan, m, costs) for m in plan.modes}),
+                                    _head_params(systems), {m.value: last_cost(plan, m, costs) for m in plan.modes},
+                                    deployable),
+        "intervals": point_intervals(deployable),
+        "appeal_budgets": appeal_budget_summary(samples, variants, rows,
+                                                oracle_variants(plan, costs, len(plan.stage_specs)),
+                                                {m.label: m.kind for m in plan.methods}, _head_params(systems)),
         "predictor_collapsed": _collapsed(test, systems),
         "training": histories,
     }

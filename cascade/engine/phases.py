@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cascade.config.schema import NetworkSpec, OptimConfig
+from cascade.contracts.loggers import Logger
 from cascade.contracts.methods import CascadeContext, MethodContext, RoutedSystem
 from cascade.contracts.stages import (
     Approximator,
@@ -45,6 +46,7 @@ from cascade.training.checks import (
 from cascade.training.data import with_oracle_outputs
 from cascade.training.devices import data_on_device
 from cascade.training.hooks import HistoryHook, HookBase, ProgressHook
+from cascade.training.loggers import LoggerHook
 from cascade.training.phase import build_trainer, freeze
 from cascade.training.seeds import phase_seed, seeded_rng
 from cascade.training.trainer import Trainer
@@ -85,6 +87,8 @@ class TrainingPhases:
         #: the run's resumable checkpoints (inside run())
         self.checkpoints: CheckpointStore | None = None
         self.histories: dict[str, list[dict[str, float]]] = {}
+        #: the config's loggers, fed by every phase's LoggerHook (set by run(), on rank 0)
+        self.loggers: list[Logger] = []
         self._device_data: dict[int, tuple[Dataset, Dataset]] = {}
         #: the seed's calibration split, on which trained networks are checked (inside run())
         self._cal: Dataset | None = None
@@ -128,7 +132,8 @@ class TrainingPhases:
         history = HistoryHook()
         plan = self.plan
         trainer = build_trainer(model, objective, train_data, oc, seed, desc, task=plan.task, device=plan.device,
-                                hooks=[*hooks, history, ProgressHook(desc, self.quiet or not distributed.is_main())],
+                                hooks=[*hooks, history, LoggerHook(desc, self.loggers, history),
+                                       ProgressHook(desc, self.quiet or not distributed.is_main())],
                                 params=params, amp_dtype=plan.amp, channels_last=plan.channels_last,
                                 pin_memory=plan.device.type == "cuda" and train_data is data)
         cached = store.lookup(cache, model) if cache is not None else None

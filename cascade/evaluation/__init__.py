@@ -5,13 +5,14 @@ point is computed from it alone, so anyone can recompute them. The modules, in t
 order they build on each other:
 
 - :mod:`~cascade.evaluation.sweep`: every threshold's operating point of one cascade;
-- :mod:`~cascade.evaluation.selection`: the rules that pick a point (budget, accuracy);
+- :mod:`~cascade.evaluation.selection`: the rules that pick a point (budget, appeal budget, accuracy);
 - :mod:`~cascade.evaluation.guarantee`: the certified rule (Learn then Test);
 - :mod:`~cascade.evaluation.columns`: a routed system's columns of the per-sample table;
 - :mod:`~cascade.evaluation.points`: the operating-point table (``points.csv``);
 - :mod:`~cascade.evaluation.violations`: how often chosen thresholds miss on new data;
 - :mod:`~cascade.evaluation.summaries`: means over seeds and comparisons (``metrics.json``);
-- :mod:`~cascade.evaluation.recommend`: which method to deploy, with bootstrap intervals.
+- :mod:`~cascade.evaluation.recommend`: which method to deploy, with bootstrap intervals;
+- :mod:`~cascade.evaluation.budgets`: gains at fixed appeal budgets, with intervals.
 """
 
 from cascade.evaluation.columns import Variant, sweep_costs, variant_arrays
@@ -25,10 +26,11 @@ from cascade.evaluation.points import (
     THRESHOLD_SOURCES,
     OperatingPoint,
     operating_points,
+    oracle_budget_scores,
     oracle_scores,
     points_frame,
 )
-from cascade.evaluation.selection import Pick, select_by_accuracy, select_by_cost
+from cascade.evaluation.selection import Pick, select_by_accuracy, select_by_appeal_rate, select_by_cost
 from cascade.evaluation.summaries import (
     KEYS,
     VALUES,
@@ -69,9 +71,11 @@ __all__ = [
     "gap_closed",
     "gap_table",
     "operating_points",
+    "oracle_budget_scores",
     "oracle_scores",
     "points_frame",
     "select_by_accuracy",
+    "select_by_appeal_rate",
     "select_by_cost",
     "select_guaranteed",
     "sweep_costs",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -18,11 +18,11 @@ from cascade.evaluation.columns import (
     variant_arrays,
 )
 from cascade.evaluation.guarantee import degradation_scores, select_guaranteed
-from cascade.evaluation.selection import Pick, select_by_accuracy, select_by_cost
+from cascade.evaluation.selection import Pick, select_by_accuracy, select_by_appeal_rate, select_by_cost
 from cascade.evaluation.sweep import CascadeSweep, cascade_point, cascade_sweep
 
 #: where a target-AD point's threshold comes from (``points.csv``'s ``threshold_source``),
-#: the deployable ones first; budgets and matched costs use ``val`` and ``test`` too
+#: the deployable ones first; budgets, appeal budgets and matched costs use ``val`` and ``test`` too
 THRESHOLD_SOURCES = {
     ThresholdSource.VAL: "chosen on the calibration split",
     ThresholdSource.GUARANTEED: "certified on the calibration split (Learn then Test): AD <= target with probability "
@@ -63,6 +63,10 @@ class OperatingPoint(Mapping[str, Any]):
         system_accuracy, cost_mflops, relative_cost, ad, skipping_rate, appeal_rate: the
             test split's figures (costs None when the last stage's cost is unknown).
         exit_fractions: ``[K]`` the fraction of test inputs exiting at each stage.
+        appeal_budget: the fraction of inputs allowed to reach the last stage
+            (``appeal_budget``), else None.
+        gain: ``appeal_budget`` points: the test accuracy gained over the plain stage 0
+            (the little network) alone, on this seed; else None.
     """
 
     seed: int
@@ -85,6 +89,8 @@ class OperatingPoint(Mapping[str, Any]):
     skipping_rate: float
     appeal_rate: float
     exit_fractions: list[float]
+    appeal_budget: float | None = None
+    gain: float | None = None
 
     def as_row(self) -> dict[str, Any]:
         """The ``points.csv`` row, ``exit_fractions`` still a list."""
@@ -132,6 +138,31 @@ def oracle_scores(correct: np.ndarray, seed: int) -> np.ndarray:
     return np.where(safe, 1.0, order)
 
 
+def oracle_budget_scores(correct: np.ndarray, seed: int) -> np.ndarray:
+    """``[N, K-1]`` stop scores of the oracle router at an appeal budget: the most accurate
+    router that sends the fewest inputs to the last stage.
+
+    An input exits at its first right routed stage: the stages before it score -1 (pass
+    on), that one 1. An input that only the last stage answers right scores the random
+    value of :func:`oracle_scores` (the same draws) at every routed stage, so lower
+    thresholds keep those inputs one at a time, in random order; one that no stage answers
+    right scores 1 at stage 0. With two stages these are :func:`oracle_scores` exactly;
+    with more, a stage-0 mistake the middle stage corrects is never appealed.
+
+    Args:
+        correct: ``[N, K]`` each stage's correctness, the last stage's in the last column.
+        seed: fixes the order of the inputs only the last stage gets right.
+    """
+    correct = np.asarray(correct, dtype=bool)
+    routed = correct[:, :-1]  # [N, K-1]
+    first = np.where(routed.any(axis=1), routed.argmax(axis=1), -1)  # [N] first right routed stage
+    scores = np.where(np.arange(routed.shape[1])[None, :] < first[:, None], -1.0, 1.0)
+    order = np.random.default_rng(seed).random(len(correct)) * 0.5  # [N]
+    only_last = (first < 0) & correct[:, -1]
+    scores[only_last] = order[only_last, None]
+    return scores
+
+
 class _SeedTables:
     """One seed's per-sample arrays and sweeps of every variant on both splits; its points
     are measured on the test split."""
@@ -142,14 +173,22 @@ class _SeedTables:
         self.arrays = {s: {v: variant_arrays(split[s], v) for v in variants} for s in ("cal", "test")}
         self.sweeps: dict[str, dict[Variant, CascadeSweep]] = {
             s: {v: cascade_sweep(*self.arrays[s][v], sweep_costs(v)) for v in variants} for s in ("cal", "test")}
+        #: mode -> the plain stage 0's test accuracy (what an appeal-budget point gains over)
+        self.little: dict[Mode, float] = {}
+        #: the oracle router's test arrays at appeal budgets (:func:`oracle_budget_scores`)
+        self.budget_oracles: dict[Variant, tuple[np.ndarray, np.ndarray]] = {}
         for o in oracles:
             correct = correct_array(split["test"], o)
             self.arrays["test"][o] = (oracle_scores(correct, seed), correct)
+            self.budget_oracles[o] = (oracle_budget_scores(correct, seed), correct)
+            self.little[o.mode] = float(correct[:, 0].mean())
 
-    def point(self, vs: Sequence[Variant], pick: Pick, **selected: Any) -> OperatingPoint:
-        """The test split's figures at the threshold ``pick`` chose among ``vs``."""
+    def point(self, vs: Sequence[Variant], pick: Pick, arrays: tuple[np.ndarray, np.ndarray] | None = None,
+              **selected: Any) -> OperatingPoint:
+        """The test split's figures at the threshold ``pick`` chose among ``vs`` (with the
+        test ``arrays`` given, else the variant's own)."""
         v = vs[pick.variant]
-        sc, co = self.arrays["test"][v]
+        sc, co = self.arrays["test"][v] if arrays is None else arrays
         p = cascade_point(pick.threshold, sc, co, sweep_costs(v))
         ref = float(co[:, -1].mean())
         known = v.stage_mflops[-1] is not None
@@ -161,10 +200,20 @@ class _SeedTables:
             ad=ref - p.system_accuracy, skipping_rate=1.0 - p.exit_fractions[-1],
             appeal_rate=p.exit_fractions[-1], exit_fractions=p.exit_fractions)
 
+    def appeal_point(self, vs: Sequence[Variant], sweeps: Sequence[CascadeSweep], budget: float,
+                     source: ThresholdSource, arrays: tuple[np.ndarray, np.ndarray] | None = None) -> OperatingPoint:
+        """The ``appeal_budget`` point of ``vs`` chosen on ``sweeps``, with its gain over the
+        plain stage 0 (None when no oracle variant names that stage's column)."""
+        point = self.point(vs, select_by_appeal_rate(sweeps, budget), arrays, selection=Selection.APPEAL_BUDGET,
+                           threshold_source=source, appeal_budget=budget)
+        little = self.little.get(point.mode)
+        return replace(point, gain=None if little is None else point.system_accuracy - little)
+
 
 def _method_points(t: _SeedTables, vs: Sequence[Variant], targets: Sequence[float], budgets: Sequence[float],
-                   delta: float) -> list[OperatingPoint]:
-    """One method's target-AD and budget points (test and val thresholds), then its guaranteed ones."""
+                   delta: float, appeal_budgets: Sequence[float] = ()) -> list[OperatingPoint]:
+    """One method's target-AD and budget points (test and val thresholds), its guaranteed
+    ones, then its appeal-budget points (test and val)."""
     rows = []
     last_cost = vs[0].stage_mflops[-1]
     for source in (ThresholdSource.TEST, ThresholdSource.VAL):
@@ -183,15 +232,24 @@ def _method_points(t: _SeedTables, vs: Sequence[Variant], targets: Sequence[floa
         rows.append(t.point(vs, select_guaranteed(cal_sweeps, degradations, target, delta),
                             selection=Selection.TARGET_AD, threshold_source=ThresholdSource.GUARANTEED,
                             target_ad=target, delta=delta))
+    for source in (ThresholdSource.TEST, ThresholdSource.VAL):
+        sw = [t.sweeps[_SPLIT[source]][v] for v in vs]
+        rows += [t.appeal_point(vs, sw, b, source) for b in appeal_budgets]
     return rows
 
 
-def _oracle_points(t: _SeedTables, o: Variant, targets: Sequence[float]) -> list[OperatingPoint]:
-    """The oracle router's target-AD points, thresholds read off the test split."""
+def _oracle_points(t: _SeedTables, o: Variant, targets: Sequence[float],
+                   appeal_budgets: Sequence[float] = ()) -> list[OperatingPoint]:
+    """The oracle router's target-AD points, then its appeal-budget points, thresholds read
+    off the test split. At an appeal budget it appeals only inputs no earlier stage answers
+    right and the last stage does (two stages: little wrong, big right), as many as fit
+    (:func:`oracle_budget_scores`)."""
     sw = cascade_sweep(*t.arrays["test"][o], sweep_costs(o))
     ref = float(t.arrays["test"][o][1][:, -1].mean())
+    budget_sw = cascade_sweep(*t.budget_oracles[o], sweep_costs(o))
     return [t.point([o], select_by_accuracy([sw], sw.n * (ref - target)), selection=Selection.TARGET_AD,
-                    threshold_source=ThresholdSource.TEST, target_ad=target) for target in targets]
+                    threshold_source=ThresholdSource.TEST, target_ad=target) for target in targets] + \
+        [t.appeal_point([o], [budget_sw], b, ThresholdSource.TEST, t.budget_oracles[o]) for b in appeal_budgets]
 
 
 def _fixed_points(t: _SeedTables, v: Variant, methods: dict[tuple[Mode, str], list[Variant]]) -> list[OperatingPoint]:
@@ -215,7 +273,7 @@ def _fixed_points(t: _SeedTables, v: Variant, methods: dict[tuple[Mode, str], li
 
 def operating_points(samples: pd.DataFrame, variants: Sequence[Variant], targets: dict[str, list[float]],
                      budgets: Sequence[float] = (), delta: float = 0.1,
-                     oracles: Sequence[Variant] = ()) -> list[OperatingPoint]:
+                     oracles: Sequence[Variant] = (), appeal_budgets: Sequence[float] = ()) -> list[OperatingPoint]:
     """Every operating point of every variant, per seed, from the per-sample table.
 
     Selections (the ``selection`` field), each with thresholds read off the test split
@@ -230,7 +288,10 @@ def operating_points(samples: pd.DataFrame, variants: Sequence[Variant], targets
     - ``budget``: the most accurate point whose mean cost is at most each fraction of
       the last stage's cost;
     - ``fixed``: a variant's own threshold (``threshold_source = fixed``); and
-      ``matched_cost``: every other method at that point's mean cost (``anchor`` names it).
+      ``matched_cost``: every other method at that point's mean cost (``anchor`` names it);
+    - ``appeal_budget``: the most accurate point whose appeal rate (the fraction of inputs
+      reaching the last stage) is at most each budget, ties to fewer appeals
+      (:func:`select_by_appeal_rate`), with its ``gain`` over the plain stage 0 alone.
 
     A method with several variants is judged by the best of them at each selection.
 
@@ -242,7 +303,9 @@ def operating_points(samples: pd.DataFrame, variants: Sequence[Variant], targets
         delta: the guaranteed points' allowed probability of missing their target.
         oracles: per mode, the plain stages' correctness and costs (``score_columns``
             unused): the oracle router (:func:`oracle_scores`), reported as method
-            :data:`ORACLE` at each target AD with test thresholds, the limit.
+            :data:`ORACLE` at each target AD and appeal budget with test thresholds, the
+            limit; their stage 0 is what appeal-budget points' ``gain`` is measured against.
+        appeal_budgets: fractions of the inputs allowed to reach the last stage.
 
     Returns:
         One :class:`OperatingPoint` per (seed, mode, method, selection, source, target / budget /
@@ -253,9 +316,9 @@ def operating_points(samples: pd.DataFrame, variants: Sequence[Variant], targets
     for seed, frame in samples.groupby("seed", sort=True):
         t = _SeedTables(int(seed), frame, variants, oracles)
         for (mode, _), vs in methods.items():
-            rows += _method_points(t, vs, targets[mode], budgets, delta)
+            rows += _method_points(t, vs, targets[mode], budgets, delta, appeal_budgets)
         for o in oracles:
-            rows += _oracle_points(t, o, targets[o.mode])
+            rows += _oracle_points(t, o, targets[o.mode], appeal_budgets)
         for v in variants:
             if v.fixed_threshold is not None:
                 rows += _fixed_points(t, v, methods)

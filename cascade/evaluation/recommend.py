@@ -8,12 +8,15 @@ white-box, whether it appeals black-box: :func:`~cascade.evaluation.summaries.va
 
 Uncertainty is a **paired bootstrap over the test inputs, stratified by seed, seeds
 pooled**: each resample draws every seed's test inputs with replacement *within that
-seed* (:func:`bootstrap_weights`), every method is measured on the same draw (paired),
-and a method's value is the mean over seeds of its per-seed means (as ``metrics.json``'s
+seed* (:func:`bootstrap_weights`; :func:`bootstrap_means` draws the same counts a chunk
+of resamples at a time, so memory stays bounded), every method is measured on the same
+draw (paired), and a method's value is the mean over seeds of its per-seed means (as ``metrics.json``'s
 operating points). A ratio ``a / b`` gets the 2.5 and 97.5 percentiles of the
 resampled ratios (``RESAMPLES`` draws, generator seed ``BOOTSTRAP_SEED``: reproducible).
 The thresholds are not re-chosen on each draw: the interval is the test split's
-sampling error at the deployed thresholds, not the calibration split's.
+sampling error at the deployed thresholds, not the calibration split's. The draws are
+made once per run (:class:`Deployable`, every deployable point a column) and shared with
+each point's own interval (:mod:`cascade.evaluation.intervals`).
 
 The rule (:func:`choose`): the *best* is the cheapest method whose point met its target
 on test (mean AD over seeds; if none did, the cheapest of all, flagged). A method is
@@ -48,6 +51,8 @@ SOURCES = (ThresholdSource.GUARANTEED, ThresholdSource.VAL)
 RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
 LEVEL = 0.95
+#: the most bootstrap counts held at once (float64: 8 MB), whatever the test split's size
+CHUNK_CELLS = 2 ** 20
 #: the baseline every recommendation is compared with
 MSP = "msp"
 RULE = ("best = cheapest method meeting the target on test; tied = its ratio to the best has a 95 % interval "
@@ -57,11 +62,23 @@ INTERVAL = ("paired bootstrap over the test inputs, stratified by seed (inputs r
             "seeds pooled (mean of per-seed means); thresholds fixed at their calibration choice")
 
 
+def _generators(count: int, seed: int) -> list[np.random.Generator]:
+    """One generator per seed of the run, spawned from ``seed``: a seed's draws depend on
+    neither the other seeds nor how the resamples are chunked."""
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(count)]
+
+
+def _draw(rng: np.random.Generator, n: int, resamples: int) -> np.ndarray:
+    """``[resamples, n]`` multinomial counts summing to ``n``: how often each input is drawn."""
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+
+
 def bootstrap_weights(sizes: Sequence[int], resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> list[np.ndarray]:
     """Per seed, ``[resamples, n_s]``: how often each of its test inputs is drawn in each
-    resample (multinomial counts summing to ``n_s``): inputs are resampled within their seed."""
-    rng = np.random.default_rng(seed)
-    return [rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64) for n in sizes]
+    resample (multinomial counts summing to ``n_s``): inputs are resampled within their seed.
+    Dense (``resamples x n_s`` floats per seed); :func:`bootstrap_means` draws the same
+    counts in chunks."""
+    return [_draw(g, n, resamples) for g, n in zip(_generators(len(sizes), seed), sizes)]
 
 
 def pooled_means(values: Sequence[np.ndarray], weights: Sequence[np.ndarray]) -> np.ndarray:
@@ -74,14 +91,36 @@ def pooled_means(values: Sequence[np.ndarray], weights: Sequence[np.ndarray]) ->
     return sum(w @ x / x.shape[0] for x, w in zip(values, weights)) / len(values)
 
 
+def bootstrap_means(values: Sequence[np.ndarray], resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                    cells: int = CHUNK_CELLS) -> np.ndarray:
+    """:func:`pooled_means` of :func:`bootstrap_weights` (the same draws), with at most
+    ``cells`` counts held at once: the resamples are drawn a chunk at a time, seed by seed,
+    so memory stays bounded whatever the test split's size."""
+    gens = _generators(len(values), seed)
+    step = max(1, cells // max(x.shape[0] for x in values))
+    out = np.zeros((resamples, values[0].shape[1]))
+    for start in range(0, resamples, step):
+        k = min(step, resamples - start)
+        for g, x in zip(gens, values):
+            out[start:start + k] += _draw(g, x.shape[0], k) @ x / x.shape[0]
+    return out / len(values)
+
+
+def percentile_interval(draws: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """The ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of ``draws`` by rank (no
+    interpolation: a draw may be inf): of 1000 draws, the 26th and the 975th smallest."""
+    r = np.sort(draws)
+    lo, hi = r[[round((len(r) - 1) * (1 - level) / 2), round((len(r) - 1) * (1 + level) / 2)]]
+    return float(lo), float(hi)
+
+
 def ratio_interval(mean: np.ndarray, boot: np.ndarray, i: int, j: int, level: float = LEVEL) -> dict[str, float]:
     """Method ``i``'s value over method ``j``'s: the ratio of the means and its percentile interval."""
     def ratio(a, b):
         return np.where(b > 0, a / np.where(b > 0, b, 1.0), np.where(a > 0, np.inf, 1.0))
 
-    r = np.sort(ratio(boot[:, i], boot[:, j]))  # ranks, not interpolation: a ratio may be inf
-    lo, hi = r[[round((len(r) - 1) * (1 - level) / 2), round((len(r) - 1) * (1 + level) / 2)]]
-    return {"ratio": float(ratio(mean[i], mean[j])), "low": float(lo), "high": float(hi)}
+    lo, hi = percentile_interval(ratio(boot[:, i], boot[:, j]), level)
+    return {"ratio": float(ratio(mean[i], mean[j])), "low": lo, "high": hi}
 
 
 def verdict(r: Mapping[str, float]) -> str:
@@ -127,6 +166,43 @@ def _versus(mean: np.ndarray, boot: np.ndarray, i: int, j: int, methods: Sequenc
     return {"method": methods[j], **r, "verdict": verdict(r)}
 
 
+class Deployable:
+    """Every deployable target-AD point's per-input test values at its fixed thresholds,
+    and their seed-stratified bootstrap, drawn once for the recommendation and the
+    intervals (:mod:`cascade.evaluation.intervals`).
+
+    Attributes:
+        keys: ``[(mode, target, source)]``: modes in the run's order, then targets
+            ascending, guaranteed before val.
+        columns: ``[(mode, target, source, method)]``: one per point, grouped by key.
+        groups: ``column -> its per-seed point rows`` (``points.csv``).
+        mean: ``[C]`` each column's pooled value (mean over seeds of the per-seed means:
+            the point's cost or appeal rate); boot: ``[resamples, C]`` resampled.
+    """
+
+    def __init__(self, samples: pd.DataFrame, variants: Sequence[Variant], rows: Sequence[Mapping[str, Any]],
+                 resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED):
+        tests = _Tests(samples)
+        self.seed = seed
+        index = _point_rows(rows)
+        lookup = {(v.mode, v.method, v.variant): v for v in variants}
+        keys = list(dict.fromkeys((k[1], k[4], k[3]) for k in index))  # (mode, target, source)
+        modes = list(dict.fromkeys(k[0] for k in keys))
+        self.keys = sorted(keys, key=lambda k: (modes.index(k[0]), k[1], SOURCES.index(k[2])))
+        self.columns = [(mode, target, source, m) for mode, target, source in self.keys
+                        for m in dict.fromkeys(k[2] for k in index if (k[1], k[4], k[3]) == (mode, target, source))]
+        self.groups = {c: [index[s, c[0], c[3], c[2], c[1]] for s in tests.seeds] for c in self.columns}
+        per_seed = [np.stack([tests.values(lookup[c[0], c[3], g[i]["variant"]], s, g[i]["threshold"])
+                              for c, g in self.groups.items()], axis=1) if self.columns else np.zeros((0, 0))
+                    for i, s in enumerate(tests.seeds)]
+        self.mean = np.mean([x.mean(axis=0) for x in per_seed], axis=0) if self.columns else np.zeros(0)
+        self.boot = bootstrap_means(per_seed, resamples, seed) if self.columns else np.zeros((resamples, 0))
+
+    def of(self, key: tuple) -> list[int]:
+        """The columns of one ``(mode, target, source)``, in the run's method order."""
+        return [i for i, c in enumerate(self.columns) if c[:3] == key]
+
+
 class _Tests:
     """Each seed's test rows and, cached, each variant's scores and correctness there."""
 
@@ -169,7 +245,8 @@ def _summary(group: Sequence[Mapping[str, Any]], target: float, last: float | No
 
 def recommend(samples: pd.DataFrame, variants: Sequence[Variant], rows: Sequence[Mapping[str, Any]],
               kinds: Mapping[str, Any], params: Mapping[tuple[str, str], int | None] | None = None,
-              last_mflops: Mapping[str, float | None] | None = None) -> dict[str, Any]:
+              last_mflops: Mapping[str, float | None] | None = None,
+              deployable: Deployable | None = None) -> dict[str, Any]:
     """``metrics.json``'s ``recommendation``: per mode, target and source (guaranteed, val)
     the recommended method, its point and its comparisons (module docstring).
 
@@ -180,24 +257,17 @@ def recommend(samples: pd.DataFrame, variants: Sequence[Variant], rows: Sequence
         kinds: ``method -> MethodKind``.
         params: ``(mode, method) -> its routing heads' parameters``, where known.
         last_mflops: ``mode -> the last stage's cost`` (for "times cheaper"), where known.
+        deployable: the points' values and bootstrap when already drawn (else drawn here).
     """
-    tests = _Tests(samples)
-    weights = bootstrap_weights([len(tests.frames[s]) for s in tests.seeds])
-    index = _point_rows(rows)
-    lookup = {(v.mode, v.method, v.variant): v for v in variants}
-    keys = list(dict.fromkeys((k[1], k[4], k[3]) for k in index))  # (mode, target, source)
-    modes = list(dict.fromkeys(k[0] for k in keys))
-    keys.sort(key=lambda k: (modes.index(k[0]), k[1], SOURCES.index(k[2])))
+    d = deployable if deployable is not None else Deployable(samples, variants, rows)
     choices = []
-    for mode, target, source in keys:
-        methods = list(dict.fromkeys(k[2] for k in index if k[1] == mode and k[3] == source and k[4] == target))
-        groups = {m: [index[s, mode, m, source, target] for s in tests.seeds] for m in methods}
-        values = [np.stack([tests.values(lookup[mode, m, groups[m][i]["variant"]], s, groups[m][i]["threshold"])
-                            for m in methods], axis=1) for i, s in enumerate(tests.seeds)]
-        mean = np.mean([x.mean(axis=0) for x in values], axis=0)
-        summaries = {m: _summary(groups[m], target, (last_mflops or {}).get(mode)) for m in methods}
+    for mode, target, source in d.keys:
+        cols = d.of((mode, target, source))
+        methods = [d.columns[i][3] for i in cols]
+        summaries = {m: _summary(d.groups[d.columns[i]], target, (last_mflops or {}).get(mode))
+                     for m, i in zip(methods, cols)}
         mine = {m: p for (md, m), p in (params or {}).items() if md == mode}
-        c = choose(methods, mean, pooled_means(values, weights), [summaries[m]["target_met"] for m in methods],
+        c = choose(methods, d.mean[cols], d.boot[:, cols], [summaries[m]["target_met"] for m in methods],
                    kinds, mine)
         chosen = methods[c.pop("chosen")]
         choices.append({"mode": mode, "target_ad": target, "threshold_source": source,

@@ -12,9 +12,10 @@ from cascade.core.enums import Mode, Selection, ThresholdSource
 from cascade.evaluation.points import ORACLE
 
 #: what identifies a point across seeds, and the figures averaged over them
-KEYS = ("mode", "method", "selection", "threshold_source", "target_ad", "budget_fraction", "anchor", "delta")
+KEYS = ("mode", "method", "selection", "threshold_source", "target_ad", "budget_fraction", "anchor", "delta",
+        "appeal_budget")
 VALUES = ("threshold", "target_mflops", "system_accuracy", "cost_mflops", "relative_cost", "ad", "skipping_rate",
-          "appeal_rate")
+          "appeal_rate", "gain")
 
 
 def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
@@ -27,13 +28,13 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
     """
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for r in rows:
-        groups.setdefault(tuple(r[k] for k in KEYS), []).append(r)
+        groups.setdefault(tuple(r.get(k) for k in KEYS), []).append(r)
     n_seeds = len({r["seed"] for r in rows})
     out = []
     for key, group in groups.items():
         row: dict[str, Any] = dict(zip(KEYS, key))
         for v in VALUES:
-            vals = [g[v] for g in group if g[v] is not None]
+            vals = [g.get(v) for g in group if g.get(v) is not None]
             row[v] = float(np.mean(vals)) if vals else None
             if n_seeds > 1 and vals:
                 spread = len(vals) > 1 and bool(np.isfinite(vals).all())

@@ -10,7 +10,9 @@ Each is a transform of a seed's :class:`~cascade.contracts.task.Splits`, configu
   input of ``big_classes`` and only this fraction of the others' (a specialist);
 - ``shift``: the *test* split corrupted (Hendrycks & Dietterich 2019's families): Gaussian
   noise, Gaussian blur, JPEG compression or contrast, at severity 1-5, in pixel space (the
-  task's :class:`~cascade.contracts.task.Preprocessing` undone, then redone).
+  task's :class:`~cascade.contracts.task.Preprocessing` undone, then redone); with
+  ``splits: [cal, test]`` the calibration split too, as a user who calibrates on the data
+  they will serve would (the thresholds and the post-hoc fits then see the shift).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
@@ -34,12 +36,25 @@ SEVERITIES = {
 }
 
 
+#: where the calibration split's corruption draws its noise from: apart from the test split's (``seed``)
+_CAL_SEED_OFFSET = 10_000
+
+
 class ShiftConfig(BaseModel):
-    """``shift: {corruption: gaussian_noise, severity: 3}``."""
+    """``shift: {corruption: gaussian_noise, severity: 3, splits: [test]}``: ``splits`` are the
+    splits corrupted: ``[test]`` (thresholds chosen on clean data) or ``[cal, test]``."""
 
     model_config = ConfigDict(extra="forbid")
     corruption: Literal["gaussian_noise", "blur", "jpeg", "contrast"]
     severity: Annotated[int, Field(ge=1, le=5)] = 3
+    splits: list[Literal["cal", "test"]] = Field(default_factory=lambda: ["test"], min_length=1)
+
+    @field_validator("splits")
+    @classmethod
+    def _test_always(cls, v: list[str]) -> list[str]:
+        if "test" not in v or len(set(v)) != len(v):
+            raise ValueError(f"must be [test] or [cal, test] (the test split is always the shifted one); got {v}")
+        return v
 
 
 class PerturbConfig(BaseModel):
@@ -143,11 +158,14 @@ def perturb_splits(splits: Splits, cfg: PerturbConfig, num_classes: int, prep: P
             raise CascadeError(f"perturb.big_classes: {bad} are not classes of this task (0..{num_classes - 1})")
         rows = specialist_rows(y, cfg.big_classes, cfg.big_other_fraction, seed)
         big = TensorDataset(x[rows], y[rows])
-    test = splits.test
+    cal, test = splits.cal, splits.test
     if cfg.shift is not None:
         if prep is None:
             raise CascadeError("perturb.shift: the task declares no preprocessing (cascade.Preprocessing), so its "
                                "pixel space is unknown")
         xt, yt = _tensors(splits.test, "test")
         test = TensorDataset(corrupt(xt, cfg.shift, prep, seed), yt)
-    return Splits(train, splits.cal, test), big
+        if "cal" in cfg.shift.splits:
+            xc, yc = _tensors(splits.cal, "cal")
+            cal = TensorDataset(corrupt(xc, cfg.shift, prep, seed + _CAL_SEED_OFFSET), yc)
+    return Splits(train, cal, test), big

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cascade.core.enums import Mode, ThresholdSource
+from cascade.core.enums import Mode, Selection, ThresholdSource
 from cascade.evaluation.columns import (
     Variant,
     correct_array,
@@ -21,20 +21,22 @@ from cascade.report.tables import method_kind, sig
 
 
 def write_figures(samples: pd.DataFrame, variants: list[Variant], metrics: dict[str, Any], writer: Any) -> None:
-    """Per mode, ``accuracy_vs_cost_<mode>.png``: every method's threshold sweep on the
-    first seed's test split, its own-threshold points, each plain stage alone; and
-    ``score_histograms.png``: each method's first-stage score, inputs the stage gets
-    right vs wrong; and ``threshold_violations.png`` when the run simulated re-splits."""
+    """Per mode, ``accuracy_vs_cost_<mode>.png``: every method's threshold sweep on each
+    seed's test split (one faint line per seed: the spread across seeds), its own-threshold
+    points, each plain stage alone, and the recommended points (``metrics.json:
+    recommendation``, guaranteed: a star per target); ``score_histograms.png``: each
+    method's first-stage score on the first seed, inputs the stage gets right vs wrong; and
+    ``threshold_violations.png`` when the run simulated re-splits."""
     plt = _pyplot()
-    seed = metrics["seeds"][0]
-    test = samples[(samples["seed"] == seed) & (samples["split"] == "test")]
+    test = samples[samples["split"] == "test"]
+    tests = {int(s): f for s, f in test.groupby("seed", sort=True)}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for mode in metrics["modes"]:
-        _accuracy_vs_cost_figure(metrics, test, seed, mode, [v for v in variants if v.mode == mode], colors,
-                                 writer, plt)
+        _accuracy_vs_cost_figure(metrics, tests, mode, [v for v in variants if v.mode == mode], colors, writer, plt)
     _violation_figure(metrics, writer, plt)
     _gap_figure(metrics, writer, plt)
-    _score_histograms(test, [v for v in variants if v.mode == metrics["modes"][0]], writer, plt)
+    first = tests[min(tests)] if tests else test
+    _score_histograms(first, [v for v in variants if v.mode == metrics["modes"][0]], writer, plt)
 
 
 def _pyplot() -> Any:
@@ -49,41 +51,67 @@ def _pyplot() -> Any:
     return plt
 
 
-def _accuracy_vs_cost_figure(metrics: dict[str, Any], test: pd.DataFrame, seed: int, mode: Mode,
+def _accuracy_vs_cost_figure(metrics: dict[str, Any], tests: dict[int, pd.DataFrame], mode: Mode,
                              mine: list[Variant], colors: list[str], writer: Any, plt: Any) -> None:
     """``accuracy_vs_cost_<mode>.png`` (see :func:`write_figures`); the x axis is the skipping
     rate when the last stage's cost is unknown."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
     unknown_cost = any(v.stage_mflops[-1] is None for v in mine)
-    _sweep_curves(ax, metrics, test, mine, unknown_cost, colors)
-    if mine:  # the oracle router on the plain stages: the limit
-        plain = next((v for v in mine if method_kind(metrics, v.method) == "post_hoc"), mine[0])
-        co = correct_array(test, plain)
-        sw = cascade_sweep(oracle_scores(co, seed), co, sweep_costs(plain))
-        x = 1 - sw.exit_counts[:, -1] / sw.n if unknown_cost else sw.cost_mflops
-        ax.plot(x, sw.system_accuracy, color="k", lw=1, ls=":", label="oracle router (limit)")
+    alpha = 1.0 if len(tests) == 1 else 0.45
+    for i, (seed, test) in enumerate(tests.items()):
+        _sweep_curves(ax, metrics, test, mine, unknown_cost, colors, alpha, label=i == 0)
+        if mine:  # the oracle router on the plain stages: the limit
+            plain = next((v for v in mine if method_kind(metrics, v.method) == "post_hoc"), mine[0])
+            co = correct_array(test, plain)
+            sw = cascade_sweep(oracle_scores(co, seed), co, sweep_costs(plain))
+            x = 1 - sw.exit_counts[:, -1] / sw.n if unknown_cost else sw.cost_mflops
+            ax.plot(x, sw.system_accuracy, color="k", lw=1, ls=":", alpha=alpha,
+                    label="oracle router (limit)" if i == 0 else None)
+    frames = list(tests.values())
     last = mine[0].correct_columns[-1] if mine else None
-    ref = 1.0 if last is None else float(test[last].mean())
-    ax.axhline(ref, color="k", ls="--", lw=1, label="big alone" if last else "oracle")
+    ref = 1.0 if last is None else float(np.mean([t[last].mean() for t in frames]))
+    ax.axhline(ref, color="k", ls="--", lw=1, label="big alone (mean over seeds)" if last else "oracle")
     if unknown_cost:
         ax.set_xlabel("skipping rate (answered before the oracle)")
     else:
         ax.set_xscale("log")
         ax.set_xlabel("mean MFLOPs (MACs) per input")
         for k in range(metrics["num_stages"] - 1):  # each plain stage alone: its own cost, its accuracy
-            ax.plot(metrics["networks"][f"stage{k}"]["mflops"], test[f"stage{k}_correct"].mean(), "s", color="k",
-                    ms=5, label="plain stages alone" if k == 0 else None)
+            acc = [t[f"stage{k}_correct"].mean() for t in frames]
+            ax.plot([metrics["networks"][f"stage{k}"]["mflops"]] * len(acc), acc, "s", color="k", ms=4,
+                    label="plain stages alone (each seed)" if k == 0 else None)
+    _recommended(ax, metrics, mode, unknown_cost)
     ax.set_ylabel("system accuracy")
-    ax.set_title(f"{metrics['task']} {mode.replace('_', '-')}, seed {seed}, test")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"{metrics['task']} {mode.replace('_', '-')}, test split, {len(tests)} seed(s): a line per seed",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves stay visible
     fig.tight_layout()
     writer.figure(fig, f"accuracy_vs_cost_{mode}.png")
 
 
+def _recommended(ax: Any, metrics: dict[str, Any], mode: str, unknown_cost: bool) -> None:
+    """A star at each recommended (guaranteed) point of ``mode``, at its mean cost and
+    accuracy over seeds, labelled with its method and the targets it is recommended for."""
+    points = {(p["method"], p["threshold_source"], p["target_ad"]): p for p in metrics["operating_points"]
+              if p["mode"] == mode and p["selection"] == Selection.TARGET_AD}
+    spots: dict[tuple, list[float]] = {}
+    for c in (metrics.get("recommendation") or {}).get("choices", []):
+        p = points.get((c["method"], c["threshold_source"], c["target_ad"]))
+        if c["mode"] != mode or c["threshold_source"] != ThresholdSource.GUARANTEED or p is None:
+            continue
+        x = p["skipping_rate"] if unknown_cost else p["cost_mflops"]
+        spots.setdefault((c["method"], x, p["system_accuracy"]), []).append(c["target_ad"])
+    for n, ((method, x, y), targets) in enumerate(spots.items()):
+        ax.plot(x, y, "*", ms=15, mfc="gold", mec="k", mew=1, zorder=5, label="recommended" if n == 0 else None)
+        ax.annotate(f"{method}, AD ≤ {', '.join(sig(t * 100) for t in targets)} %", (x, y), fontsize=7,
+                    xytext=(-8, 7 + 9 * (n % 2)), textcoords="offset points", ha="right", zorder=6,
+                    bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8})
+
+
 def _sweep_curves(ax: Any, metrics: dict[str, Any], test: pd.DataFrame, mine: list[Variant], unknown_cost: bool,
-                  colors: list[str]) -> None:
-    """Each variant's threshold sweep (a method's first variant labelled, the others paler),
-    and its own threshold's point."""
+                  colors: list[str], alpha: float = 1.0, label: bool = True) -> None:
+    """Each variant's threshold sweep on one seed's test split (a method's first variant
+    labelled when ``label``, the others paler), and its own threshold's point."""
     methods = list(dict.fromkeys(v.method for v in mine))
     for v in mine:
         color = colors[methods.index(v.method) % len(colors)]
@@ -93,13 +121,15 @@ def _sweep_curves(ax: Any, metrics: dict[str, Any], test: pd.DataFrame, mine: li
         x = 1 - sw.exit_counts[:, -1] / sw.n if unknown_cost else sw.cost_mflops
         first = v is next(u for u in mine if u.method == v.method)
         kind = method_kind(metrics, v.method)
-        ax.plot(x, sw.system_accuracy, color=color, lw=2 if kind == "trained" else 1,
-                alpha=1.0 if first else 0.5, label=v.method if first else None)
+        ax.plot(x, sw.system_accuracy, color=color, lw=1.6 if kind == "trained" else 0.9,
+                alpha=alpha if first else alpha / 2, label=v.method if first and label else None)
         if v.fixed_threshold is not None:
             p = cascade_point(v.fixed_threshold, sc, co, costs)
             at = 1 - p.exit_fractions[-1] if unknown_cost else p.cost_mflops
-            ax.plot(at, p.system_accuracy, "o", color=color, ms=6)
-            ax.annotate(v.variant, (at, p.system_accuracy), fontsize=7, xytext=(3, -9), textcoords="offset points")
+            ax.plot(at, p.system_accuracy, "o", color=color, ms=5, alpha=alpha)
+            if label:
+                ax.annotate(v.variant, (at, p.system_accuracy), fontsize=7, xytext=(3, -9),
+                            textcoords="offset points")
 
 
 def _score_histograms(test: pd.DataFrame, variants: list[Variant], writer: Any, plt: Any) -> None:

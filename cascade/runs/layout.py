@@ -10,10 +10,13 @@ A run folder::
       metrics.json       METRICS      everything measured
       points.csv         POINTS       every operating point
       samples.csv        SAMPLES      one row per seed, split and input (columns below)
-      table.md           TABLE        the report's tables
+      table.md           TABLE        the report: the recommendation and the compact tables
+      table_full.md      TABLE_FULL   every table of the report
+      table.csv          TABLE_CSV    every operating point, one row each
       run.log            RUN_LOG      a line per phase
       complete.json      RECORD       written last: the run finished
       figures/           FIGURES
+      tensorboard/       TENSORBOARD  training curves (config loggers: [{name: tensorboard}])
       checkpoints/       CHECKPOINTS  seed{seed}_{name}.pt (checkpoint_name)
         resume/          RESUME       an unfinished run's training state
 
@@ -43,10 +46,14 @@ METRICS = "metrics.json"
 POINTS = "points.csv"
 SAMPLES = "samples.csv"
 TABLE = "table.md"
+TABLE_FULL = "table_full.md"
+TABLE_CSV = "table.csv"
 RUN_LOG = "run.log"
 #: the completion record (:mod:`cascade.runs.record`)
 RECORD = "complete.json"
 FIGURES = "figures"
+#: the tensorboard logger's event files, one folder per seed and phase
+TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
 #: where an unfinished run keeps its resumable training state
 RESUME = f"{CHECKPOINTS}/resume"

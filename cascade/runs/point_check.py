@@ -4,7 +4,8 @@
 export recomputes the one point it deploys with that same function, on that seed's
 calibration and test rows, and refuses a ``points.csv`` row that disagrees: a threshold
 edited by hand, or a points file paired with another run's samples. The figures a bundle
-reports as expected are then the recomputed ones.
+reports as expected are then the recomputed ones. An ``appeal_budget`` row is recomputed
+the same way (its ``appeal_budget`` in place of the target AD).
 """
 
 from __future__ import annotations
@@ -46,13 +47,14 @@ class _VariantRecord(BaseModel):
 
 
 def recompute_point(run: Path, metrics: dict, point: dict[str, Any]) -> dict[str, Any]:
-    """``point`` (a ``points.csv`` row of a target-AD selection) with its figures recomputed
-    from ``samples.csv``.
+    """``point`` (a ``points.csv`` row of a target-AD or appeal-budget selection) with its
+    figures recomputed from ``samples.csv``.
 
     Args:
         run: the run folder.
         metrics: its ``metrics.json`` (its ``variants`` name the columns).
-        point: the row: ``seed, mode, method, variant, target_ad, threshold_source`` and
+        point: the row: ``seed, mode, method, variant, threshold_source``, its
+            ``target_ad`` (or ``selection: appeal_budget`` and its ``appeal_budget``) and
             the figures of :data:`CHECKED`; a guaranteed point's ``delta``.
 
     Raises:
@@ -60,8 +62,35 @@ def recompute_point(run: Path, metrics: dict, point: dict[str, Any]) -> dict[str
             recomputed threshold, system or figure that is not the row's (one line
             naming ``points.csv``).
     """
+    mode, method, source = point["mode"], point["method"], point["threshold_source"]
+    variants, samples = _seed_samples(run, metrics, point)
+    # delta decides only the guaranteed points, whose rows hold theirs
+    delta = 0.1 if point.get("delta") is None else float(point["delta"])
+    selection = Selection.APPEAL_BUDGET if point.get("selection") == Selection.APPEAL_BUDGET else Selection.TARGET_AD
+    if selection == Selection.APPEAL_BUDGET:
+        budget = float(point["appeal_budget"])
+        rows = operating_points(samples, variants, {mode: []}, (), delta=delta, appeal_budgets=[budget])
+        what = f"appeal budget {budget:g}"
+    else:
+        rows = operating_points(samples, variants, {mode: [float(point["target_ad"])]}, (), delta=delta)
+        what = f"target AD {point['target_ad']:g}"
+    (fresh,) = [r for r in rows if r["selection"] == selection and r["threshold_source"] == source]
+    where = f"{run / POINTS}: the {source} point of {method} ({mode}, seed {point['seed']}, {what})"
+    if (fresh["variant"] or "") != (point.get("variant") or ""):
+        raise CascadeError(f"{where} uses system {point.get('variant')!r}, but samples.csv chooses "
+                           f"{fresh['variant']!r}; the points are not this run's: run it again")
+    for key in CHECKED:
+        if not _same(point.get(key), fresh[key]):
+            raise CascadeError(f"{where} has {key} {point.get(key)!r}, but samples.csv gives {fresh[key]!r}; the "
+                               "two files are not of one run (one was edited, cut short or swapped): run it again")
+    return {**point, **{k: fresh[k] for k in (*CHECKED, "feasible")}}
+
+
+def _seed_samples(run: Path, metrics: dict, point: dict[str, Any]) -> tuple[list[Variant], pd.DataFrame]:
+    """The point's method's variants (``metrics.json``) and its seed's rows of
+    ``samples.csv``, checked: the columns they read are there and hold what they should."""
     path = run / SAMPLES
-    seed, mode, method, source = point["seed"], point["mode"], point["method"], point["threshold_source"]
+    seed, mode, method = point["seed"], point["mode"], point["method"]
     try:
         variants = [_VariantRecord.model_validate(v).as_variant() for v in metrics.get("variants", [])]
     except ValidationError as exc:
@@ -91,21 +120,7 @@ def recompute_point(run: Path, metrics: dict, point: dict[str, Any]) -> dict[str
         if not ok:
             raise CascadeError(f"{path}: column {c} holds values that are not "
                                + ("True/False" if c.endswith("_correct") else "numbers"))
-    targets = {mode: [float(point["target_ad"])]}
-    # delta decides only the guaranteed points, whose rows hold theirs
-    delta = 0.1 if point.get("delta") is None else float(point["delta"])
-    rows = operating_points(samples, variants, targets, (), delta=delta)
-    (fresh,) = [r for r in rows if r["selection"] == Selection.TARGET_AD and r["threshold_source"] == source]
-    where = (f"{run / POINTS}: the {source} point of {method} ({mode}, seed {seed}, target AD "
-             f"{point['target_ad']:g})")
-    if (fresh["variant"] or "") != (point.get("variant") or ""):
-        raise CascadeError(f"{where} uses system {point.get('variant')!r}, but samples.csv chooses "
-                           f"{fresh['variant']!r}; the points are not this run's: run it again")
-    for key in CHECKED:
-        if not _same(point.get(key), fresh[key]):
-            raise CascadeError(f"{where} has {key} {point.get(key)!r}, but samples.csv gives {fresh[key]!r}; the "
-                               "two files are not of one run (one was edited, cut short or swapped): run it again")
-    return {**point, **{k: fresh[k] for k in (*CHECKED, "feasible")}}
+    return variants, samples
 
 
 def _same(a: Any, b: Any) -> bool:
