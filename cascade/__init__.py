@@ -2,7 +2,8 @@
 
 The public API; everything else is private. Importing this package has no side effects
 beyond defining classes and registering the built-in routing methods (AppealNet, the
-REINFORCE stopping policy); concrete tasks and baselines are plugins, loaded on demand.
+REINFORCE stopping policy) and the ``tensorboard`` training logger; concrete tasks and
+baselines are plugins, loaded on demand.
 """
 
 from cascade.config import ExperimentConfig, load_config

@@ -5,6 +5,7 @@ pre-training objective's label smoothing."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -345,3 +346,152 @@ def test_infeasible_selection_one_resplit_one_seed_and_sweep_errors():
         cascade_sweep(np.zeros((2, 2)), np.zeros((2, 2), bool), (1.0, 10.0))
     with pytest.raises(ValueError, match="3 stage costs for 2 stages"):
         cascade_sweep(scores, np.zeros((2, 2), bool), (1.0, 2.0, 3.0))
+
+
+# ---------------------------------------------------------------- small contracts of the point table
+
+
+def test_a_variant_converts_its_mode_and_a_point_reads_as_its_csv_row():
+    # catches: Variant.__post_init__ setting another attribute than "mode" (the plain string
+    # then stays, equal to the enum but not one); OperatingPoint.__getitem__ raising KeyError
+    # without the key; as_row / __iter__ / points_frame: the columns in order, the exit
+    # fractions joined with ";" at 6 significant digits
+    from cascade.core.enums import Mode, Selection, ThresholdSource
+    from cascade.evaluation.points import OperatingPoint, points_frame
+
+    v = Variant("m", "white_box", "", ("s",), ("c0", "c1"), (1.0, 10.0))
+    assert type(v.mode) is Mode and v.mode is Mode.WHITE_BOX
+    p = OperatingPoint(seed=1, mode=Mode.WHITE_BOX, method="m", target_ad=0.01, selection=Selection.TARGET_AD,
+                       threshold_source=ThresholdSource.VAL, variant="", feasible=True, threshold=0.5,
+                       system_accuracy=0.9, cost_mflops=4.0, relative_cost=0.4, ad=0.0, skipping_rate=2 / 3,
+                       appeal_rate=1 / 3, exit_fractions=[2 / 3, 1 / 3])
+    columns = [f.name for f in dataclasses.fields(OperatingPoint)]  # the points.csv columns, in order
+    assert columns[:3] == ["seed", "mode", "method"] and "exit_fractions" in columns
+    assert list(p) == columns and len(p) == len(columns) and list(p.as_row()) == columns
+    assert p["cost_mflops"] == 4.0 and p.as_row()["exit_fractions"] == [2 / 3, 1 / 3]
+    with pytest.raises(KeyError) as error:
+        p["nope"]
+    assert error.value.args == ("nope",)
+    frame = points_frame([p, p])
+    assert list(frame.columns) == columns and len(frame) == 2
+    assert frame["exit_fractions"].tolist() == ["0.666667;0.333333"] * 2
+    assert frame["seed"].tolist() == [1, 1] and frame["target_mflops"].isna().all()
+
+
+# ---------------------------------------------------------------- AppealNet's loss_gap, oracle carried
+
+
+def test_loss_gap_target_reads_the_carried_oracle_output():
+    # catches: _direct's loss_gap asking the oracle although its outputs come with the batch,
+    # or the carried outputs read with another argument (None, y missing)
+    from cascade import AppealNetObjective, WhiteBoxOracle
+
+    little = torch.tensor([[0.0, math.log(3.0)], [math.log(3.0), 0.0]])  # p(y) = .75 on both rows: CE -ln .75
+    y = torch.tensor([1, 0])
+    carried = torch.tensor([[0.0, 0.0], [0.0, math.log(3.0)]])  # CE ln 2, ln 4
+    x = torch.tensor([[math.log(9.0), 0.0], [0.0, 0.0]])  # the oracle asked: CE ln 10, ln 2 (not these)
+    q = torch.tensor([0.5, 0.8])  # logits 0, ln 4
+
+    def model(_):
+        return StageOutput(output=little, q=q)
+
+    class Echo(torch.nn.Module):
+        def forward(self, inputs):
+            return StageOutput(output=inputs)
+
+    obj = AppealNetObjective(CrossEntropyTaskLoss(), WhiteBoxOracle(Echo()), lam=0.3, predictor_target="loss_gap")
+    # gaps L(big) - L(little): ln 2 + ln .75 = ln 1.5, ln 4 + ln .75 = ln 3; logit - gap: -ln 1.5, ln 4/3
+    out = obj(model, (x, y, carried))
+    assert out["L_P"].item() == pytest.approx((math.log(1.5) ** 2 + math.log(4 / 3) ** 2) / 2, abs=1e-6)
+    # asked (no third element): gaps ln 10 + ln .75 = ln 7.5, ln 2 + ln .75 = ln 1.5
+    out = obj(model, (x, y))
+    assert out["L_P"].item() == pytest.approx((math.log(7.5) ** 2 + (math.log(4) - math.log(1.5)) ** 2) / 2, abs=1e-6)
+
+
+# ---------------------------------------------------------------- the re-split pool, by hand
+
+
+def test_a_pool_split_three_ways_counts_and_costs_by_hand():
+    # catches (violations._Pool / _Split): the calibration part's correct count, the test
+    # part's, and its cost at a grid point computed another way (e.g. the running costs not
+    # starting at 0, which shifts split 0's cost)
+    from cascade.evaluation.violations import _Pool
+
+    # 4 rows, scores .9 .8 .7 .6, costs (1, 10): grid point g keeps the g highest rows at stage 0
+    # correct (little, big): row 0 both, row 1 little wrong, row 2 both, row 3 big wrong (a rescue)
+    pool = _Pool(np.array([[0.9], [0.8], [0.7], [0.6]]), np.array([[1, 1], [0, 1], [1, 1], [1, 0]], bool), (1.0, 10.0))
+    assert pool.threshold[1:].tolist() == [0.9, 0.8, 0.7, 0.6] and pool.threshold[0] > 0.9
+    s = pool.split(np.array([[1, 0, 0], [1, 0, 1], [0, 1, 0], [0, 1, 1]], bool))  # cal {0,1}, {2,3}, {1,3}
+    g = np.array([0, 0, 0])  # all to the big one: cal right 2, 1, 1; test right {2,3} 1, {0,1} 2, {0,2} 2
+    assert s.cal_correct(g).tolist() == [2, 1, 1] and s.test_correct(g).tolist() == [1, 2, 2]
+    assert s.cal_cost(g).tolist() == [22.0, 22.0, 22.0]
+    # split 0 at .8 (rows 0, 1 kept: 1 + 0 right, cost 2), split 1 at .6 (all kept: cal 2, 3 right,
+    # cost 2; test 0, 1: 1 right), split 2 at .9 (row 0 kept; cal 1, 3 to the big: 1 + 0, cost 22;
+    # test 0 kept right, 2 big right: 2)
+    g = np.array([2, 4, 1])
+    assert s.cal_correct(g).tolist() == [1, 2, 1] and s.test_correct(g).tolist() == [1, 1, 2]
+    assert s.cal_cost(g).tolist() == [2.0, 2.0, 22.0]
+    # split 2 at .8: row 1 kept (wrong, cost 1) and row 3 to the big (wrong, 11)
+    g = np.array([4, 0, 2])
+    assert s.cal_correct(g).tolist() == [1, 1, 0] and s.cal_cost(g).tolist() == [2.0, 22.0, 12.0]
+    assert s.test_correct(g).tolist() == [2, 2, 2]
+
+
+# ---------------------------------------------------------------- threshold_violations' seeding
+
+
+def test_threshold_violations_are_seeded_with_seed_0_by_default():
+    # catches: another default seed; the splits drawn from an unseeded generator
+    from cascade.evaluation import threshold_violations
+    from tests.test_wrong_answers import _violations_table
+
+    v = Variant("m", "white_box", "", ("s",), ("c0", "c1"), (1.0, 10.0))
+
+    def run(**kw):
+        return threshold_violations(_violations_table(), [v], {"white_box": [0.0, 0.25]}, delta=0.6, resplits=40, **kw)
+
+    default = run()
+    assert default == run() == run(seed=0)
+    assert default != run(seed=1)
+
+
+def test_resplits_with_an_empty_calibration_part_route_everything_to_the_last_stage():
+    # catches (violations._Split.sweep_point): a calibration part without events (every
+    # score -inf) mapped to any grid point but 0 (its sweep has one point, threshold inf:
+    # the code mapped it to the LAST grid point, keeping every test row: fixed, issue 21),
+    # or the emptiness ignored; the last split's single event read at another position;
+    # the last event before a point counted only after the split's first one
+    from cascade.core.enums import ThresholdSource
+    from cascade.evaluation import cascade_point, cascade_sweep, degradation_scores, select_by_accuracy, select_guaranteed
+    from cascade.evaluation.violations import _Pool, _resplit_ads
+
+    inf = -np.inf
+    scores = np.array([[inf], [inf], [0.7], [0.6], [0.9]])
+    correct = np.array([[0, 1], [1, 1], [0, 1], [0, 1], [1, 1]], bool)  # rows 0, 2, 3: the little one wrong
+    costs = (1.0, 10.0)
+
+    def col(*rows):
+        return np.isin(np.arange(5), rows)
+
+    # A: {2, 3}, {0, 4}, {0, 1} (empty, last); B: {3, 4}, {1, 2} (one event, last)
+    # By hand, val t = 0 and t = .5, guaranteed (delta .5: 0 losses certified at t = .5, nothing at 0):
+    # every test AD is 0 (A's {0, 1}: threshold inf, nothing kept; B's {1, 2}: keeping row 2 (.7)
+    # degrades, so just above .7: row 4 kept, right; row 3 (.6, wrong) not). The pool ADs too,
+    # but for val t = .5 on {2, 3}: threshold .7, rows 2 (wrong) and 4 kept: 1/5.
+    for cal, pool_ad_val_half in ((np.stack([col(2, 3), col(0, 4), col(0, 1)], axis=1), [0.2, 0.0, 0.0]),
+                                  (np.stack([col(3, 4), col(1, 2)], axis=1), [0.0, 0.0])):
+        ads = _resplit_ads([_Pool(scores, correct, costs)], cal, [0.0, 0.5], 0.5)
+        for (source, t), (test_ad, pool_ad) in ads.items():
+            assert test_ad.tolist() == [0.0] * cal.shape[1], (source, t)
+            want = pool_ad_val_half if (source, t) == (ThresholdSource.VAL, 0.5) else [0.0] * cal.shape[1]
+            assert pool_ad.tolist() == pytest.approx(want, abs=1e-12), (source, t)
+        for r in range(cal.shape[1]):  # and what the selection functions pick on each calibration part
+            m = cal[:, r]
+            sw = cascade_sweep(scores[m], correct[m], costs)
+            for t in (0.0, 0.5):
+                for source, pick in ((ThresholdSource.VAL, select_by_accuracy([sw], 2 * (1 - t))),
+                                     (ThresholdSource.GUARANTEED, select_guaranteed(
+                                         [sw], [degradation_scores(scores[m], correct[m])], t, 0.5))):
+                    test = cascade_point(pick.threshold, scores[~m], correct[~m], costs)
+                    assert ads[(source, t)][0][r] == pytest.approx(1.0 - test.system_accuracy, abs=1e-12)
+

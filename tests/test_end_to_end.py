@@ -433,7 +433,7 @@ def test_router_reproduces_every_operating_point_of_the_run(digits_run, seed):
                 assert got.tolist() == np.where(keep, s[f"{system}_correct"].to_numpy(bool), last).tolist()
                 assert got.mean() == pytest.approx(point["system_accuracy"], abs=1e-12), point
                 checked += 1
-    assert checked == len(points) == 2 * len(METHODS) * (3 * 4 + 2 * len(BUDGETS))
+    assert checked == len(points) == 2 * len(METHODS) * (3 * 4 + 2 * len(BUDGETS) + 2 * len(APPEAL_BUDGETS))
 
 
 # ============================================================================ MNIST

@@ -321,3 +321,12 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_curves_each_step_once(work, 
     for tag, points in uninterrupted.items():
         assert resumed[tag] == points, tag  # each step once (the earlier attempt's 8..10 purged), same values
     shutil.rmtree(out)
+
+
+def test_loggers_do_not_decide_training_so_a_run_resumes_with_them_changed(work):
+    from cascade.engine.experiment import training_fingerprint
+
+    plain = load_config(work / "tiny.yaml")
+    logged = load_config(work / "tiny.yaml", overrides=["loggers=[tensorboard]"])
+    assert logged.loggers[0].name == "tensorboard" and plain.loggers == []
+    assert training_fingerprint(logged) == training_fingerprint(plain)

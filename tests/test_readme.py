@@ -13,6 +13,7 @@ ports, run commands of data sets this machine may lack checked against the schem
 
 from __future__ import annotations
 
+import argparse
 import ast
 import copy
 import json
@@ -258,11 +259,11 @@ def test_calibrate_on_the_runs_samples(tour):
 def test_the_deploy_python_blocks_run(tour):
     prelude = ("import numpy as np, torch\nfrom tasks.digits import DigitsTask\n"
                "raw = np.load('inputs.npy')\nx = DigitsTask().build_splits(0).test.tensors[0]\n")
-    checks = ("\nassert r.output.shape[0] == len(raw) == len(r.stage) == len(r.score) == len(r.mflops)"
-              "\nassert len(bundle.predictions(r.output)) == len(raw) and not r.pending.any()\n")
-    _python(_block("deploy.md", "from cascade import Bundle") + checks, tour, prelude)
-    checks = "\nassert len(routed.output) == len(x) and 0 <= float(routed.appeal_rate) <= 1\n"
-    _python(_block("deploy.md", "from cascade import Router") + checks, tour, prelude)
+    bundle_checks = ("\nassert r.output.shape[0] == len(raw) == len(r.stage) == len(r.score) == len(r.mflops)"
+                     "\nassert len(bundle.predictions(r.output)) == len(raw) and not r.pending.any()\n")
+    router_checks = "\nassert len(routed.output) == len(x) and 0 <= float(routed.appeal_rate) <= 1\n"
+    _python(_block("deploy.md", "from cascade import Bundle") + bundle_checks
+            + _block("deploy.md", "from cascade import Router") + router_checks, tour, prelude)
 
 
 # -- a task, methods, configs --------------------------------------------------------------
@@ -369,3 +370,56 @@ def test_run_commands_name_valid_configs(page, first):
         sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
         assert (REPO / words[0]).exists(), line
         load_config(REPO / words[0], sets)
+
+
+def test_every_flag_the_docs_give_a_command_is_one_it_takes():
+    """``cascade SUB ... --flag`` in any code span, block or listing: SUB's parser has ``--flag``;
+    a flag alone in a code span (``--max-batch``): one of the commands has it."""
+    from cascade.cli import _parser
+
+    subparsers = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    seen, wrong = 0, []
+    for page in PAGES:
+        text = page.read_text()
+        spans = re.findall(r"`([^`\n]+)`", re.sub(r"^```.*?^```", "", text, flags=re.M | re.S))
+        spans += [line for _, body in _fenced(page) for line in body.splitlines()]
+        spans += re.findall(r"^    (.*)$", text, re.M)
+        for span in spans:
+            for sub, rest in re.findall(r"\bcascade ([a-z][\w-]*)((?: [^#|;&]*)?)", span):
+                if sub not in subparsers:
+                    continue
+                for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest):
+                    seen += 1
+                    if flag not in subparsers[sub]._option_string_actions:
+                        wrong.append(f"{page.name}: cascade {sub} {flag}")
+        # a flag on its own (`--max-batch`): some command takes it
+        for flag in re.findall(r"`(--[a-z][\w-]*)[^`]*`", text):
+            seen += 1
+            if not any(flag in s._option_string_actions for s in subparsers.values()):
+                wrong.append(f"{page.name}: {flag}")
+    assert wrong == [] and seen > 50
+
+
+def test_every_repository_path_the_docs_name_exists():
+    """``configs/...``, ``cascade/...``, ``tests/...`` and the like, and each bare ``*.yaml``
+    config name, are files or folders of the repository (a user's own files aside)."""
+    users = {"blobs.yaml", "my_methods.yaml", "config.yaml", "inputs.npy"}
+    roots = "cascade|tasks|baselines|benchmarks|configs|tests|docs|\\.ci"
+    missing, seen = [], 0
+    for page in PAGES:
+        text = page.read_text()
+        for path in re.findall(rf"(?<![\w/.-])((?:{roots})/[\w./-]*\w/?)", text):
+            seen += 1
+            if not (REPO / path).exists():
+                missing.append(f"{page.name}: {path}")
+        # the layout's paths inside the package: report/tables.py is cascade/report/tables.py
+        for path in re.findall(r"(?<![\w/.-])((?:core|contracts|nn|config|evaluation|runs|report|training|methods"
+                               r"|engine|deploy|serve)/[\w/-]*\w\.py)", text):
+            seen += 1
+            if not (REPO / "cascade" / path).exists():
+                missing.append(f"{page.name}: cascade/{path}")
+        for name in set(re.findall(r"(?<![\w/.-])([\w-]+\.yaml)\b", text)) - users:
+            seen += 1
+            if not (REPO / "configs" / name).exists():
+                missing.append(f"{page.name}: {name}")
+    assert missing == [] and seen > 40

@@ -67,7 +67,7 @@ def test_chunked_draws_are_the_dense_ones_and_bounded(monkeypatch):
     chunked = bootstrap_means(values, resamples=300, seed=5, cells=7000)
     assert np.allclose(chunked, dense, rtol=0, atol=1e-12)  # the same counts, drawn 10 resamples at a time
     assert max(k * n for k, n in shapes) <= 7000 and sum(k for k, n in shapes if n == 700) == 300
-    # the run's default: about a million counts at once (8 MB), whatever the split's size
+    # the run's default: about four million counts at once (32 MB), whatever the split's size
     shapes.clear()
     bootstrap_means([np.zeros((20_000, 1))], resamples=200)
     assert max(k * n for k, n in shapes) <= rec_module.CHUNK_CELLS
@@ -172,7 +172,7 @@ def test_black_box_rows_count_oracle_calls_and_never_print_infinite_ratios():
     assert "| appeals | MFLOPs | oracle calls |" in lines[2]
     # 1 / 0.00123 = 813 times fewer calls to the oracle than sending it every input
     assert lines[4] == ("| 0.500 % | guaranteed | **msp** | none certified (all to the last stage) | 100 % | 0.350 | "
-                        "none saved (all appeal) | — (it is msp) | — | 2 of 3 |")
+                        "none saved (all appeal) | — (it is msp) | — (no other met the target) | 2 of 3 |")
     assert lines[5] == ("| 5.00 % | val | msp | 0.313 | 0.123 % | 0.00280 | 813x fewer | — (it is msp) | "
                         "deferral_head n/a (it makes 0 appeals), tied | 1 of 3 |")
     assert "∞x" not in "\n".join(lines)

@@ -51,8 +51,8 @@ SOURCES = (ThresholdSource.GUARANTEED, ThresholdSource.VAL)
 RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
 LEVEL = 0.95
-#: the most bootstrap counts held at once (float64: 8 MB), whatever the test split's size
-CHUNK_CELLS = 2 ** 20
+#: the most bootstrap counts held at once (float64: 32 MB), whatever the test split's size
+CHUNK_CELLS = 2 ** 22
 #: the baseline every recommendation is compared with
 MSP = "msp"
 RULE = ("best = cheapest method meeting the target on test; tied = its ratio to the best has a 95 % interval "

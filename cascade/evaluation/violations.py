@@ -97,13 +97,14 @@ class _Split:
         point ``j [R]``: that sweep's threshold is the lowest calibration event value
         reached, the grid point of the last calibration event up to ``j``; or, before any,
         just above every calibration score, the grid point just before its first event
-        (test scores above that threshold stop there too)."""
+        (test scores above that threshold stop there too); a part without events (every
+        score ``-inf``) sweeps one point, threshold ``inf``: grid point 0."""
         keep = self.pool.keep
         last = np.searchsorted(self.flat, self.base + keep[j]) - 1  # the last calibration event before point j
         reached = last >= self.first
         event = self.flat[np.maximum(last, 0)] - self.base
         first_event = self.flat[np.minimum(self.first, len(self.flat) - 1)] - self.base
-        before_any = np.where(self.empty, len(keep) - 1, np.searchsorted(keep, first_event + 1) - 1)
+        before_any = np.where(self.empty, 0, np.searchsorted(keep, first_event + 1) - 1)
         return np.where(reached, np.searchsorted(keep, event + 1), before_any)
 
     def cheapest_within(self, target: float) -> np.ndarray:

@@ -129,7 +129,7 @@ def _choice_cells(c: dict) -> list[str]:
     msp = "— (it is msp)" if vs is None else vs if isinstance(vs, str) else _versus(vs, c["mode"], name=False)
     if "msp" in c["flagged"]:
         msp += f" (msp {MISSED})"
-    runner = "—" if c["vs_runner_up"] is None else _versus(c["vs_runner_up"], c["mode"])
+    runner = "— (no other met the target)" if c["vs_runner_up"] is None else _versus(c["vs_runner_up"], c["mode"])
     n = len(c["ratio_to_best"])
     return [c["threshold_source"], method, thr, rate, sig(c["cost_mflops"]), _saving(c), msp, runner,
             f"{len(c['tied'])} of {n}"]

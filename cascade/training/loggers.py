@@ -8,7 +8,6 @@ run may be resumed with loggers added or removed.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import time
@@ -21,6 +20,7 @@ from cascade.core.errors import CascadeError
 from cascade.core.registry import LOGGERS
 from cascade.runs import layout
 from cascade.training.hooks import HistoryHook, HookBase
+from cascade.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,11 @@ class LoggerHook(HookBase):
         self.loggers = list(loggers)
         self.history = history
 
-    def before_train(self, trainer: Any) -> None:
+    def before_train(self, trainer: Trainer) -> None:
         for logger in self.loggers:
             logger.begin_phase(self.phase, trainer.step)
 
-    def after_step(self, trainer: Any, losses: dict[str, float]) -> None:
+    def after_step(self, trainer: Trainer, losses: dict[str, float]) -> None:
         if not self.loggers:
             return
         values = {f"train/{k}": v for k, v in losses.items()}
@@ -58,17 +58,17 @@ class LoggerHook(HookBase):
             values["train/lr" if i == 0 else f"train/lr_{i}"] = float(group["lr"])
         self._send(trainer.step, values)
 
-    def after_epoch(self, trainer: Any) -> None:
+    def after_epoch(self, trainer: Trainer) -> None:
         if self.loggers and self.history.history:
             self._send(trainer.step, {f"epoch/{k}": v for k, v in self.history.history[-1].items()})
             for logger in self.loggers:  # the epoch's checkpoint comes next: a resume starts from it
                 logger.flush(self.phase)
 
-    def after_train(self, trainer: Any) -> None:
+    def after_train(self, trainer: Trainer) -> None:
         for logger in self.loggers:
             logger.end_phase(self.phase)
 
-    def on_interrupt(self, trainer: Any) -> None:
+    def on_interrupt(self, trainer: Trainer) -> None:
         self.after_train(trainer)
 
     def _send(self, step: int, values: dict[str, float]) -> None:
@@ -78,25 +78,25 @@ class LoggerHook(HookBase):
 
 def build_loggers(specs: Sequence[Any], run_dir: Path) -> list[Logger]:
     """The config's ``loggers`` (each ``{name, **options}``) for the run in ``run_dir``,
-    checked before any training.
+    checked before any training (then ``run_dir`` is created, for them to write in).
 
     Raises:
         CascadeError: an unknown logger, options it refuses, or one that cannot work on
             this machine (a missing package: the message names what to install).
     """
-    out = []
+    checked = []
     for i, spec in enumerate(specs):
         try:
             cls = logger_class(spec.name)
             problems = cls.problems()
             if problems:
                 raise CascadeError(problems[0])
-            options = cls.Options.model_validate(spec.options())
+            checked.append((cls, cls.Options.model_validate(spec.options())))
         except (CascadeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
-            close_loggers(out)
             raise CascadeError(f"loggers.{i}: {' '.join(str(exc).split())}") from None
-        out.append(cls(run_dir, options))
-    return out
+    if checked:  # every logger can work: the run starts, and its folder is there for them
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return [cls(Path(run_dir), options) for cls, options in checked]
 
 
 def close_loggers(loggers: Sequence[Logger]) -> None:
@@ -179,8 +179,7 @@ class TensorBoardLogger(Logger):
 
     def close(self) -> None:
         for phase in list(self._writers):
-            with contextlib.suppress(OSError):
-                self.end_phase(phase)
+            self.end_phase(phase)
 
 
 def _after_earlier_files(folder: Path) -> None:
@@ -198,6 +197,9 @@ def _after_earlier_files(folder: Path) -> None:
 
 def phase_folder(phase: str) -> str:
     """The TensorBoard run of a phase: ``seed 0 little pretrain`` -> ``seed_0/little_pretrain``."""
-    slug = lambda s: re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_") or "phase"  # noqa: E731
     match = re.fullmatch(r"seed (\S+) (.+)", phase)
-    return f"seed_{slug(match[1])}/{slug(match[2])}" if match else slug(phase)
+    return f"seed_{_slug(match[1])}/{_slug(match[2])}" if match else _slug(phase)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "phase"
