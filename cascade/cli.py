@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--method", help="a method of the run (default: its first trained one)")
     exp.add_argument("--mode", help="white_box or black_box (default: the run's first)")
     exp.add_argument("--target-ad", type=float, default=0.005, help="the operating point's AD target (default 0.005)")
+    exp.add_argument("--appeal-budget", type=float, metavar="R",
+                     help="the point at this appeal budget (evaluation.appeal_budgets, e.g. 0.2) instead of --target-ad")
     exp.add_argument("--source", default="val", help="where the threshold was chosen: guaranteed, val (default) or test")
     exp.add_argument("--seed", type=int, help="one of the run's seeds (default: its first)")
     exp.add_argument("--no-onnx", action="store_true", help="write no ONNX files")
@@ -286,15 +288,17 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     out = export_bundle(args.run_dir, args.out, method=args.method, mode=args.mode, target_ad=args.target_ad,
-                        source=args.source, seed=args.seed, onnx=not args.no_onnx)
+                        source=args.source, seed=args.seed, onnx=not args.no_onnx, appeal_budget=args.appeal_budget)
 
     m = json.loads((out / "manifest.json").read_text())
     p, e = m["operating_point"], m["operating_point"]["expected"]
     files = ", ".join(f for s in m["stages"] for f in (s["file"], s.get("onnx")) if f)
     t = m["thresholds"][0]
     threshold = "none (every input goes on)" if t is None else f"{t:.6g}"
+    where = (f"appeal budget {p['appeal_budget']:g}" if p.get("appeal_budget") is not None
+             else f"target AD {p['target_ad']:g}")
     print(f"{out}: {p['method']} ({p['mode']}, seed {p['seed']}), threshold {threshold} "
-          f"({p['threshold_source']}, target AD {p['target_ad']:g}); on the run's test split: skipping rate "
+          f"({p['threshold_source']}, {where}); on the run's test split: skipping rate "
           f"{e['skipping_rate']:.3g}, AD {e['ad']:.3g}; files: manifest.json, {files}")
     return 0
 

@@ -324,3 +324,31 @@ def test_cascade_route_of_a_regression_bundle_writes_a_column_per_output(tmp_pat
     assert kept.any() and not kept.all(), "the point should keep some faces and send some on"
     np.testing.assert_allclose(p.loc[kept, b.output_names].to_numpy(), direct.output.numpy()[kept], rtol=1e-6)
     assert p.loc[~kept, b.output_names].isna().all().all()
+
+
+def test_a_point_at_an_appeal_budget_exports_and_routes_that_share_of_the_test_inputs_on(
+        quick_digits_run, tmp_path, capsys):
+    """``cascade export --appeal-budget 0.2``: the run's val point at that budget (its
+    threshold, chosen on the calibration split); routing the test split through the
+    bundle appeals exactly the share ``points.csv`` reports on test."""
+    bundle = _export(quick_digits_run, tmp_path / "b", method="msp", appeal_budget=0.2, no_onnx=True)
+    assert "appeal budget 0.2" in capsys.readouterr().out
+    points = pd.read_csv(quick_digits_run / "points.csv")
+    row = points[(points["seed"] == 0) & (points["mode"] == "white_box") & (points["method"] == "msp")
+                 & (points["selection"] == "appeal_budget") & (points["threshold_source"] == "val")
+                 & np.isclose(points["appeal_budget"], 0.2)].iloc[0]
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["thresholds"] == [row["threshold"]]
+    assert m["operating_point"]["appeal_budget"] == 0.2 and m["operating_point"]["target_ad"] is None
+    b = Bundle.load(bundle)
+    assert "appeal budget 0.2" in b.name
+    routed = b.route(_raw_test_split(0))
+    assert float((routed.stage == 1).double().mean()) == pytest.approx(row["appeal_rate"], abs=1e-12)
+    # a budget the run has not, or a source appeal budgets do not have: one line naming what it has
+    code = main(["export", str(quick_digits_run), "--out", str(tmp_path / "c"), "--method", "msp",
+                 "--appeal-budget", "0.15"])
+    line = one_line_error(code, capsys.readouterr().err)
+    assert "no val point of msp (white_box) at appeal budget 0.15; the run has 0.05, 0.1, 0.2, 0.3" in line
+    code = main(["export", str(quick_digits_run), "--out", str(tmp_path / "c"), "--method", "msp",
+                 "--appeal-budget", "0.2", "--source", "guaranteed"])
+    assert "no guaranteed appeal budget points of msp" in one_line_error(code, capsys.readouterr().err)

@@ -473,18 +473,21 @@ def test_resplits_with_an_empty_calibration_part_route_everything_to_the_last_st
     def col(*rows):
         return np.isin(np.arange(5), rows)
 
-    # A: {2, 3}, {0, 4}, {0, 1} (empty, last); B: {3, 4}, {1, 2} (one event, last)
-    # By hand, val t = 0 and t = .5, guaranteed (delta .5: 0 losses certified at t = .5, nothing at 0):
-    # every test AD is 0 (A's {0, 1}: threshold inf, nothing kept; B's {1, 2}: keeping row 2 (.7)
-    # degrades, so just above .7: row 4 kept, right; row 3 (.6, wrong) not). The pool ADs too,
-    # but for val t = .5 on {2, 3}: threshold .7, rows 2 (wrong) and 4 kept: 1/5.
-    for cal, pool_ad_val_half in ((np.stack([col(2, 3), col(0, 4), col(0, 1)], axis=1), [0.2, 0.0, 0.0]),
-                                  (np.stack([col(3, 4), col(1, 2)], axis=1), [0.0, 0.0])):
+    # A: {2, 3}, {0, 4}, {0, 1} (empty, last); B: {3, 4}, {1, 2} (one event, last). By hand
+    # (guaranteed, delta .5: 0 losses certified at t = .5, nothing at t = 0), every AD is 0
+    # (A's {0, 1}: threshold inf, nothing kept; B's {1, 2} at t = 0: keeping row 2 (.7)
+    # degrades, so just above .7: row 4 kept, right; row 3 (.6, wrong) not) but val at t = .5:
+    #   A {2, 3}: thr .7 (cal 1 right of 2): test {0, 1, 4}: 0; pool rows 2 (wrong), 4 kept: 1/5
+    #   B {3, 4}: thr .6 (1 right): test {0, 1, 2}: row 2 kept, wrong: 1/3; pool 2, 3 wrong: 2/5
+    #   B {1, 2}: thr .7 (1 right): test {0, 3, 4}: row 4 kept, right: 0; pool row 2: 1/5
+    cases = ((np.stack([col(2, 3), col(0, 4), col(0, 1)], axis=1), [0.0, 0.0, 0.0], [0.2, 0.0, 0.0]),
+             (np.stack([col(3, 4), col(1, 2)], axis=1), [1 / 3, 0.0], [0.4, 0.2]))
+    for cal, test_half, pool_half in cases:
         ads = _resplit_ads([_Pool(scores, correct, costs)], cal, [0.0, 0.5], 0.5)
         for (source, t), (test_ad, pool_ad) in ads.items():
-            assert test_ad.tolist() == [0.0] * cal.shape[1], (source, t)
-            want = pool_ad_val_half if (source, t) == (ThresholdSource.VAL, 0.5) else [0.0] * cal.shape[1]
-            assert pool_ad.tolist() == pytest.approx(want, abs=1e-12), (source, t)
+            half = (source, t) == (ThresholdSource.VAL, 0.5)
+            assert test_ad.tolist() == pytest.approx(test_half if half else [0.0] * cal.shape[1], abs=1e-12)
+            assert pool_ad.tolist() == pytest.approx(pool_half if half else [0.0] * cal.shape[1], abs=1e-12)
         for r in range(cal.shape[1]):  # and what the selection functions pick on each calibration part
             m = cal[:, r]
             sw = cascade_sweep(scores[m], correct[m], costs)

@@ -2,7 +2,10 @@
 case where MSP cannot, it is cross-fitted, it reduces to the little network's error in
 black-box mode, it exports; and the shift option that corrupts the calibration split."""
 
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 import sklearn.neural_network
 import torch
@@ -11,11 +14,15 @@ from torch.utils.data import TensorDataset
 
 from baselines.confidence import MaxSoftmaxScore
 from baselines.gain import GainHeadScore, GainHeadOptions, keep_score
-from cascade import CascadeError, ConfigError, CrossEntropyTaskLoss, MethodContext, StageOutput, load_config
+from cascade import Bundle, CascadeError, ConfigError, CrossEntropyTaskLoss, MethodContext, StageOutput, load_config
+from cascade.cli import main
 from cascade.contracts.task import Preprocessing, Splits
 from cascade.deploy.export import _GraphStage
 from cascade.deploy.router import ScoredStage
+from cascade.evaluation import exit_stages
 from cascade.nn.perturb import PerturbConfig, ShiftConfig, perturb_splits
+from tasks.digits import DigitsTask
+from tests.conftest import REPO, run_quick
 
 
 class _Task:
@@ -191,3 +198,23 @@ def test_shift_corrupts_the_calibration_split_only_when_asked():
     for bad in (["cal"], ["test", "test"]):
         with pytest.raises(ValueError, match=r"must be \[test\] or \[cal, test\]"):
             ShiftConfig(corruption="blur", splits=bad)
+
+
+@pytest.mark.slow
+def test_a_runs_gain_head_exports_to_a_bundle_that_reproduces_its_decisions(tmp_path):
+    # a quick digits run, then `cascade export` refits gain_head on the seed's calibration
+    # split, as the run did: the bundle's scores and exits are the run's
+    run = run_quick(tmp_path, REPO / "configs" / "digits.yaml", "methods=[msp, gain_head]", "modes=[white_box]",
+                    "evaluation.violation_resplits=0")
+    assert main(["export", str(run), "--out", str(tmp_path / "b"), "--method", "gain_head", "--mode", "white_box",
+                 "--target-ad", "0.01", "--source", "val", "--no-onnx"]) == 0
+    bundle = Bundle.load(tmp_path / "b")
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    seed = manifest["operating_point"]["seed"]
+    test = DigitsTask().build_splits(seed).test
+    routed = bundle.route((test.tensors[0] * 16).round().to(torch.uint8).numpy())
+    s = pd.read_csv(run / "samples.csv")
+    rows = s[(s["seed"] == seed) & (s["split"] == "test")].reset_index(drop=True)
+    score = rows["stage0_score_gain_head_white_box"].to_numpy()
+    np.testing.assert_allclose(routed.score.numpy(), score, rtol=0, atol=1e-6)
+    assert (routed.stage.numpy() == exit_stages(score[:, None], manifest["thresholds"][0])).all()

@@ -38,8 +38,8 @@ BIN = Path(sys.executable).parent  # the environment's console scripts (cascade)
 
 #: every fenced block, by (page, its first line), and the test that runs or checks it
 CHECKED = {
-    ("README.md", "cascade run configs/digits.yaml                 # writes runs/digits/ (add --quick for a smoke run)"):
-        "tour",
+    ("README.md", "cascade run configs/digits.yaml                 # writes runs/digits/ "
+                  "(add --quick for a smoke run)"): "tour",
     ("README.md", "awk '/^## /{p = /^## Recommendation/} p' runs/digits/table.md    # the section, up to the next one"):
         "tour",
     ("README.md", "cascade export runs/digits --out bundles/digits --method appealnet --mode white_box \\"): "tour",
@@ -53,6 +53,8 @@ CHECKED = {
     ("serve.md", '{"predictions": [{"prediction": "3", "stage": 0, "score": 0.93, "mflops": 0.0026, '
                  '"fallback": false}]}'): "serve",
     ("calibrate.md", "python -c \"import pandas as pd; s = pd.read_csv('runs/digits/samples.csv')"): "calibrate",
+    ("calibrate.md", 'python -c "import numpy as np, pandas as pd; rng = np.random.default_rng(0); '
+                     'p = rng.beta(5, 1, 5000)'): "calibrate_llm",
     ("deploy.md", "from cascade import Bundle"): "deploy_python",
     ("deploy.md", "from cascade import Router"): "deploy_python",
     ("tasks.md", "# my_tasks.py"): "task_example",
@@ -73,7 +75,7 @@ CHECKED = {
 
 def _fenced(page: Path) -> list[tuple[str, str]]:
     """``(language, body)`` of every fenced block of ``page``."""
-    return re.findall(r"^```(\w*)\n(.*?)^```", page.read_text(), re.M | re.S)
+    return re.findall(r"^```(\w*)\n(.*?)^```", page.read_text(), re.MULTILINE | re.DOTALL)
 
 
 def _block(page: str, first_line: str) -> str:
@@ -89,7 +91,7 @@ def _env() -> dict[str, str]:
 
 def _bash(body: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """A block as a bash script, ``--quick`` added to each ``cascade run``."""
-    script = re.sub(r"^(cascade run \S+)", r"\1 --quick", body, flags=re.M)
+    script = re.sub(r"^(cascade run \S+)", r"\1 --quick", body, flags=re.MULTILINE)
     proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=_env(), capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, f"{body}\n{proc.stdout}\n{proc.stderr}"
@@ -118,21 +120,21 @@ def test_the_readme_fits_on_a_page_and_names_the_ci_command():
     readme = (REPO / "README.md").read_text()
     assert len(readme.splitlines()) <= 250
     # .ci/run runs the README's test command
-    assert "make test" in readme and re.search(r"^make test$", (REPO / ".ci" / "run").read_text(), re.M)
-    assert re.search(r"^test: ", (REPO / "Makefile").read_text(), re.M)
+    assert "make test" in readme and re.search(r"^make test$", (REPO / ".ci" / "run").read_text(), re.MULTILINE)
+    assert re.search(r"^test: ", (REPO / "Makefile").read_text(), re.MULTILINE)
 
 
 def _anchors(page: Path) -> set[str]:
     """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.MULTILINE | re.DOTALL)
     return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-            for h in re.findall(r"^#+ (.*)$", text, re.M)}
+            for h in re.findall(r"^#+ (.*)$", text, re.MULTILINE)}
 
 
 def test_every_relative_link_and_anchor_resolves():
     links = 0
     for page in PAGES:
-        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.MULTILINE | re.DOTALL)
         text = re.sub(r"`[^`\n]*`", "", text)
         for target in re.findall(r"\]\(([^)\s]+)\)", text):
             if re.match(r"[a-z]+:", target):
@@ -232,7 +234,7 @@ def test_the_tour_serves_with_an_oracle(tour):
             if shutil.which("curl"):
                 answer = json.loads(_bash(curl, tour).stdout)
             else:  # the same body, sent by httpx
-                body = re.search(r"-d '(.*)'", curl, re.S).group(1)
+                body = re.search(r"-d '(.*)'", curl, re.DOTALL).group(1)
                 answer = httpx.post(f"{server.url}/predict", content=body,
                                     headers={"content-type": "application/json"}).json()
             shown = _python(_block("README.md", "import httpx, numpy as np").replace(":8000", f":{port}"), tour)
@@ -254,6 +256,26 @@ def test_calibrate_on_the_runs_samples(tour):
     assert {(p["target_ad"], p["source"]) for p in points} == {(t, s) for t in (0, 0.01) for s in ("val", "guaranteed")}
     # nothing is certified at a zero target: every input goes to the big model
     assert [p["threshold"] for p in points if p["target_ad"] == 0 and p["source"] == "guaranteed"] == [None]
+
+
+def test_calibrate_on_an_llm_log(tmp_path):
+    """A population with a known answer: the small model is right with its stated probability
+    p ~ Beta(5, 1), so keeping p >= t skips 1 - t^5 of the inputs with true AD
+    1/6 - t^5 + 5/6 t^6. The guaranteed thresholds keep it within the target, the val ones
+    miss it (calibrate.md's figures)."""
+    _bash(_block("calibrate.md", 'python -c "import numpy as np, pandas as pd'), tmp_path)
+    written = json.loads((tmp_path / "llm_points.json").read_text())["points"]
+    points = {(p["target_ad"], p["source"]): p for p in written}
+
+    def true_ad(t):
+        return 1 / 6 - t ** 5 + 5 / 6 * t ** 6
+
+    for target, source, threshold, ad in [(0.02, "guaranteed", 0.9019, 0.0184), (0.05, "guaranteed", 0.8185, 0.0499),
+                                          (0.02, "val", 0.8906, 0.0222), (0.05, "val", 0.7993, 0.0577)]:
+        t = points[target, source]["threshold"]
+        assert t == pytest.approx(threshold, abs=1e-4) and true_ad(t) == pytest.approx(ad, abs=1e-4)
+        assert (true_ad(t) <= target) == (source == "guaranteed")
+        assert points[target, source]["skipping_rate"] == pytest.approx(1 - t ** 5, abs=0.02)  # 5,000 rows
 
 
 def test_the_deploy_python_blocks_run(tour):
@@ -313,9 +335,9 @@ def test_readme_method_examples_run(tmp_path):
 
 def _as_run(data: dict) -> dict:
     """A config as a run resolves it: every default, each method's options spelled out."""
+    from cascade import TaskKind
     from cascade.config import validate
     from cascade.config.schema import resolved_dict
-    from cascade import TaskKind
     from cascade.methods.catalogue import build_methods
 
     cfg = validate(copy.deepcopy(data))
@@ -381,9 +403,9 @@ def test_every_flag_the_docs_give_a_command_is_one_it_takes():
     seen, wrong = 0, []
     for page in PAGES:
         text = page.read_text()
-        spans = re.findall(r"`([^`\n]+)`", re.sub(r"^```.*?^```", "", text, flags=re.M | re.S))
+        spans = re.findall(r"`([^`\n]+)`", re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL))
         spans += [line for _, body in _fenced(page) for line in body.splitlines()]
-        spans += re.findall(r"^    (.*)$", text, re.M)
+        spans += re.findall(r"^    (.*)$", text, re.MULTILINE)
         for span in spans:
             for sub, rest in re.findall(r"\bcascade ([a-z][\w-]*)((?: [^#|;&]*)?)", span):
                 if sub not in subparsers:

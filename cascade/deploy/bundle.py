@@ -115,7 +115,9 @@ class Bundle:
     @property
     def name(self) -> str:
         p = self.manifest["operating_point"]
-        return f"{self.manifest['task']} {p['method']} ({p['mode']}, AD {p['target_ad']:g}, {p['threshold_source']})"
+        at = (f"appeal budget {p['appeal_budget']:g}" if p.get("appeal_budget") is not None
+              else f"AD {p['target_ad']:g}")
+        return f"{self.manifest['task']} {p['method']} ({p['mode']}, {at}, {p['threshold_source']})"
 
     # -- loading -------------------------------------------------------------------------
 

@@ -68,7 +68,7 @@ class _GraphStage(nn.Module):
 def export_bundle(
     run_dir: str | Path, out: str | Path, *, method: str | None = None, mode: Mode | str | None = None,
     target_ad: float = 0.005, source: ThresholdSource | str = ThresholdSource.VAL, seed: int | None = None,
-    onnx: bool = True,
+    onnx: bool = True, appeal_budget: float | None = None,
 ) -> Path:
     """Write a bundle of a finished run's method at one operating point.
 
@@ -77,8 +77,9 @@ def export_bundle(
         out: the bundle folder to write (replaced if it holds an earlier bundle). The
             bundle is written into a temporary folder beside it and renamed into place
             when complete; an earlier bundle is deleted only then.
-        method, mode, target_ad, source, seed: which system and operating point, as in
-            :func:`cascade.deploy.router.load_run_point` (``source`` is its threshold source).
+        method, mode, target_ad, source, seed, appeal_budget: which system and operating
+            point, as in :func:`cascade.deploy.router.load_run_point` (``source`` is its
+            threshold source; ``appeal_budget``, when given, picks the point at that budget).
         onnx: also write ONNX files where the exporter supports the network.
 
     Returns:
@@ -96,7 +97,8 @@ def export_bundle(
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
         raise CascadeError(f"{out}: exists and is not a bundle folder; choose a new --out")
-    rp = _finished_run_point(run_dir, method=method, mode=mode, target_ad=target_ad, source=source, seed=seed)
+    rp = _finished_run_point(run_dir, method=method, mode=mode, target_ad=target_ad, source=source, seed=seed,
+                             appeal_budget=appeal_budget)
     modules = _graph_stages(rp)
     tmp = _temp_folder(out)
     writing = [tmp / MANIFEST]  # the file being written, for the one-line error
@@ -250,7 +252,8 @@ def _manifest(rp: RunPoint, stages: list[dict], threshold: float) -> dict[str, A
         "thresholds": [threshold if math.isfinite(threshold) else None] * (len(stages) - 1),
         "operating_point": {
             "method": rp.method, "mode": rp.mode, "variant": rp.variant, "seed": rp.seed,
-            "target_ad": p["target_ad"], "threshold_source": p["threshold_source"], "delta": p.get("delta"),
+            "target_ad": p["target_ad"], "appeal_budget": p.get("appeal_budget"),
+            "threshold_source": p["threshold_source"], "delta": p.get("delta"),
             "feasible": bool(p["feasible"]),
             # measured by the run on its test split at this threshold
             "expected": expected,

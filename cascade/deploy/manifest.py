@@ -118,7 +118,8 @@ class OperatingPoint(_Strict):
     mode: Mode
     variant: str | None
     seed: int | None
-    target_ad: Finite
+    target_ad: Finite | None  # None: a point chosen at an appeal budget
+    appeal_budget: Finite | None = None
     threshold_source: str
     delta: Finite | None
     feasible: bool

@@ -151,6 +151,7 @@ class RunPoint:
 def load_run_point(
     run_dir: str | Path, *, method: str | None = None, mode: Mode | str | None = None, target_ad: float = 0.005,
     threshold_source: ThresholdSource | str = ThresholdSource.VAL, seed: int | None = None,
+    appeal_budget: float | None = None,
 ) -> RunPoint:
     """A finished run's method at one of its operating points.
 
@@ -167,6 +168,8 @@ def load_run_point(
         threshold_source: ``val``, ``guaranteed`` or ``test``
             (:data:`cascade.evaluation.THRESHOLD_SOURCES`).
         seed: one of the run's seeds (default: its first).
+        appeal_budget: the point at this appeal budget (``evaluation.appeal_budgets``;
+            sources ``val`` and ``test``) instead of the target-AD one.
 
     A method that trains several systems (a REINFORCE policy per alpha) has one point
     per target: the system the run chose there (``points.csv``'s ``variant``).
@@ -183,8 +186,8 @@ def load_run_point(
             sys.path.insert(0, folder)
     config_text, cfg = read_config(run)
     query = point_query(run, metrics, method=method, mode=mode, target_ad=target_ad,
-                        threshold_source=threshold_source, seed=seed)
-    point = RunPoints(run).target_ad_point(query)
+                        threshold_source=threshold_source, seed=seed, appeal_budget=appeal_budget)
+    point = RunPoints(run).point(query)
     variant = point["variant"] if isinstance(point["variant"], str) else ""
     task = build_task(cfg)
     plain, big = _networks(run, cfg, task, query)

@@ -140,17 +140,19 @@ def load_weights(net, path: Path, what: str):
 @dataclass(frozen=True)
 class PointQuery:
     """Which operating point of a finished run: the target-AD point of one method, mode
-    and seed, its threshold from one source."""
+    and seed, its threshold from one source; or, with ``appeal_budget``, its point at
+    that appeal budget (``selection: appeal_budget``) instead."""
 
     method: str
     mode: Mode
     target_ad: float
     threshold_source: ThresholdSource
     seed: int
+    appeal_budget: float | None = None
 
 
 def point_query(run: Path, metrics: dict[str, Any], *, method: str | None, mode: str | None, target_ad: float,
-                threshold_source: str, seed: int | None) -> PointQuery:
+                threshold_source: str, seed: int | None, appeal_budget: float | None = None) -> PointQuery:
     """The :class:`PointQuery` of a run's ``metrics.json`` (:func:`read_metrics`), its
     defaults filled in: the first seed, the first mode, the first trained method (else
     the first method).
@@ -170,7 +172,7 @@ def point_query(run: Path, metrics: dict[str, Any], *, method: str | None, mode:
         raise CascadeError(f"threshold source {threshold_source!r}: use "
                            + ", ".join(f"{k} ({v})" for k, v in THRESHOLD_SOURCES.items()))
     return PointQuery(method=method, mode=Mode(mode), target_ad=target_ad,
-                      threshold_source=ThresholdSource(threshold_source), seed=seed)
+                      threshold_source=ThresholdSource(threshold_source), seed=seed, appeal_budget=appeal_budget)
 
 
 def _choose(value: Any, known: list, what: str, run: Path) -> Any:
@@ -187,24 +189,29 @@ class RunPoints:
         self.path = run / POINTS
         self.frame = read_points(run)
 
-    def target_ad_point(self, query: PointQuery) -> dict[str, Any]:
+    def point(self, query: PointQuery) -> dict[str, Any]:
         """The row of ``query``'s point, as a dict (NaN cells None).
 
         Raises:
-            CascadeError: no such point (naming the sources or targets the run has).
+            CascadeError: no such point (naming the sources, targets or budgets the run has).
         """
         p = self.frame
         q, source = query, query.threshold_source
+        by_budget = q.appeal_budget is not None
+        key, value, what = (("appeal_budget", q.appeal_budget, "appeal budget") if by_budget
+                            else ("target_ad", q.target_ad, "target AD"))
+        if key not in p.columns:  # a run made before appeal budgets
+            raise CascadeError(f"{self.path}: no appeal-budget points (the run predates them): run it again")
         p = p[(p["seed"] == q.seed) & (p["mode"] == q.mode) & (p["method"] == q.method)
-              & (p["selection"] == Selection.TARGET_AD)]
-        row = p[(p["threshold_source"] == source) & ((p["target_ad"] - q.target_ad).abs() < 1e-12)]
+              & (p["selection"] == (Selection.APPEAL_BUDGET if by_budget else Selection.TARGET_AD))]
+        row = p[(p["threshold_source"] == source) & ((p[key] - value).abs() < 1e-12)]
         if row.empty:
-            have = sorted(p.loc[p["threshold_source"] == source, "target_ad"].unique())
+            have = sorted(p.loc[p["threshold_source"] == source, key].unique())
             if not have:
-                raise CascadeError(f"{self.path}: no {source} points of {q.method} ({q.mode}); "
-                                   f"the run has {', '.join(sorted(p['threshold_source'].unique()))}")
-            raise CascadeError(f"{self.path}: no {source} point of {q.method} ({q.mode}) at target AD "
-                               f"{q.target_ad:g}; the run has targets {', '.join(f'{t:g}' for t in have)}")
+                raise CascadeError(f"{self.path}: no {source} {what} points of {q.method} ({q.mode}); the run has "
+                                   f"{', '.join(sorted(p['threshold_source'].unique())) or 'none'}")
+            raise CascadeError(f"{self.path}: no {source} point of {q.method} ({q.mode}) at {what} "
+                               f"{value:g}; the run has {', '.join(f'{t:g}' for t in have)}")
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.iloc[0].to_dict().items()}
 
     def white_box_points(self) -> list[tuple[str, float, str]]:
