@@ -435,6 +435,13 @@ def test_a_pool_split_three_ways_counts_and_costs_by_hand():
     g = np.array([4, 0, 2])
     assert s.cal_correct(g).tolist() == [1, 1, 0] and s.cal_cost(g).tolist() == [2.0, 22.0, 12.0]
     assert s.test_correct(g).tolist() == [2, 2, 2]
+    # sweep_point: the grid point routing as the calibration sweep's point holding point j.
+    # Split 1 (cal rows 2, 3) at j = 0 or 1: no calibration event yet, so just above .7:
+    # point 2 (threshold .8); split 2 (rows 1, 3): just above .8, point 1. At j = 3 split 1
+    # has passed exactly its first event (row 2, .7): point 3; split 2 its row 1: point 2.
+    assert s.sweep_point(np.array([0, 0, 0])).tolist() == [0, 2, 1]
+    assert s.sweep_point(np.array([1, 1, 1])).tolist() == [1, 2, 1]
+    assert s.sweep_point(np.array([3, 3, 3])).tolist() == [2, 3, 2]
 
 
 # ---------------------------------------------------------------- threshold_violations' seeding
@@ -482,6 +489,9 @@ def test_resplits_with_an_empty_calibration_part_route_everything_to_the_last_st
     #   B {1, 2}: thr .7 (1 right): test {0, 3, 4}: row 4 kept, right: 0; pool row 2: 1/5
     cases = ((np.stack([col(2, 3), col(0, 4), col(0, 1)], axis=1), [0.0, 0.0, 0.0], [0.2, 0.0, 0.0]),
              (np.stack([col(3, 4), col(1, 2)], axis=1), [1 / 3, 0.0], [0.4, 0.2]))
+    empty = _Pool(scores, correct, costs).split(cases[0][0])
+    assert empty.empty.tolist() == [False, False, True]
+    assert empty.sweep_point(np.array([3, 3, 3]))[2] == 0  # above every score: nothing kept
     for cal, test_half, pool_half in cases:
         ads = _resplit_ads([_Pool(scores, correct, costs)], cal, [0.0, 0.5], 0.5)
         for (source, t), (test_ad, pool_ad) in ads.items():

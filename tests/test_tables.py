@@ -151,8 +151,8 @@ def test_the_recommendation_is_a_table_a_row_per_target_and_source():
                   vs_runner_up={"method": "msp_ts", "ratio": 0.652, "low": 0.522, "high": 0.81, "verdict": "ahead"})
     lines = recommendation_section({"recommendation": {"level": 0.95, "resamples": 1000, "choices": [_choice(), val]}})
     assert lines[:3] == ["## Recommendation", "",
-                         "| AD ≤ | thresholds | method | threshold | keeps | MFLOPs | vs big alone | "
-                         "vs msp: ratio [95 % CI] | vs runner-up: ratio [95 % CI] | tied |"]
+                         ("| AD ≤ | thresholds | method | threshold | keeps | MFLOPs | vs big alone | "
+                          "vs msp: ratio [95 % CI] | vs runner-up: ratio [95 % CI] | tied |")]
     assert lines[4] == ("| 1.00 % | guaranteed | **msp** | 0.862 | 79.3 % | 0.0742 | 4.68x cheaper | — (it is msp) | "
                         "entropy 1.00x [0.965, 1.04] tied | 2 of 3 |")
     assert lines[5] == ("|  | val | gap | 0.0877 | 98.8 % | 0.00644 | 53.9x cheaper | 0.406x [0.315, 0.507] ahead "
