@@ -182,8 +182,8 @@ def test_gain_cell_and_table_by_hand():
                "appeal_budgets": appeal_budget_summary(_samples(), [MSP], rows, [ORACLE_WB])}
     lines = budget_tables(metrics)
     assert "| method | kind | thresholds | 20 % | 50 % |" in lines
-    (val,) = [x for x in lines if x.startswith("| msp | post_hoc | val |")]
-    assert val.startswith("| msp | post_hoc | val | +0.00 [+0.00, +0.00] · 0 % [0, 0] | +20.00 [")
+    (val,) = [x for x in lines if x.startswith("| msp | post-hoc | val |")]
+    assert val.startswith("| msp | post-hoc | val | +0.00 [+0.00, +0.00] · 0 % [0, 0] | +20.00 [")
     (oracle,) = [x for x in lines if x.startswith("| oracle | limit | test |")]
     assert "+20.00 [" in oracle and "+30.00 [" in oracle and "100 %" in oracle
     assert "plain little network alone (70.00 %)" in "\n".join(lines)

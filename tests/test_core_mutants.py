@@ -322,6 +322,34 @@ def test_appealnet_objective_clamps_q_reads_x_and_logs_its_keys():
     assert out["L_P"].item() == pytest.approx((-math.log(1e-6) - math.log(1 - 1e-6)) / 2, rel=1e-6)
     assert out["L_A"].item() == pytest.approx(((1e-6 * ce[0] + (1 - 1e-6) * ce[1]) / 2).item(), rel=1e-5)
     assert out["lambda"].item() == pytest.approx(0.1) and out["q_mean"].item() == pytest.approx(0.5)
+    # a wide eps shows the upper clamp (q = 1 kept at 1 - eps, not 1): q = [.1, .9]
+    out = AppealNetObjective(CrossEntropyTaskLoss(), BlackBoxOracle(), lam=0.1, eps=0.1)(FromX(), (x, y))
+    assert out["q_mean"].item() == pytest.approx(0.5) and out["L_P"].item() == pytest.approx(
+        -(math.log(0.1) + math.log(0.9)) / 2, rel=1e-6)
+
+
+def test_error_target_reads_the_carried_oracle_output_and_asks_with_x():
+    # catches: the error target's oracle correctness asked although its outputs come with
+    # the batch, or asked without x
+    from cascade import AppealNetObjective, WhiteBoxOracle
+
+    class Echo(torch.nn.Module):  # the big network: its input, as logits
+        def forward(self, inputs):
+            return StageOutput(output=inputs)
+
+    little = torch.tensor([[0.0, 1.0], [math.log(3.0), 0.0]])  # y = [0, 0]: errors [1, 0]
+    q = torch.tensor([0.5, 0.8])
+
+    def model(_):
+        return StageOutput(output=little, q=q)
+
+    x = torch.tensor([[math.log(9.0), 0.0], [0.0, 1.0]])  # asked: big errors [0, 1]
+    carried = torch.tensor([[0.0, 1.0], [math.log(9.0), 0.0]])  # carried: big errors [1, 0]
+    y = torch.tensor([0, 0])
+    obj = AppealNetObjective(CrossEntropyTaskLoss(), WhiteBoxOracle(Echo()), lam=0.1, predictor_target="error")
+    # L_A = mean(q l0 + (1 - q) l1): asked mean(.5, .2) = .35; carried mean(.5 + .5, 0) = .5
+    assert obj(model, (x, y))["L_A"].item() == pytest.approx(0.35, abs=1e-6)
+    assert obj(model, (x, y, carried))["L_A"].item() == pytest.approx(0.5, abs=1e-6)
 
 
 def test_infeasible_selection_one_resplit_one_seed_and_sweep_errors():
@@ -508,3 +536,48 @@ def test_resplits_with_an_empty_calibration_part_route_everything_to_the_last_st
                     test = cascade_point(pick.threshold, scores[~m], correct[~m], costs)
                     assert ads[(source, t)][0][r] == pytest.approx(1.0 - test.system_accuracy, abs=1e-12)
 
+
+
+def test_resplit_variants_tie_on_cost_to_the_more_accurate_then_the_first():
+    # catches (violations._resplit_ads): an equal calibration cost broken towards the later
+    # variant, or by another field than the calibration correct count (the cost, the test
+    # count); and (_Split.certified) a single certified grid point (the one above every
+    # calibration score) taken as "nothing certified"
+    from cascade.core.enums import ThresholdSource
+    from cascade.evaluation.violations import _Pool, _resplit_ads
+
+    # rows 0, 1 calibration (.8, .7), rows 2, 3 test (.9, .75); the big one always right,
+    # costs (1, 10) for both variants. At t = .5 (1 right of 2 needed) each variant's
+    # cheapest calibration point keeps both calibration rows (threshold .7, cost 2), which
+    # keeps both test rows too.
+    scores = np.array([[0.8], [0.7], [0.9], [0.75]])
+    cal = np.array([[1], [1], [0], [0]], bool)
+
+    def pool(*little):
+        return _Pool(scores, np.stack([np.array(little, bool), np.ones(4, bool)], axis=1), (1.0, 10.0))
+
+    worse, better, same = pool(0, 1, 0, 1), pool(1, 1, 1, 1), pool(1, 1, 0, 1)
+    val = (ThresholdSource.VAL, 0.5)
+    # equal cost, 1 vs 2 right on calibration: the second (better) variant, all right on test
+    test_ad, pool_ad = _resplit_ads([worse, better], cal, [0.5], 0.6)[val]
+    assert (test_ad.tolist(), pool_ad.tolist()) == ([0.0], [0.0])
+    # equal cost, 2 vs 2 right: the first (same: row 2 wrong on test, AD 1/2; pool 1/4)
+    test_ad, pool_ad = _resplit_ads([same, better], cal, [0.5], 0.6)[val]
+    assert (test_ad.tolist(), pool_ad.tolist()) == ([0.5], [0.25])
+    # guaranteed, one variant, t = .5, delta .25: P(Binom(2, .5) <= 0) = .25 certifies point 0,
+    # row 0 (.8, wrong) is a loss at the next: just above .8, row 2 (.9, wrong) kept: 1/2, 1/4
+    test_ad, pool_ad = _resplit_ads([worse], cal, [0.5], 0.25)[(ThresholdSource.GUARANTEED, 0.5)]
+    assert (test_ad.tolist(), pool_ad.tolist()) == ([0.5], [0.25])
+
+
+def test_a_variants_arrays_are_float64_scores_and_bool_correctness():
+    # catches (columns.correct_array, variant_arrays): the black-box oracle's column of ones
+    # not bool, the 0/1 correctness or the float32 scores of a table left in their own dtype
+    from cascade.evaluation.columns import correct_array, variant_arrays
+
+    frame = pd.DataFrame({"s": np.array([0.5, 0.25], np.float32), "c0": [1, 0]})
+    v = Variant("m", "black_box", "", ("s",), ("c0", None), (1.0, None))
+    scores, correct = variant_arrays(frame, v)
+    assert scores.dtype == np.float64 and scores.tolist() == [[0.5], [0.25]]
+    assert correct.dtype == bool and correct.tolist() == [[True, True], [False, True]]
+    assert correct_array(frame, v).dtype == bool

@@ -38,7 +38,7 @@ def gain_cell(row: dict[str, Any]) -> str:
 
 def _kind(metrics: dict[str, Any], method: str) -> str:
     """A method's kind in the run, ``limit`` for the oracle router."""
-    return "limit" if method == ORACLE else metrics.get("methods", {}).get(method, {}).get("kind", "")
+    return "limit" if method == ORACLE else metrics.get("methods", {}).get(method, {}).get("kind", "").replace("_", "-")
 
 
 def _mode_table(metrics: dict[str, Any], mode: str, rows: list[dict[str, Any]]) -> list[str]:
@@ -76,19 +76,21 @@ def _choices(choices: list[dict[str, Any]]) -> list[str]:
             "gain):", "", *lines, ""]
 
 
-def budget_tables(metrics: dict[str, Any]) -> list[str]:
-    """``table.md``'s appeal-budget section: per mode, rows = methods (val, then test
-    thresholds) and the oracle router, columns = budgets, cells = :func:`gain_cell`; then
-    the recommendation at each budget. Empty without appeal-budget rows.
+def budget_tables(metrics: dict[str, Any], sources: tuple[str, ...] = _SOURCES) -> list[str]:
+    """The appeal-budget section: per mode, rows = methods (val, then test thresholds)
+    and the oracle router, columns = budgets, cells = :func:`gain_cell`; then the
+    recommendation at each budget. Empty without appeal-budget rows.
 
     Args:
         metrics: a run's ``metrics.json``.
+        sources: the methods' threshold sources shown (``table.md``: val alone;
+            ``table_full.md``: val and test); the oracle router is always shown.
 
     Returns:
         Markdown lines.
     """
     section = metrics.get("appeal_budgets") or {}
-    rows = section.get("rows", [])
+    rows = [r for r in section.get("rows", []) if r["method"] == ORACLE or r["threshold_source"] in sources]
     lines: list[str] = []
     for mode in metrics.get("modes", []):
         mine = [r for r in rows if r["mode"] == mode]

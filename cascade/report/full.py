@@ -14,6 +14,7 @@ from typing import Any
 from cascade.core.enums import Mode, Selection, ThresholdSource
 from cascade.evaluation.points import THRESHOLD_SOURCES
 from cascade.evaluation.summaries import value_field
+from cascade.report.budgets import budget_tables
 from cascade.report.format import (
     MISSED,
     axes,
@@ -50,6 +51,9 @@ def render_full(metrics: dict[str, Any]) -> str:
         lines += _violation_table(mode, [v for v in metrics.get("threshold_violations", []) if v["mode"] == mode])
         lines += _budget_tables(mode, mine)
         lines += _fixed_tables(mode, mine)
+    budgets = budget_tables(metrics)
+    if budgets:
+        lines += ["## Appeal budgets", "", *budgets]
     return "\n".join(lines)
 
 

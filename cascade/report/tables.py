@@ -32,6 +32,7 @@ from cascade.report.format import (
     title,
     value,
 )
+from cascade.report.budgets import budget_tables
 from cascade.report.full import render_full
 from cascade.runs.layout import TABLE, TABLE_CSV, TABLE_FULL
 
@@ -70,6 +71,9 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         mine = [p for p in metrics["operating_points"] if p["mode"] == mode and p["selection"] == Selection.TARGET_AD]
         lines += deployable_table(metrics, mode, mine, intervals, chosen)
         lines += paper_table(metrics, mode, mine)
+    budgets = budget_tables(metrics, (ThresholdSource.VAL,))
+    if budgets:
+        lines += ["## Appeal budgets (val thresholds; test-tuned rows in table_full.md)", "", *budgets]
     lines += [f"The long tables (each threshold source, gap closed, re-split misses and more): {TABLE_FULL}.", ""]
     return "\n".join(lines)
 
