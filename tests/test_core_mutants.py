@@ -1,7 +1,9 @@
-"""Known answers written to kill mutants that ``make mutate`` found alive in the numeric
-core (the mutmut name of each is in the comment above its check): the oracle router's
-scores, the method comparisons and gap tables, gap_closed's edge cases, and the
-pre-training objective's label smoothing."""
+"""Known answers written to kill mutants that ``make mutate`` (mutmut) found alive in the
+numeric core: ``cascade/evaluation/{sweep,selection,guarantee,violations,columns,points,
+summaries}.py``, ``cascade/methods/appealnet/objective.py`` and the pre-training
+objective's label smoothing. The comment in each test names the changes it catches (by
+what they change: mutmut's numbers change with the code). The mutants left alive are
+equivalent, each listed with its reason in the mutation-testing notes (issue 21)."""
 
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from cascade.nn.objectives import SupervisedObjective
 
 
 def test_oracle_scores_three_stages_by_hand():
-    # x_oracle_scores 3, 5 (correctness as 0/1 integers, not bools), 8, 11 (the stage slices
-    # for K = 3), 16 (the seed ignored)
+    # catches (points.oracle_scores): correctness taken as 0/1 integers, not bools; the stage
+    # slices off by one for K = 3; the seed ignored
     correct = np.array([[0, 1, 1],    # stage 0 wrong, the last right: unsafe at 0; stage 1 safe
                         [0, 0, 0],    # the last wrong too: safe everywhere
                         [1, 0, 1],    # safe at 0, unsafe at 1
@@ -43,7 +45,8 @@ def test_oracle_scores_three_stages_by_hand():
 
 
 def test_gap_closed_edge_cases():
-    # x_gap_closed 2-6: no oracle, no gap (exactly 1e-12 counts as none), a method worse
+    # catches (summaries.gap_closed): no oracle, no gap (exactly 1e-12 counts as none), a method
+    # worse than the baseline (negative), each handled another way
     assert gap_closed(0.18, 0.16, 0.08) == pytest.approx(0.2)
     assert gap_closed(0.18, 0.16, None) is None
     assert gap_closed(0.5, 0.4, 0.5) is None  # baseline = oracle: nothing to close
@@ -60,9 +63,9 @@ def _p(method, source, target, cost, ad=0.0):
 
 
 def test_comparisons_with_an_oracle_point_by_hand():
-    # x_comparisons 22 (the first point not trained: continue, not break), 39 (an AD exactly
-    # at the target meets it), 42-45 and 67-73 (the oracle looked up, gap_closed computed),
-    # 65-66 (the key). Post-hoc points listed first.
+    # catches (summaries.comparisons): break for continue on a point not trained, "<" for
+    # "<=" on the AD target, the oracle looked up under another key or gap_closed fed other
+    # values, a row key renamed. Post-hoc points listed first.
     # An AD of exactly target + the 1e-9 slack still meets it. A trained point without a rival
     # (target 0.02) comes before the others: skipped, not the end.
     points = [_p("msp", "test", 0.01, 0.18, ad=0.005), _p(ORACLE, "test", 0.01, 0.08),
@@ -80,7 +83,8 @@ def test_comparisons_with_an_oracle_point_by_hand():
 
 
 def test_gap_table_skips_what_it_cannot_compare_by_hand():
-    # x_gap_table 21-24 (each skip condition on its own), 30 (continue, not break), 32-51 (the keys)
+    # catches (summaries.gap_table): each skip condition dropped or joined another way, break
+    # for continue, a row key renamed
     points = [
         _p("an", "test", 0.02, 0.5),                                # no oracle point at 0.02: skipped (listed first)
         _p(ORACLE, "test", 0.01, 0.08), _p("msp", "test", 0.01, 0.18), _p("gap", "test", 0.01, 0.20),
@@ -109,8 +113,8 @@ def test_gap_table_skips_what_it_cannot_compare_by_hand():
 
 
 def test_label_smoothing_bounds_and_a_batch_of_three():
-    # SupervisedObjective.__init__ 5-7: 1.0 is outside [0, 1), with its message;
-    # __call__ 21: the uniform term per row (3 rows, 2 classes: a mean over the wrong axis
+    # catches (SupervisedObjective): 1.0 let through as a smoothing (outside [0, 1)) or the
+    # message changed; the uniform term averaged over the wrong axis (3 rows, 2 classes: it
     # cannot broadcast)
     with pytest.raises(ValueError, match=r"label_smoothing must lie in \[0, 1\), got 1.0"):
         SupervisedObjective(CrossEntropyTaskLoss(), label_smoothing=1.0)
@@ -137,8 +141,8 @@ def _row(seed, **values):
 
 
 def test_aggregate_with_missing_and_infinite_values_by_hand():
-    # x_aggregate 20-21 (no value at all: None; values: their mean), 27-28 and 41-45 (one value
-    # among two seeds: std 0.0; an inf: std None), 34
+    # catches (summaries.aggregate): no value at all not None, a mean of other values; one
+    # value among two seeds not std 0.0; an inf not std None; the std key added when unknown
     (row,) = aggregate([_row(0, threshold=np.inf, cost_mflops=2.0, ad=0.01),
                         _row(1, threshold=0.5, cost_mflops=None, ad=0.03)])
     assert row["threshold"] == np.inf and row["threshold_std"] is None  # a guaranteed fallback on seed 0
@@ -167,11 +171,12 @@ def _three_stage_table() -> pd.DataFrame:
 
 
 def test_operating_points_of_a_three_stage_cascade_read_the_last_stage():
-    # x_operating_points 10-15 (seeds in order), 58 (the oracle's seed), 78, 81, 109, 118, 122
-    # (the LAST stage: the reference accuracy, whether its cost is known, the relative cost,
-    # skipping and appeal rates)
-    # 179-200 (the budget: a fraction of the last stage's cost), 245-255 (the oracle's rows),
-    # 297 (a fixed threshold without a cost is skipped, not the end of the matched-cost rows)
+    # catches (points.operating_points and its helpers): seeds out of order; the oracle's seed
+    # not the run seed; another stage than the LAST read for the reference accuracy, whether
+    # its cost is known, the relative cost, the skipping and appeal rates; the budget not a
+    # fraction of the last stage's cost; the oracle's rows selected another way; break for
+    # continue on a fixed threshold without a cost (it is skipped, not the end of the
+    # matched-cost rows)
     samples = _three_stage_table()
     wb = Variant("m", "white_box", "", ("s0", "s1"), ("c0", "c1", "big"), (1.0, 2.0, 10.0))
     bb = Variant("m", "black_box", "", ("s0", "s1"), ("c0", "c1", None), (1.0, 2.0, None))
@@ -211,8 +216,8 @@ def test_operating_points_of_a_three_stage_cascade_read_the_last_stage():
 
 
 def test_direct_targets_ask_a_white_box_oracle_when_its_outputs_are_not_carried():
-    # x_AppealNetObjective._direct 17-19, 32-41 (the oracle asked with x and the criterion),
-    # 59-67 (the logged keys)
+    # catches (AppealNetObjective._direct, safe and loss_gap): the oracle asked with another
+    # argument than x or the criterion; a logged key renamed
     from cascade import AppealNetObjective, WhiteBoxOracle
 
     little = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
@@ -246,9 +251,10 @@ def test_direct_targets_ask_a_white_box_oracle_when_its_outputs_are_not_carried(
 
 
 def test_select_guaranteed_arguments_ties_and_a_p_value_at_the_level():
-    # x_select_guaranteed 4-10, 20 (argument errors, one line each), 39 (p = level certifies),
-    # 42 (nothing fails: the lowest threshold), 49-59 (ties: the more accurate, then the first
-    # variant; the fallback's own cost and correct count)
+    # catches (guarantee.select_guaranteed): an argument error let through or its message
+    # changed; ">=" for ">" on the p-value (p = level certifies); nothing failing not giving
+    # the lowest threshold; cost ties not broken towards the more accurate, then the first
+    # variant; the fallback read at another point than its own cost and correct count
     from cascade.evaluation import cascade_sweep, degradation_scores, select_guaranteed
 
     scores = np.array([[0.9], [0.8]])
@@ -289,8 +295,9 @@ def test_select_guaranteed_arguments_ties_and_a_p_value_at_the_level():
 
 
 def test_small_rules_at_their_boundaries():
-    # x__resplit_masks 13 (n_cal rows per split, no more), x_threshold_violations 1 (200
-    # re-splits by default); and a mean cost exactly at the budget fits
+    # catches: _resplit_masks marking n_cal + 1 rows ("<=" for "<"), threshold_violations
+    # defaulting to another number of re-splits than 200, select_by_cost's budget compared
+    # with "<" (a mean cost exactly at the budget fits)
     from cascade.evaluation import cascade_sweep, select_by_cost, threshold_violations
     from cascade.evaluation.violations import _resplit_masks
     from tests.test_wrong_answers import _violations_table
@@ -307,8 +314,8 @@ def test_small_rules_at_their_boundaries():
 
 
 def test_appealnet_objective_clamps_q_reads_x_and_logs_its_keys():
-    # x_AppealNetObjective.__call__ 11 (the model reads x), 13-17 (q clamped to [eps, 1 - eps]
-    # on both sides), 111-115 (the logged keys)
+    # catches (AppealNetObjective.__call__): the model fed another input than x; q clamped on
+    # one side only, or to [eps, 1 + eps] / [eps, 2 - eps]; a logged key renamed
     from cascade import AppealNetObjective
 
     class FromX(torch.nn.Module):  # logits are x itself, q its first column
@@ -353,9 +360,9 @@ def test_error_target_reads_the_carried_oracle_output_and_asks_with_x():
 
 
 def test_infeasible_selection_one_resplit_one_seed_and_sweep_errors():
-    # x_select_by_accuracy 15-17 (the infeasible fallback's variant and flag),
-    # x_threshold_violations 3-4 (one re-split is allowed), 140 (one seed: no std),
-    # x_cascade_sweep 14-27 (the error messages)
+    # catches: select_by_accuracy's infeasible fallback with another variant or flag (or a
+    # numpy integer for the variant); threshold_violations refusing one re-split ("<=" for
+    # "<"), or adding a std for one seed; cascade_sweep's error messages changed
     from cascade.evaluation import cascade_sweep, select_by_accuracy, threshold_violations
     from tests.test_wrong_answers import _violations_table
 
@@ -541,8 +548,7 @@ def test_resplits_with_an_empty_calibration_part_route_everything_to_the_last_st
 def test_resplit_variants_tie_on_cost_to_the_more_accurate_then_the_first():
     # catches (violations._resplit_ads): an equal calibration cost broken towards the later
     # variant, or by another field than the calibration correct count (the cost, the test
-    # count); and (_Split.certified) a single certified grid point (the one above every
-    # calibration score) taken as "nothing certified"
+    # count)
     from cascade.core.enums import ThresholdSource
     from cascade.evaluation.violations import _Pool, _resplit_ads
 
@@ -564,8 +570,8 @@ def test_resplit_variants_tie_on_cost_to_the_more_accurate_then_the_first():
     # equal cost, 2 vs 2 right: the first (same: row 2 wrong on test, AD 1/2; pool 1/4)
     test_ad, pool_ad = _resplit_ads([same, better], cal, [0.5], 0.6)[val]
     assert (test_ad.tolist(), pool_ad.tolist()) == ([0.5], [0.25])
-    # guaranteed, one variant, t = .5, delta .25: P(Binom(2, .5) <= 0) = .25 certifies point 0,
-    # row 0 (.8, wrong) is a loss at the next: just above .8, row 2 (.9, wrong) kept: 1/2, 1/4
+    # guaranteed, one variant, t = .5, delta .25: P(Binom(2, .5) <= 0) = .25 certifies 0 losses;
+    # row 0 (.8, wrong) is the first calibration loss: just above .8, row 2 (.9, wrong) kept: 1/2, 1/4
     test_ad, pool_ad = _resplit_ads([worse], cal, [0.5], 0.25)[(ThresholdSource.GUARANTEED, 0.5)]
     assert (test_ad.tolist(), pool_ad.tolist()) == ([0.5], [0.25])
 
