@@ -16,7 +16,17 @@ import pytest
 import torch
 
 from cascade import BlackBoxOracle, CrossEntropyTaskLoss, StageOutput
-from cascade.evaluation import ORACLE, Variant, aggregate, comparisons, gap_closed, gap_table, operating_points, oracle_scores
+from cascade.evaluation import (
+    ORACLE,
+    Variant,
+    aggregate,
+    cascade_sweep,
+    comparisons,
+    gap_closed,
+    gap_table,
+    operating_points,
+    oracle_scores,
+)
 from cascade.nn.objectives import SupervisedObjective
 
 # ---------------------------------------------------------------- oracle_scores
@@ -255,7 +265,7 @@ def test_select_guaranteed_arguments_ties_and_a_p_value_at_the_level():
     # changed; ">=" for ">" on the p-value (p = level certifies); nothing failing not giving
     # the lowest threshold; cost ties not broken towards the more accurate, then the first
     # variant; the fallback read at another point than its own cost and correct count
-    from cascade.evaluation import cascade_sweep, degradation_scores, select_guaranteed
+    from cascade.evaluation import degradation_scores, select_guaranteed
 
     scores = np.array([[0.9], [0.8]])
     right = np.ones((2, 2), bool)
@@ -296,9 +306,9 @@ def test_select_guaranteed_arguments_ties_and_a_p_value_at_the_level():
 
 def test_small_rules_at_their_boundaries():
     # catches: _resplit_masks marking n_cal + 1 rows ("<=" for "<"), threshold_violations
-    # defaulting to another number of re-splits than 200, select_by_cost's budget compared
-    # with "<" (a mean cost exactly at the budget fits)
-    from cascade.evaluation import cascade_sweep, select_by_cost, threshold_violations
+    # defaulting to another number of re-splits than 200, select_by_cost's budget slack
+    # dropped (a mean cost exactly at the budget fits)
+    from cascade.evaluation import select_by_cost, threshold_violations
     from cascade.evaluation.violations import _resplit_masks
     from tests.test_wrong_answers import _violations_table
 
@@ -363,7 +373,7 @@ def test_infeasible_selection_one_resplit_one_seed_and_sweep_errors():
     # catches: select_by_accuracy's infeasible fallback with another variant or flag (or a
     # numpy integer for the variant); threshold_violations refusing one re-split ("<=" for
     # "<"), or adding a std for one seed; cascade_sweep's error messages changed
-    from cascade.evaluation import cascade_sweep, select_by_accuracy, threshold_violations
+    from cascade.evaluation import select_by_accuracy, threshold_violations
     from tests.test_wrong_answers import _violations_table
 
     scores = np.array([[0.9], [0.8]])
@@ -504,7 +514,12 @@ def test_resplits_with_an_empty_calibration_part_route_everything_to_the_last_st
     # or the emptiness ignored; the last split's single event read at another position;
     # the last event before a point counted only after the split's first one
     from cascade.core.enums import ThresholdSource
-    from cascade.evaluation import cascade_point, cascade_sweep, degradation_scores, select_by_accuracy, select_guaranteed
+    from cascade.evaluation import (
+        cascade_point,
+        degradation_scores,
+        select_by_accuracy,
+        select_guaranteed,
+    )
     from cascade.evaluation.violations import _Pool, _resplit_ads
 
     inf = -np.inf
@@ -587,3 +602,92 @@ def test_a_variants_arrays_are_float64_scores_and_bool_correctness():
     assert scores.dtype == np.float64 and scores.tolist() == [[0.5], [0.25]]
     assert correct.dtype == bool and correct.tolist() == [[True, True], [False, True]]
     assert correct_array(frame, v).dtype == bool
+
+
+def test_select_by_cost_takes_the_most_accurate_fit_or_flags_the_cheapest():
+    # catches (selection.select_by_cost): the LEAST accurate point within the budget; the
+    # infeasible fallback flagged None instead of False
+    from cascade.evaluation import select_by_cost
+
+    # mean costs 11 (2 right), 6 (2 right), 1 (1 right): within 11, the most accurate, then
+    # the cheaper: threshold .9
+    sw = cascade_sweep(np.array([[0.9], [0.8]]), np.array([[1, 1], [0, 1]], bool), (1.0, 10.0))
+    assert select_by_cost([sw], 11.0) == select_by_cost([sw], 100.0)
+    sel = select_by_cost([sw], 11.0)
+    assert (sel.variant, sel.threshold, sel.feasible) == (0, 0.9, True)
+    sel = select_by_cost([sw], 0.5)  # nothing fits: the cheapest point, not feasible
+    assert (sel.variant, sel.threshold) == (0, 0.8) and sel.feasible is False
+
+
+def test_select_guaranteed_falls_back_to_the_first_of_equally_costly_variants():
+    # catches (guarantee.select_guaranteed): the fallback (nothing certified) ranked by the
+    # correct count at another point than its own (point 0, all to the last stage)
+    from cascade.evaluation import degradation_scores, select_guaranteed
+
+    scores = np.array([[0.9], [0.8]])
+    # same costs, same last stage; at threshold .9 variant 0 has 1 right, variant 1 has 2
+    v0 = np.array([[0, 1], [1, 1]], bool)
+    v1 = np.array([[1, 1], [1, 1]], bool)
+    sweeps = [cascade_sweep(scores, c, (1.0, 10.0)) for c in (v0, v1)]
+    sel = select_guaranteed(sweeps, [degradation_scores(scores, c) for c in (v0, v1)], 0.0, 0.5)  # target 0
+    assert (sel.variant, sel.threshold, sel.feasible) == (0, np.inf, True)
+
+
+def test_loss_target_reads_the_carried_oracle_output_and_the_defaults():
+    # catches (AppealNetObjective): the loss target's oracle loss asked although its outputs
+    # come with the batch, or asked without x; another default lambda (0.1), eps, mode or target
+    from cascade import AppealNetObjective, WhiteBoxOracle
+
+    class Echo(torch.nn.Module):
+        def forward(self, inputs):
+            return StageOutput(output=inputs)
+
+    little = torch.tensor([[0.0, 1.0], [math.log(3.0), 0.0]])  # y = [0, 0]: CE ln(1 + e), -ln .75
+    q = torch.tensor([0.5, 0.8])
+
+    def model(_):
+        return StageOutput(output=little, q=q)
+
+    x = torch.tensor([[math.log(9.0), 0.0], [0.0, 1.0]])  # asked: CE -ln .9, ln(1 + e)
+    carried = torch.tensor([[0.0, 1.0], [math.log(9.0), 0.0]])  # carried: CE ln(1 + e), -ln .9
+    y = torch.tensor([0, 0])
+    obj = AppealNetObjective(CrossEntropyTaskLoss(), WhiteBoxOracle(Echo()))
+    assert (obj.lam, obj.eps, obj.approximator_loss, obj.predictor_target) == (0.1, 1e-6, "weighted", "loss")
+    a, b = math.log(1 + math.e), -math.log(0.75)  # the little's CE
+    c = -math.log(0.9)
+    # L_A = mean(q L0 + (1 - q) L1)
+    assert obj(model, (x, y))["L_A"].item() == pytest.approx((0.5 * a + 0.5 * c + 0.8 * b + 0.2 * a) / 2, abs=1e-6)
+    assert obj(model, (x, y, carried))["L_A"].item() == pytest.approx((0.5 * a + 0.5 * a + 0.8 * b + 0.2 * c) / 2,
+                                                                       abs=1e-6)
+
+
+# ---------------------------------------------------------------- input dtypes and the kernel's lengths
+
+
+def test_float32_scores_and_float_correctness_are_read_as_float64_and_bool():
+    # catches (sweep.cascade_sweep, guarantee.degradation_scores): float32 scores swept in
+    # their own precision (point 0's threshold, just above the top score, is then a float32
+    # step up, not a float64 one); float 0/1 correctness not read as bool (~ of a float fails)
+    from cascade.evaluation import degradation_scores
+
+    scores = np.array([[0.1], [0.3]], np.float32)
+    top = np.float64(np.float32(0.3))
+    sw = cascade_sweep(scores, np.array([[1, 1], [0, 1]], bool), (1.0, 10.0))
+    assert sw.threshold.dtype == np.float64
+    assert sw.threshold.tolist() == [np.nextafter(top, np.inf), top, np.float64(np.float32(0.1))]
+    s = degradation_scores(scores, np.array([[1.0, 1.0], [0.0, 1.0]]))  # row 1 degrades from its score
+    assert s.dtype == np.float64 and s.tolist() == [-np.inf, top]
+
+
+def test_the_kernel_refuses_thresholds_that_do_not_match_its_stages():
+    # catches (deploy.kernel.route_rows): zip without strict=True (a missing threshold would
+    # silently drop the stage)
+    from cascade.deploy.kernel import route_rows
+
+    def stage(x):
+        return x, x[:, 0]
+
+    x = torch.tensor([[0.2], [0.9]])
+    assert route_rows(x, [stage, stage], [0.5, 0.1]).exit_stage.tolist() == [1, 0]
+    with pytest.raises(ValueError, match="zip"):
+        route_rows(x, [stage, stage], [0.5])

@@ -17,6 +17,7 @@ import argparse
 import ast
 import copy
 import json
+import math
 import os
 import re
 import shlex
@@ -58,7 +59,10 @@ CHECKED = {
     ("methods.md", "# cascade run my_methods.yaml"): "test_readme_method_examples_run",
     ("methods.md", "methods:"): "test_the_appealnet_block_shows_its_defaults",
     ("configs.md", "# cascade run configs/digits.yaml"): "test_the_digits_block_is_configs_digits_yaml",
-    ("configs.md", "cascade run configs/digits.yaml --set"): "test_run_commands_name_valid_configs",
+    ("configs.md", "cascade run configs/digits.yaml --set methods"): "test_run_commands_name_valid_configs",
+    ("configs.md", "cascade run configs/digits.yaml --set 'loggers"): "test_the_tensorboard_block_writes_where_it_reads",
+    ("configs.md", "# my_loggers.py"): "test_the_custom_logger_blocks_log_known_values",
+    ("configs.md", "loggers:"): "test_the_custom_logger_blocks_log_known_values",
     ("multistage.md", "stages: "): "test_the_multistage_block_validates",
     ("cifar.md", "CASCADE_DATA=../shared/data cascade run"): "test_run_commands_name_valid_configs",
 }
@@ -376,6 +380,60 @@ def test_the_multistage_block_validates():
     resolved = _as_run({**base, **fragment})
     assert [m["name"] for m in resolved["methods"]] == ["reinforce", "appealnet", "msp"]
     assert resolved["methods"][0]["alphas"] == [0.005, 0.01, 0.02, 0.05] and len(resolved["stages"]) == 2
+
+
+def test_the_tensorboard_block_writes_where_it_reads(tmp_path):
+    """The config the block runs is valid and builds the tensorboard logger, which writes a
+    phase where the block's ``tensorboard --logdir`` reads it (the run's default folder)."""
+    from cascade.config import load_config
+    from cascade.training.loggers import build_loggers, close_loggers
+
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run_line, board_line = _block("configs.md", "cascade run configs/digits.yaml --set 'loggers").splitlines()
+    words = shlex.split(run_line)
+    cfg = load_config(REPO / words[2], [words[words.index("--set") + 1]])
+    assert (BIN / "tensorboard").exists() and shlex.split(board_line)[:2] == ["tensorboard", "--logdir"]
+    [logger] = build_loggers(cfg.loggers, tmp_path / "runs" / cfg.name)  # cascade run's default --out
+    logger.begin_phase("seed 0 big", 0)
+    logger.log_scalars("seed 0 big", 1, {"train/loss": 0.5})
+    logger.end_phase("seed 0 big")
+    close_loggers([logger])
+    acc = event_accumulator.EventAccumulator(str(tmp_path / shlex.split(board_line)[2] / "seed_0" / "big"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 0.5)]
+
+
+def test_the_custom_logger_blocks_log_known_values(tmp_path):
+    """The CSV logger, named by dotted path in the YAML block, validates and, fed by a
+    trainer by hand (tests/test_loggers.py's zero-initialised linear layer, SGD lr 1, one
+    input of class 0), writes the losses worked out by hand: ln 3, then ln(1 + 2/e)."""
+    (tmp_path / "my_loggers.py").write_text(_block("configs.md", "# my_loggers.py"))
+    (tmp_path / "loggers.yaml").write_text(_block("configs.md", "loggers:"))
+    script = """
+import torch, torch.nn.functional as F, yaml
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from cascade import HistoryHook, LoggerHook, Trainer
+from cascade.config import read_yaml, validate
+from cascade.training.loggers import build_loggers, close_loggers
+cfg = validate({**read_yaml("%s"), **yaml.safe_load(open("loggers.yaml"))})
+loggers = build_loggers(cfg.loggers, "run")
+model = nn.Linear(2, 3, bias=False)
+nn.init.zeros_(model.weight)
+data = DataLoader(TensorDataset(torch.tensor([[1.0, 0.0]]), torch.tensor([0])), batch_size=1)
+history = HistoryHook()
+Trainer(model, lambda m, b: {"loss": F.cross_entropy(m(b[0]), b[1])}, torch.optim.SGD(model.parameters(), lr=1.0),
+        data, epochs=2, hooks=[history, LoggerHook("seed 0 by hand", loggers, history)], name="seed 0 by hand").train()
+close_loggers(loggers)
+print([type(x).__name__ for x in loggers])
+""" % (REPO / "configs" / "digits.yaml")
+    assert _python(script, tmp_path).split() == ["['TensorBoardLogger',", "'CsvLogger']"]
+    rows = pd.read_csv(tmp_path / "run" / "curves.csv", header=None, names=["phase", "step", "tag", "value"])
+    first, second = math.log(3), math.log(1 + 2 / math.e)
+    assert set(rows["phase"]) == {"seed 0 by hand"}
+    assert list(zip(rows["step"], rows["tag"])) == [(1, "train/loss"), (1, "train/lr"), (1, "epoch/loss"),
+                                                     (2, "train/loss"), (2, "train/lr"), (2, "epoch/loss")]
+    assert rows["value"].tolist() == pytest.approx([first, 1.0, first, second, 1.0, second], rel=1e-6)
 
 
 @pytest.mark.parametrize("page, first",
