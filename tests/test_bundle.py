@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cascade import Bundle, CascadeError, Preprocessing
+from cascade import Bundle, CascadeError, Preprocessing, Router
 from cascade.cli import main
 from cascade.evaluation import exit_stages
 from tests.test_new_user import one_line_error
@@ -344,6 +344,7 @@ def test_a_point_at_an_appeal_budget_exports_and_routes_that_share_of_the_test_i
     assert "appeal budget 0.2" in b.name
     routed = b.route(_raw_test_split(0))
     assert float((routed.stage == 1).double().mean()) == pytest.approx(row["appeal_rate"], abs=1e-12)
+    assert Router.from_run(quick_digits_run, method="msp", appeal_budget=0.2).threshold == row["threshold"]
     # a budget the run has not, or a source appeal budgets do not have: one line naming what it has
     code = main(["export", str(quick_digits_run), "--out", str(tmp_path / "c"), "--method", "msp",
                  "--appeal-budget", "0.15"])

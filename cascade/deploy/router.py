@@ -113,13 +113,15 @@ class Router(nn.Module):
     def from_run(
         cls, run_dir: str | Path, *, method: str | None = None, mode: Mode | str | None = None,
         target_ad: float = 0.005, threshold_source: ThresholdSource | str = ThresholdSource.VAL, seed: int | None = None,
+        appeal_budget: float | None = None,
     ) -> Router:
-        """The router of a finished run's method at one of its operating points.
+        """The router of a finished run's method at one of its operating points (at
+        ``target_ad``, or at ``appeal_budget`` when given).
 
         See :func:`load_run_point` for the arguments and errors.
         """
         return load_run_point(run_dir, method=method, mode=mode, target_ad=target_ad,
-                              threshold_source=threshold_source, seed=seed).router
+                              threshold_source=threshold_source, seed=seed, appeal_budget=appeal_budget).router
 
 
 @dataclass
