@@ -385,7 +385,7 @@ def test_infeasible_selection_one_resplit_one_seed_and_sweep_errors():
     rows = threshold_violations(table[table["seed"] == 0], [v], {"white_box": [0.25]}, delta=0.6, resplits=1)
     assert [(r["resplits"], r["seeds"]) for r in rows] == [(1, 1)] * 2
     assert all("violation_rate_std" not in r for r in rows)
-    with pytest.raises(ValueError, match="cannot sweep an empty split"):
+    with pytest.raises(ValueError, match="^cannot sweep an empty split$"):
         cascade_sweep(np.zeros((0, 1)), np.zeros((0, 2), bool), (1.0, 10.0))
     with pytest.raises(ValueError, match=r"scores must be \[N, K-1\] = \[2, 1\], got \[2, 2\]"):
         cascade_sweep(np.zeros((2, 2)), np.zeros((2, 2), bool), (1.0, 10.0))
@@ -691,3 +691,16 @@ def test_the_kernel_refuses_thresholds_that_do_not_match_its_stages():
     assert route_rows(x, [stage, stage], [0.5, 0.1]).exit_stage.tolist() == [1, 0]
     with pytest.raises(ValueError, match="zip"):
         route_rows(x, [stage, stage], [0.5])
+
+
+def test_a_minus_inf_score_never_stops_and_a_sweep_of_such_scores_has_one_point():
+    # catches (sweep.sorted_events, sweep_grid): a score equal to the running maximum (here
+    # -inf, the start) counted as a record, which adds a point at threshold -inf; a sweep
+    # without events (every score -inf) built another way (no point, two points, an index error)
+    inf = np.inf
+    sw = cascade_sweep(np.array([[-inf], [0.5]]), np.array([[1, 1], [0, 1]], bool), (1.0, 10.0))
+    assert sw.threshold.tolist() == [np.nextafter(0.5, inf), 0.5]  # the lowest threshold: the lowest finite score
+    assert sw.exit_counts.tolist() == [[0, 2], [1, 1]] and sw.system_correct.tolist() == [2, 1]
+    sw = cascade_sweep(np.array([[-inf], [-inf]]), np.array([[1, 1], [0, 1]], bool), (1.0, 10.0))
+    assert sw.threshold.tolist() == [inf] and sw.exit_counts.tolist() == [[0, 2]]
+    assert sw.system_correct.tolist() == [2] and sw.total_mflops.tolist() == [22.0]
