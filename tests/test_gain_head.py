@@ -13,8 +13,16 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from baselines.confidence import MaxSoftmaxScore
-from baselines.gain import GainHeadScore, GainHeadOptions, keep_score
-from cascade import Bundle, CascadeError, ConfigError, CrossEntropyTaskLoss, MethodContext, StageOutput, load_config
+from baselines.gain import GainHeadOptions, GainHeadScore, keep_score
+from cascade import (
+    Bundle,
+    CascadeError,
+    ConfigError,
+    CrossEntropyTaskLoss,
+    MethodContext,
+    StageOutput,
+    load_config,
+)
 from cascade.cli import main
 from cascade.contracts.task import Preprocessing, Splits
 from cascade.deploy.export import _GraphStage
@@ -189,8 +197,8 @@ def test_shift_corrupts_the_calibration_split_only_when_asked():
                                 Preprocessing(), seed=0)
     assert ShiftConfig(corruption="blur").splits == ["test"]
     assert torch.equal(default.cal.tensors[0], x) and not torch.equal(default.test.tensors[0], x)
-    both, _ = perturb_splits(splits, PerturbConfig(shift=ShiftConfig(corruption="gaussian_noise",
-                                                                     splits=["cal", "test"])), 4, Preprocessing(), seed=0)
+    asked = PerturbConfig(shift=ShiftConfig(corruption="gaussian_noise", splits=["cal", "test"]))
+    both, _ = perturb_splits(splits, asked, 4, Preprocessing(), seed=0)
     assert not torch.equal(both.cal.tensors[0], x) and torch.equal(both.cal.tensors[1], y)
     assert torch.equal(both.test.tensors[0], default.test.tensors[0])  # the test split as before
     assert not torch.equal(both.cal.tensors[0], both.test.tensors[0])  # its own noise, not the test split's
