@@ -349,7 +349,7 @@ def test_a_point_at_an_appeal_budget_exports_and_routes_that_share_of_the_test_i
     code = main(["export", str(quick_digits_run), "--out", str(tmp_path / "c"), "--method", "msp",
                  "--appeal-budget", "0.15"])
     line = one_line_error(code, capsys.readouterr().err)
-    assert "no val point of msp (white_box) at appeal budget 0.15; the run has 0.05, 0.1, 0.2, 0.3" in line
+    assert "no val point of msp (white_box) at appeal budget 0.15; the run has budgets 0.05, 0.1, 0.2, 0.3" in line
     code = main(["export", str(quick_digits_run), "--out", str(tmp_path / "c"), "--method", "msp",
                  "--appeal-budget", "0.2", "--source", "guaranteed"])
     assert "no guaranteed appeal budget points of msp" in one_line_error(code, capsys.readouterr().err)

@@ -121,7 +121,7 @@ def test_two_gloo_processes_resume_a_run_and_match_the_single_process(tmp_path, 
          "-m", "cascade", "run", str(config), "--out", str(out), "--quiet", "--resume"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("## Recommendation") == 1  # rank 1 trains and prints nothing
+    assert proc.stdout.count("# digits: 2-stage cascade") == 1  # rank 1 trains and prints nothing
 
     log = (out / "run.log").read_text()  # one writer: every line once
     assert log.count("seed 0 big: resumed from") == 1 and log.count("phase seed 0 appealnet white_box:") == 1

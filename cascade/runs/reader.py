@@ -198,8 +198,8 @@ class RunPoints:
         p = self.frame
         q, source = query, query.threshold_source
         by_budget = q.appeal_budget is not None
-        key, value, what = (("appeal_budget", q.appeal_budget, "appeal budget") if by_budget
-                            else ("target_ad", q.target_ad, "target AD"))
+        key, value, what, plural = (("appeal_budget", q.appeal_budget, "appeal budget", "budgets") if by_budget
+                                    else ("target_ad", q.target_ad, "target AD", "targets"))
         if key not in p.columns:  # a run made before appeal budgets
             raise CascadeError(f"{self.path}: no appeal-budget points (the run predates them): run it again")
         p = p[(p["seed"] == q.seed) & (p["mode"] == q.mode) & (p["method"] == q.method)
@@ -211,7 +211,7 @@ class RunPoints:
                 raise CascadeError(f"{self.path}: no {source} {what} points of {q.method} ({q.mode}); the run has "
                                    f"{', '.join(sorted(p['threshold_source'].unique())) or 'none'}")
             raise CascadeError(f"{self.path}: no {source} point of {q.method} ({q.mode}) at {what} "
-                               f"{value:g}; the run has {', '.join(f'{t:g}' for t in have)}")
+                               f"{value:g}; the run has {plural} {', '.join(f'{t:g}' for t in have)}")
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.iloc[0].to_dict().items()}
 
     def white_box_points(self) -> list[tuple[str, float, str]]:
