@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from cascade import METHODS, MethodContext, Predictor, StageOutput, TaskKind
-from cascade.training.data import make_loader
 from cascade.nn.confidence import max_softmax, normalized_neg_entropy, top2_gap
+from cascade.training.data import make_loader
 
 
 def _probs(stage: StageOutput) -> Tensor:
@@ -35,6 +35,7 @@ class MaxSoftmaxScore(Predictor):
 
     task_kinds = frozenset({TaskKind.CLASSIFICATION})
     default_for = frozenset({TaskKind.CLASSIFICATION})
+    confidence_score = True
 
     def score(self, stage: StageOutput) -> Tensor:
         return max_softmax(_probs(stage))
@@ -46,6 +47,7 @@ class GapScore(Predictor):
 
     task_kinds = frozenset({TaskKind.CLASSIFICATION})
     default_for = frozenset({TaskKind.CLASSIFICATION})
+    confidence_score = True
 
     def score(self, stage: StageOutput) -> Tensor:
         return top2_gap(_probs(stage))
@@ -57,6 +59,7 @@ class EntropyScore(Predictor):
 
     task_kinds = frozenset({TaskKind.CLASSIFICATION})
     default_for = frozenset({TaskKind.CLASSIFICATION})
+    confidence_score = True
 
     def score(self, stage: StageOutput) -> Tensor:
         return normalized_neg_entropy(_probs(stage))
@@ -68,6 +71,7 @@ class DoctorScore(Predictor):
 
     task_kinds = frozenset({TaskKind.CLASSIFICATION})
     default_for = frozenset({TaskKind.CLASSIFICATION})
+    confidence_score = True
 
     def score(self, stage: StageOutput) -> Tensor:
         return _probs(stage).pow(2).sum(dim=-1)
@@ -88,6 +92,7 @@ class EnergyScore(Predictor):
 
     task_kinds = frozenset({TaskKind.CLASSIFICATION})
     default_for = frozenset({TaskKind.CLASSIFICATION})
+    confidence_score = True
 
     def score(self, stage: StageOutput) -> Tensor:
         return squash(torch.logsumexp(stage.output.double(), dim=-1))
@@ -108,6 +113,7 @@ class TemperatureScaledScore(Predictor):
 
     task_kinds = frozenset({TaskKind.CLASSIFICATION})
     default_for = frozenset({TaskKind.CLASSIFICATION})
+    confidence_score = True
 
     def __init__(self, options=None) -> None:
         super().__init__(options)

@@ -34,8 +34,8 @@ from cascade import (
     StageOutput,
     TaskKind,
 )
-from cascade.training.data import make_loader
 from cascade.nn.networks import head_input
+from cascade.training.data import make_loader
 
 log = logging.getLogger("cascade")
 

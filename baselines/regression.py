@@ -54,6 +54,7 @@ class McDropoutScore(Predictor):
 
     Options = McDropoutOptions
     deterministic = False
+    confidence_score = True  # predictive spread, nothing fitted
 
     def __init__(self, options: McDropoutOptions | None = None) -> None:
         super().__init__(options)

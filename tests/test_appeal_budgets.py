@@ -11,9 +11,9 @@ import pytest
 
 from cascade.core.enums import Selection
 from cascade.evaluation import Variant, cascade_sweep, operating_points, oracle_budget_scores, oracle_scores
-from cascade.evaluation.budgets import appeal_budget_summary
+from cascade.evaluation.budgets import appeal_budget_summary, learned_vs_confidence
 from cascade.evaluation.selection import select_by_appeal_rate
-from cascade.report.budgets import budget_tables, gain_cell
+from cascade.report.budgets import budget_tables, gain_cell, versus_text
 from cascade.runs.point_check import recompute_point
 from tests.conftest import REPO
 
@@ -190,6 +190,36 @@ def test_gain_cell_and_table_by_hand():
     assert budget_tables({"modes": ["white_box"]}) == []
 
 
+# -- the best learned method against the best confidence score
+
+
+def test_learned_vs_confidence_by_hand():
+    methods = ["gain_head", "appealnet", "msp", "gap"]
+    conf = {"msp", "gap"}
+    # four draws; the best learned (gain_head, 0.03) is exactly twice the best score (gap, 0.015) in each
+    boot = np.array([[0.02, 0.01, 0.005, 0.01], [0.03, 0.01, 0.01, 0.015], [0.04, 0.0, 0.0, 0.02],
+                     [0.03, 0.02, 0.01, 0.015]])
+    v = learned_vs_confidence(methods, np.array([0.03, 0.01, 0.006, 0.015]), boot, conf)
+    assert (v["learned"], v["confidence"], v["verdict"]) == ("gain_head", "gap", "ahead")
+    assert v["ratio"] == pytest.approx(2.0) and v["low"] == pytest.approx(2.0) and v["high"] == pytest.approx(2.0)
+    assert v["difference"]["low"] == pytest.approx(0.01) and v["difference"]["high"] == pytest.approx(0.02)
+    assert versus_text(v) == "; learned gain_head / confidence gap: 2.00x [2.00, 2.00], ahead"
+    # two identical methods: ratio 1 in every draw, tied
+    same = learned_vs_confidence(["a", "b"], np.array([0.01, 0.01]), boot[:, [0, 0]], {"b"})
+    assert (same["ratio"], same["low"], same["high"], same["verdict"]) == (1.0, 1.0, 1.0, "tied")
+    # the learned one clearly worse: behind
+    worse = learned_vs_confidence(["a", "b"], np.array([0.01, 0.03]), boot[:, [3, 0]], {"b"})
+    assert worse["verdict"] == "behind" and worse["high"] < 1
+    # a confidence score that gains nothing: no ratio, the verdict from the difference alone
+    zero = learned_vs_confidence(["a", "b"], np.array([0.03, 0.0]), np.c_[boot[:, 0], np.zeros(4)], {"b"})
+    assert zero["ratio"] is None and zero["low"] is None and zero["verdict"] == "ahead"
+    assert versus_text(zero) == "; learned a / confidence b: n/a (b gains nothing), ahead"
+    # one group only: no comparison
+    assert learned_vs_confidence(["msp"], np.array([0.01]), boot[:, :1], {"msp"}) is None
+    assert learned_vs_confidence(["a"], np.array([0.01]), boot[:, :1], set()) is None
+    assert versus_text(None) == ""
+
+
 # -- the config
 
 
@@ -330,6 +360,19 @@ def test_quick_digits_run_appeal_budget_points(quick_digits_run):
     with pytest.raises(CascadeError, match="appeal budget 0.05"):
         recompute_point(quick_digits_run, m, {**row, "appeal_rate": row["appeal_rate"] + 0.01})
     assert "accuracy gained at fixed appeal budgets" in "\n".join(budget_tables(m))
+    # each val budget compares the best learned method with the best confidence score, from the rows
+    gains = {(x["mode"], x["method"], x["appeal_budget"]): x["gain"] for x in m["appeal_budgets"]["rows"]
+             if x["threshold_source"] == "val"}
+    scores = {k for k, v in m["methods"].items() if v["confidence_score"]}
+    assert scores == {"msp", "gap", "entropy", "msp_ts", "doctor", "energy"}
+    for c in m["appeal_budgets"]["choices"]:
+        v = c["learned_vs_confidence"]
+        mine = {meth: g for (md, meth, b), g in gains.items() if md == c["mode"] and b == c["appeal_budget"]}
+        assert v["learned"] in {"appealnet", "deferral_head"} and v["confidence"] in scores
+        assert mine[v["learned"]] == max(g for meth, g in mine.items() if meth not in scores)
+        assert mine[v["confidence"]] == max(g for meth, g in mine.items() if meth in scores)
+        if v["ratio"] is not None:
+            assert v["ratio"] == pytest.approx(mine[v["learned"]] / mine[v["confidence"]])
 
 
 def test_three_stage_run_bounds_the_inputs_reaching_the_last_stage(quick_cascade_run):

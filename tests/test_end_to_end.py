@@ -77,8 +77,9 @@ def test_metrics_contract(digits_run):
     m = _metrics(digits_run[0])
     assert m["task"] == "digits" and m["kind"] == "classification" and m["seeds"] == SEEDS
     assert m["modes"] == ["white_box", "black_box"] and m["num_stages"] == 2
-    assert m["methods"] == {"appealnet": {"kind": "trained"},
-                            **{name: {"kind": "post_hoc"} for name in METHODS[1:]}}
+    scores = {"msp", "gap", "entropy", "msp_ts", "doctor", "energy"}  # deferral_head is fitted: not a confidence score
+    assert m["methods"] == {"appealnet": {"kind": "trained", "confidence_score": False},
+                            **{name: {"kind": "post_hoc", "confidence_score": name in scores} for name in METHODS[1:]}}
     for net in ("stage0", "big"):
         assert set(m["networks"][net]) >= {"mflops", "params"}
     assert m["networks"]["big"]["mflops"] >= 10 * m["networks"]["stage0"]["mflops"]

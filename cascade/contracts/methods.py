@@ -105,6 +105,10 @@ class Predictor(ABC):
     #: learns when the next stage is right): one scorer per mode, given
     #: ``MethodContext.mode`` and ``next_stage``
     mode_dependent: ClassVar[bool] = False
+    #: True for a confidence score (MSP and its kin): read off the stage's output, with
+    #: nothing fitted to where the next stage is right; the appeal-budget tables compare
+    #: the best learned method with the best of these
+    confidence_score: ClassVar[bool] = False
     #: set by a :meth:`prepare` that fits on the calibration split, which also picks the
     #: thresholds: its out-of-sample (cross-fitted) scores of that split, ``[N_cal]`` in
     #: the split's order, which the pipeline records instead of :meth:`score_batch`'s

@@ -28,11 +28,18 @@ interval is that of the resampled ratio of gains.
 The recommendation at each budget (``val`` thresholds): the *best* is the method of
 largest gain; a method is *tied* when the interval of its gain minus the best's contains
 0; the simplest tied method is recommended (:func:`~cascade.evaluation.recommend.simplicity`).
+
+Does learning pay? At each budget the best *learned* method (every method that is not a
+confidence score: trained ones, and post-hoc heads fitted to where the next stage is
+right, such as ``gain_head``) is compared with the best *confidence score* (a method whose
+class sets ``Predictor.confidence_score``: MSP and its kin), each picked by its gain on the
+full test split and then held fixed, as the ratio of their gains with its interval from the
+same draws (resamples where the confidence score gains nothing are left out).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,6 +66,9 @@ DEFINITION = ("appeal rate = the fraction of inputs that reach the last stage (w
               "share = gain / the oracle router's gain at the same budget (test thresholds)")
 INTERVAL = ("paired bootstrap over the test inputs, stratified by seed (inputs resampled within each seed), seeds "
             "pooled (mean of per-seed means); thresholds fixed")
+VERSUS = ("learned / confidence = the gain of the best learned method (not a confidence score) divided by the gain "
+          "of the best confidence score (MSP and its kin), both picked on the full test split and held fixed in "
+          "the resamples; ahead / behind: the interval of their difference lies above / below 0")
 RULE = ("best = largest gain (val thresholds); tied = the interval of its gain minus the best's contains 0; "
         "recommended = the simplest tied method: post-hoc before trained, then fewer routing-head parameters, "
         "then the run's order")
@@ -143,8 +153,41 @@ class _Cell:
         return out
 
 
+def learned_vs_confidence(methods: Sequence[str], mean: np.ndarray, boot: np.ndarray,
+                          confidence: Collection[str]) -> dict[str, Any] | None:
+    """The best learned method against the best confidence score (module docstring).
+
+    Args:
+        methods: ``[M]`` the methods; mean: ``[M]`` their gains; boot: ``[resamples, M]`` resampled.
+        confidence: the methods that are confidence scores.
+
+    Returns:
+        ``{"learned", "confidence", "ratio", "low", "high", "verdict", "difference": {"low", "high"}}``
+        (``ratio``, ``low``, ``high`` None when the confidence score gains nothing), or None
+        without a method of either group.
+    """
+    learned = [i for i, m in enumerate(methods) if m not in confidence]
+    scores = [i for i, m in enumerate(methods) if m in confidence]
+    if not learned or not scores:
+        return None
+    a = max(learned, key=lambda i: (mean[i], -i))
+    b = max(scores, key=lambda i: (mean[i], -i))
+    d_lo, d_hi = _interval(boot[:, a] - boot[:, b])
+    ratio, lo, hi = None, None, None
+    if mean[b] > TOL:
+        ratio = float(mean[a] / mean[b])
+        lo, hi = _interval(boot[:, a] / np.where(boot[:, b] > TOL, boot[:, b], np.nan))
+    verdict = "tied"
+    if d_lo is not None and d_lo > TOL:
+        verdict = "ahead"
+    elif d_hi is not None and d_hi < -TOL:
+        verdict = "behind"
+    return {"learned": methods[a], "confidence": methods[b], "ratio": ratio, "low": lo, "high": hi,
+            "verdict": verdict, "difference": {"low": d_lo, "high": d_hi}}
+
+
 def _choice(rows: list[dict], boot: np.ndarray, kinds: Mapping[str, Any],
-            params: Mapping[str, int | None]) -> dict[str, Any]:
+            params: Mapping[str, int | None], confidence: Collection[str]) -> dict[str, Any]:
     """The recommendation at one (mode, val, budget) from its method rows (the oracle left out)."""
     methods = [r["method"] for r in rows]
     best = max(range(len(rows)), key=lambda i: (rows[i]["gain"], -i))
@@ -157,12 +200,15 @@ def _choice(rows: list[dict], boot: np.ndarray, kinds: Mapping[str, Any],
             "method": methods[chosen], "kind": kinds.get(methods[chosen]), "gain": r["gain"],
             "gain_low": r["gain_low"], "gain_high": r["gain_high"], "share": r["share"], "best": methods[best],
             "tied": [methods[i] for i in tied],
-            "gain_minus_best": {methods[i]: {"low": lo, "high": hi} for i, (lo, hi) in diffs.items()}}
+            "gain_minus_best": {methods[i]: {"low": lo, "high": hi} for i, (lo, hi) in diffs.items()},
+            "learned_vs_confidence": learned_vs_confidence(methods, np.array([r["gain"] for r in rows]), boot,
+                                                           confidence)}
 
 
 def appeal_budget_summary(samples: pd.DataFrame, variants: Sequence[Variant], rows: Sequence[Mapping[str, Any]],
                           oracles: Sequence[Variant], kinds: Mapping[str, Any] | None = None,
-                          params: Mapping[tuple[str, str], int | None] | None = None) -> dict[str, Any]:
+                          params: Mapping[tuple[str, str], int | None] | None = None,
+                          confidence: Collection[str] = ()) -> dict[str, Any]:
     """``metrics.json``'s ``appeal_budgets``: per mode, threshold source and budget, every
     method's and the oracle router's gain over the little network and share of the
     oracle's gain, with intervals, and the recommendation (module docstring).
@@ -174,13 +220,15 @@ def appeal_budget_summary(samples: pd.DataFrame, variants: Sequence[Variant], ro
         oracles: per mode, the plain stages' variant (its stage 0 is the little network).
         kinds: ``method -> MethodKind`` (for the tie-break).
         params: ``(mode, method) -> its routing heads' parameters``, where known.
+        confidence: the methods that are confidence scores (for ``learned_vs_confidence``).
 
     Returns:
-        ``{"definition", "interval", "rule", "resamples", "bootstrap_seed", "level", "rows",
+        ``{"definition", "interval", "rule", "versus", "resamples", "bootstrap_seed", "level", "rows",
         "choices"}``; ``rows`` and ``choices`` are empty without appeal-budget points or oracles.
     """
-    out: dict[str, Any] = {"definition": DEFINITION, "interval": INTERVAL, "rule": RULE, "resamples": RESAMPLES,
-                           "bootstrap_seed": BOOTSTRAP_SEED, "level": LEVEL, "rows": [], "choices": []}
+    out: dict[str, Any] = {"definition": DEFINITION, "interval": INTERVAL, "rule": RULE, "versus": VERSUS,
+                           "resamples": RESAMPLES, "bootstrap_seed": BOOTSTRAP_SEED, "level": LEVEL, "rows": [],
+                           "choices": []}
     points = {(int(r["seed"]), Mode(r["mode"]), r["method"], r["threshold_source"], float(r["appeal_budget"])): r
               for r in rows if r["selection"] == Selection.APPEAL_BUDGET}
     t = _TestSplits(samples, variants, oracles)
@@ -202,5 +250,5 @@ def appeal_budget_summary(samples: pd.DataFrame, variants: Sequence[Variant], ro
         out["rows"] += rows if c.source == SOURCES[0] else rows[:-1]  # the oracle's row once per budget
         if c.source == ThresholdSource.VAL:
             mine = {m: p for (md, m), p in (params or {}).items() if md == c.mode}
-            out["choices"].append(_choice(rows[:-1], boot[:, lo:hi - 1], kinds or {}, mine))
+            out["choices"].append(_choice(rows[:-1], boot[:, lo:hi - 1], kinds or {}, mine, confidence))
     return out

@@ -71,9 +71,26 @@ def _choices(choices: list[dict[str, Any]]) -> list[str]:
         others = [m for m in c["tied"] if m != c["method"]]
         tied = f"; tied with it: {', '.join(others)}" if others else ""
         best = f" (largest gain: {c['best']})" if c["best"] != c["method"] else ""
-        lines.append(f"- {c['appeal_budget'] * 100:g} %: {c['method']}, {_signed(c['gain'])} points{best}{tied}")
+        lines.append(f"- {c['appeal_budget'] * 100:g} %: {c['method']}, {_signed(c['gain'])} points{best}{tied}"
+                     f"{versus_text(c.get('learned_vs_confidence'))}")
     return ["Recommended at each appeal budget (val thresholds; the simplest method tied with the largest "
-            "gain):", "", *lines, ""]
+            "gain; then the best learned method's gain over the best confidence score's, 95 % interval):", "",
+            *lines, ""]
+
+
+def versus_text(v: dict[str, Any] | None) -> str:
+    """``; learned gain_head / confidence gap: 1.62x [1.31, 2.05], ahead``, or "" without both groups.
+
+    Example: the confidence score gains nothing: ``; learned gain_head / confidence msp: n/a (msp gains
+    nothing), ahead`` (the verdict is then read off the difference of the gains).
+    """
+    if not v:
+        return ""
+    head = f"; learned {v['learned']} / confidence {v['confidence']}: "
+    if v["ratio"] is None:
+        return f"{head}n/a ({v['confidence']} gains nothing), {v['verdict']}"
+    ci = f" [{v['low']:.2f}, {v['high']:.2f}]" if v["low"] is not None else ""
+    return f"{head}{v['ratio']:.2f}x{ci}, {v['verdict']}"
 
 
 def budget_tables(metrics: dict[str, Any], sources: tuple[str, ...] = _SOURCES) -> list[str]:
