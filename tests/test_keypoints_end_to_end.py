@@ -81,8 +81,9 @@ def test_keypoints_metrics_have_table5_fields(keypoints_run):
     assert m["task"] == "keypoints" and m["kind"] == "regression"
     assert m["modes"] == ["black_box"] and m["num_stages"] == 2
     assert m["last_stage_mflops"] == {"black_box": None}  # unknown oracle cost
-    assert m["methods"] == {"appealnet": {"kind": "trained"}, "mc_dropout": {"kind": "post_hoc"},
-                            "error_head": {"kind": "post_hoc"}}
+    assert m["methods"] == {"appealnet": {"kind": "trained", "confidence_score": False},
+                            "mc_dropout": {"kind": "post_hoc", "confidence_score": True},
+                            "error_head": {"kind": "post_hoc", "confidence_score": False}}
     for net in ("stage0", "appealnet_black_box_stage0"):
         assert m["errors"][net]["rmse"] == pytest.approx(test[f"{net}_rmse"].mean())
         assert m["accuracy"][net] == pytest.approx(test[f"{net}_correct"].mean())

@@ -110,8 +110,9 @@ def test_cascade_metrics_contract(digits_cascade_run):
     # stage 0 is mlp hidden [16] on 8x8 digits, 10 classes: 64*16 + 16*10 = 1184 MACs, 1184 + 16 + 10 params
     assert nets["stage0"] == {"mflops": pytest.approx(1184e-6), "params": 1210}
     assert m["last_stage_mflops"] == {"white_box": nets["big"]["mflops"]}
-    assert m["methods"] == {"reinforce": {"kind": "trained"}, "appealnet": {"kind": "trained"},
-                            "msp": {"kind": "post_hoc"}, "gap": {"kind": "post_hoc"}, "entropy": {"kind": "post_hoc"}}
+    assert m["methods"] == {"reinforce": {"kind": "trained", "confidence_score": False},
+                            "appealnet": {"kind": "trained", "confidence_score": False},
+                            **{s: {"kind": "post_hoc", "confidence_score": True} for s in ("msp", "gap", "entropy")}}
     assert set(m["systems"]) == {f"reinforce_a{a:g}_white_box" for a in ALPHAS} | {"appealnet_white_box"}
     for name, system in m["systems"].items():
         # both heads read 10 (log-)probabilities and 3 confidence stats, hidden [16]:
@@ -340,7 +341,8 @@ def test_regression_cascade_on_synthetic_faces_quick(tmp_path, monkeypatch):
     assert m["task"] == "keypoints" and m["kind"] == "regression" and m["num_stages"] == 3
     assert {p["method"] for p in m["operating_points"]} == {"reinforce", "mc_dropout", "error_head", "appealnet",
                                                            "oracle"}
-    assert m["methods"]["mc_dropout"] == {"kind": "post_hoc"} and m["methods"]["reinforce"] == {"kind": "trained"}
+    assert m["methods"]["mc_dropout"] == {"kind": "post_hoc", "confidence_score": True}
+    assert m["methods"]["reinforce"] == {"kind": "trained", "confidence_score": False}
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["methods"][0]["policy"]["inputs"] == ["features", "output"]
     samples = pd.read_csv(out / "samples.csv")

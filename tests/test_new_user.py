@@ -236,7 +236,8 @@ def test_regression_without_methods_runs_with_the_regression_defaults(user, caps
     assert "Traceback" not in err
     metrics = json.loads((user.folder / "out" / "metrics.json").read_text())
     assert metrics["kind"] == "regression"
-    assert metrics["methods"] == {"appealnet": {"kind": "trained"}, "error_head": {"kind": "post_hoc"}}
+    assert metrics["methods"] == {"appealnet": {"kind": "trained", "confidence_score": False},
+                                  "error_head": {"kind": "post_hoc", "confidence_score": False}}
     # the AppealNet head reads [features, output]: 16 features of mlp [16] + 1 output
     state = torch.load(user.folder / "out" / "checkpoints" / "seed0_appealnet_white_box.pt", weights_only=True)
     (first,) = [v for k, v in state.items() if k.endswith("predictor.net.0.weight")]

@@ -322,8 +322,10 @@ def test_readme_method_examples_run(tmp_path):
                      "--set", "big_train.epochs=2", "--set", "finetune.epochs=1"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert m["methods"] == {"DeferralHead": {"kind": "trained"}, "TemperatureMSP": {"kind": "post_hoc"},
-                            "msp": {"kind": "post_hoc"}}
+    # a user's scorer is not a confidence score unless its class says so
+    assert m["methods"] == {"DeferralHead": {"kind": "trained", "confidence_score": False},
+                            "TemperatureMSP": {"kind": "post_hoc", "confidence_score": False},
+                            "msp": {"kind": "post_hoc", "confidence_score": True}}
     points = [p for p in m["operating_points"] if p["selection"] == "target_ad"]
     assert {p["method"] for p in points} == {"DeferralHead", "TemperatureMSP", "msp", "oracle"}
     # the trained head learned something: its scores are not all alike
