@@ -11,7 +11,16 @@ import pytest
 
 from cascade.core.enums import Selection
 from cascade.evaluation import Variant, cascade_sweep, operating_points, oracle_budget_scores, oracle_scores
-from cascade.evaluation.budgets import appeal_budget_summary, learned_vs_confidence
+from cascade.evaluation.budgets import (
+    DEFINITION,
+    INTERVAL,
+    RULE,
+    VERSUS,
+    _choice,
+    appeal_budget_summary,
+    learned_vs_confidence,
+)
+from cascade.evaluation.recommend import BOOTSTRAP_SEED, LEVEL, RESAMPLES
 from cascade.evaluation.selection import select_by_appeal_rate
 from cascade.report.budgets import budget_tables, gain_cell, versus_text
 from cascade.runs.point_check import recompute_point
@@ -154,6 +163,7 @@ def test_summary_gain_and_share_by_hand():
     r = by["msp", "val", 0.2]
     assert (r["gain"], r["gain_low"], r["gain_high"]) == (0.0, 0.0, 0.0)
     assert r["oracle_gain"] == pytest.approx(0.2) and r["share"] == 0.0 and r["share_low"] == r["share_high"] == 0.0
+    assert r["appeal_rate"] == pytest.approx(0.2)  # test inputs 8 and 9 reach the big network
     # 0.5: gain 0.2 of the oracle's 0.3
     for source in ("val", "test"):
         r = by["msp", source, 0.5]
@@ -164,6 +174,40 @@ def test_summary_gain_and_share_by_hand():
     # the recommendation at val thresholds: the one method
     assert [(c["appeal_budget"], c["method"], c["tied"]) for c in out["choices"]] == [(0.2, "msp", ["msp"]),
                                                                                      (0.5, "msp", ["msp"])]
+    assert {c["threshold_source"] for c in out["choices"]} == {"val"}
+    # the oracle router's row once per budget: msp val, msp test, oracle at each of 2 budgets
+    assert len(out["rows"]) == 6
+    assert {k: out[k] for k in ("definition", "interval", "rule", "versus", "resamples", "bootstrap_seed", "level")} \
+        == {"definition": DEFINITION, "interval": INTERVAL, "rule": RULE, "versus": VERSUS, "resamples": RESAMPLES,
+            "bootstrap_seed": BOOTSTRAP_SEED, "level": LEVEL}
+
+
+def test_summary_of_two_methods_compares_them_and_not_the_oracle():
+    """msp and a score that ranks the other way round ("rev"): each choice weighs the two
+    methods only (never the oracle router), with the parameters of its own mode."""
+    samples = _samples()
+    samples["stage0_score_rev"] = 1 - samples["stage0_score_msp"]
+    rev = Variant("rev", "white_box", "", ("stage0_score_rev",), ("stage0_correct", "big_correct"), (1.0, 10.0))
+    rows = operating_points(samples, [MSP, rev], {"white_box": []}, oracles=[ORACLE_WB], appeal_budgets=[0.2, 0.5])
+    kinds = {"msp": "post_hoc", "rev": "post_hoc"}
+    out = appeal_budget_summary(samples, [MSP, rev], rows, [ORACLE_WB], kinds,
+                                {("white_box", "rev"): 0, ("white_box", "msp"): 9, ("black_box", "msp"): 0},
+                                confidence={"msp"})
+    assert len(out["rows"]) == 10  # 2 methods x 2 sources + the oracle, at 2 budgets
+    oracle = {r["appeal_budget"]: r["gain"] for r in out["rows"] if r["method"] == "oracle"}
+    assert oracle == {0.2: pytest.approx(0.2), 0.5: pytest.approx(0.3)}
+    for r in out["rows"]:  # every share is of the oracle router's gain, not of the other method's
+        assert r["oracle_gain"] == oracle[r["appeal_budget"]]
+        assert r["share"] == pytest.approx(r["gain"] / oracle[r["appeal_budget"]])
+        if r["method"] == "oracle":  # its own share, in every resample
+            assert r["share_low"] == r["share_high"] == 1.0
+    for c in out["choices"]:
+        assert set(c["gain_minus_best"]) == {"msp", "rev"} and c["threshold_source"] == "val"
+        v = c["learned_vs_confidence"]
+        assert (v["learned"], v["confidence"]) == ("rev", "msp")
+        # on 10 test inputs the two are tied (msp has the larger gain): the white-box parameters
+        # decide, rev's 0 before msp's 9 (black-box's msp 0 is not this mode's)
+        assert (c["best"], c["tied"], c["method"]) == ("msp", ["msp", "rev"], "rev")
 
 
 def test_summary_without_oracles_is_empty():
@@ -214,10 +258,52 @@ def test_learned_vs_confidence_by_hand():
     zero = learned_vs_confidence(["a", "b"], np.array([0.03, 0.0]), np.c_[boot[:, 0], np.zeros(4)], {"b"})
     assert zero["ratio"] is None and zero["low"] is None and zero["verdict"] == "ahead"
     assert versus_text(zero) == "; learned a / confidence b: n/a (b gains nothing), ahead"
+    # equal gains: the first of each group in the run's order
+    first = learned_vs_confidence(["a", "b", "c", "d"], np.array([0.02, 0.02, 0.01, 0.01]), boot, {"c", "d"})
+    assert (first["learned"], first["confidence"]) == ("a", "c")
     # one group only: no comparison
     assert learned_vs_confidence(["msp"], np.array([0.01]), boot[:, :1], {"msp"}) is None
     assert learned_vs_confidence(["a"], np.array([0.01]), boot[:, :1], set()) is None
     assert versus_text(None) == ""
+
+
+def test_choice_ties_and_the_simplest_method_by_hand():
+    """Four methods at one budget, four draws (so an interval is the draws' [min, max]):
+    appealnet has the largest gain; msp and gain_head are tied with it (their difference's
+    interval contains 0), gap is not; of the tied, post-hoc before trained, then fewer
+    parameters: msp."""
+    methods = ["appealnet", "msp", "gap", "gain_head"]
+    boot = np.array([[0.03, 0.031, 0.01, 0.035], [0.02, 0.018, 0.0, 0.01], [0.04, 0.038, 0.02, 0.03],
+                     [0.03, 0.029, 0.01, 0.025]])
+    rows = [{"mode": "white_box", "threshold_source": "val", "appeal_budget": 0.2, "method": m, "gain": g,
+             "gain_low": g - 0.01, "gain_high": g + 0.01, "share": g / 0.05}
+            for m, g in zip(methods, (0.03, 0.029, 0.01, 0.025))]
+    kinds = {"appealnet": "trained", "msp": "post_hoc", "gap": "post_hoc", "gain_head": "post_hoc"}
+    params = {"appealnet": 241, "msp": 0, "gap": 0, "gain_head": 500}
+    c = _choice(rows, boot, kinds, params, {"msp", "gap"})
+    assert (c["mode"], c["threshold_source"], c["appeal_budget"]) == ("white_box", "val", 0.2)
+    assert (c["method"], c["kind"], c["best"], c["tied"]) == ("msp", "post_hoc", "appealnet",
+                                                              ["appealnet", "msp", "gain_head"])
+    assert (c["gain"], c["gain_low"], c["gain_high"], c["share"]) == (0.029, 0.029 - 0.01, 0.029 + 0.01, 0.029 / 0.05)
+    expected = {"appealnet": (0.0, 0.0), "msp": (-0.002, 0.001), "gap": (-0.02, -0.02), "gain_head": (-0.01, 0.005)}
+    assert set(c["gain_minus_best"]) == set(methods)
+    for m, (lo, hi) in expected.items():
+        assert (c["gain_minus_best"][m]["low"], c["gain_minus_best"][m]["high"]) == (pytest.approx(lo), pytest.approx(hi))
+    v = c["learned_vs_confidence"]  # appealnet (0.03) over msp (0.029): ratios 30/31, 20/18, 40/38, 30/29
+    assert (v["learned"], v["confidence"], v["verdict"]) == ("appealnet", "msp", "tied")
+    assert v["ratio"] == pytest.approx(0.03 / 0.029)
+    assert (v["low"], v["high"]) == (pytest.approx(0.03 / 0.031), pytest.approx(0.02 / 0.018))
+    assert (v["difference"]["low"], v["difference"]["high"]) == (pytest.approx(-0.001), pytest.approx(0.002))
+    # unknown parameters sort after known ones: gain_head (unknown) loses to gap once both are tied
+    wide = boot.copy()
+    wide[:, 2] = [0.05, 0.0, 0.04, 0.03]  # gap's difference to appealnet now spans 0
+    c = _choice(rows, wide, kinds, {"appealnet": 241, "msp": 5, "gap": 1}, set())
+    assert c["tied"] == ["appealnet", "msp", "gap", "gain_head"] and c["method"] == "gap"
+    assert c["learned_vs_confidence"] is None
+    # equal gains: the first in the run's order is the best; a trained method alone is chosen
+    two = [dict(rows[0]), dict(rows[0], method="b")]
+    c = _choice(two, boot[:, [0, 0]], {"appealnet": "trained", "b": "trained"}, {}, set())
+    assert (c["best"], c["method"], c["tied"]) == ("appealnet", "appealnet", ["appealnet", "b"])
 
 
 # -- the config
