@@ -135,8 +135,7 @@ def build_metrics(plan: Plan, samples: pd.DataFrame, costs: dict, systems: dict[
         # the big network is listed only where it runs (white-box); black-box runs may use its cost alone
         "networks": {k: v for k, v in costs.items() if k != BIG or Mode.WHITE_BOX in plan.modes},
         "last_stage_mflops": {m.value: last_cost(plan, m, costs) for m in plan.modes},
-        "methods": {m.label: {"kind": m.kind.value, "confidence_score": bool(getattr(m.cls, "confidence_score", False))}
-                    for m in plan.methods},
+        "methods": {m.label: {"kind": m.kind.value, "confidence_score": m.confidence_score} for m in plan.methods},
         "systems": systems,
         **_accuracies(samples, test),
         **_error_means(test, sorted(error_names)),
@@ -151,7 +150,7 @@ def build_metrics(plan: Plan, samples: pd.DataFrame, costs: dict, systems: dict[
         "appeal_budgets": appeal_budget_summary(samples, variants, rows,
                                                 oracle_variants(plan, costs, len(plan.stage_specs)),
                                                 {m.label: m.kind for m in plan.methods}, _head_params(systems),
-                                                {m.label for m in plan.methods if getattr(m.cls, "confidence_score", False)}),
+                                                {m.label for m in plan.methods if m.confidence_score}),
         "predictor_collapsed": _collapsed(test, systems),
         "training": histories,
     }

@@ -37,6 +37,11 @@ class MethodEntry:
     def kind(self) -> MethodKind:
         return method_kind(self.cls)
 
+    @property
+    def confidence_score(self) -> bool:
+        """Whether the method is a confidence score (``Predictor.confidence_score``; trained methods are not)."""
+        return bool(getattr(self.cls, "confidence_score", False))
+
     def instance(self) -> Method:
         return self.cls(self.options)
 
