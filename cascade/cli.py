@@ -69,9 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="the bundle folder to write")
     exp.add_argument("--method", help="a method of the run (default: its first trained one)")
     exp.add_argument("--mode", help="white_box or black_box (default: the run's first)")
-    exp.add_argument("--target-ad", type=float, default=0.005, help="the operating point's AD target (default 0.005)")
-    exp.add_argument("--appeal-budget", type=float, metavar="R",
-                     help="the point at this appeal budget (evaluation.appeal_budgets, e.g. 0.2) instead of --target-ad")
+    point = exp.add_mutually_exclusive_group()  # one operating point: by AD target or by appeal budget
+    point.add_argument("--target-ad", type=float, default=0.005, help="the operating point's AD target (default 0.005)")
+    point.add_argument("--appeal-budget", type=float, metavar="R",
+                       help="the point at this appeal budget (evaluation.appeal_budgets, e.g. 0.2) instead of --target-ad")
     exp.add_argument("--source", default="val", help="where the threshold was chosen: guaranteed, val (default) or test")
     exp.add_argument("--seed", type=int, help="one of the run's seeds (default: its first)")
     exp.add_argument("--no-onnx", action="store_true", help="write no ONNX files")

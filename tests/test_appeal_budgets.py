@@ -306,6 +306,18 @@ def test_choice_ties_and_the_simplest_method_by_hand():
     assert (c["best"], c["method"], c["tied"]) == ("appealnet", "appealnet", ["appealnet", "b"])
 
 
+def test_export_refuses_both_a_target_and_a_budget(tmp_path, capsys):
+    """Two operating points asked for at once: one line, exit 2, nothing written (the run
+    folder is not even read)."""
+    from cascade.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(tmp_path), "--out", str(tmp_path / "b"), "--appeal-budget", "0.2", "--target-ad", "0.01"])
+    assert e.value.code == 2 and not (tmp_path / "b").exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "cascade export: error: argument --target-ad: not allowed with argument --appeal-budget"
+
+
 # -- the config
 
 
